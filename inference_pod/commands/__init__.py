@@ -1,0 +1,1 @@
+"""``lipsync`` subcommands: every module here exposes ``register(subparsers)``; cli.py discovers them."""
