@@ -1,0 +1,1 @@
+"""Benchmarks: ``lipsync bench engine`` (in-process) and ``lipsync bench service`` (over gRPC)."""

@@ -1,0 +1,37 @@
+"""``lipsync render PACKAGE --audio WAV --out DIR``: offline rendering to PNG frames (+ mp4)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from inference_pod.engine import PRECISIONS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("render", help="render an audio track through a character to PNG frames (and an mp4)")
+    p.add_argument("package", type=Path, help="character package (.zip) or extracted package directory")
+    p.add_argument("--audio", type=Path, help="audio file (WAV, FLAC, MP3...); default: the package's own track")
+    p.add_argument("--features", type=Path, help="precomputed (T, D) features .npy instead of --audio (hubert/wenet)")
+    p.add_argument("--out", type=Path, required=True, help="directory for frame_NNNNNN.png")
+    p.add_argument("--video", type=Path, help="also write an mp4 with the audio muxed in (needs ffmpeg)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from inference_pod.engine import Engine
+    from inference_pod.package import open_package
+    from inference_pod.render import render, track_for
+
+    package = open_package(args.package)
+    engine = Engine.from_package(package, device=args.device, precision=args.precision, max_batch=args.batch_size)
+    features = track_for(engine, args.audio, args.features)
+    audio_path = args.audio if args.audio is not None else package.default_audio_path()
+    result = render(engine, args.out, features, video=args.video, audio_path=audio_path,
+                    batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"wrote {result.frames} frames to {result.out_dir}" + (f" and {result.video}" if result.video else ""))
+    return 0

@@ -1,0 +1,362 @@
+"""Batched SyncTalk_2D inference over (output frame, audio window) items.
+
+Everything a frame needs from its template is prepared once, when the model loads: every template
+frame is decoded, cropped, resized to 328x328 (bicubic) and its inner 320x320 kept resident on the
+device as uint8. A batch is then one gather, one cast, one mask multiply and one network call; on CUDA
+the whole of that is captured in a CUDA graph per batch-size bucket.
+
+The fp32 CPU path computes what SyncTalk_2D's inference_328.py computes, operation for operation;
+reduced precision, channels_last and BatchNorm folding are applied only on CUDA (or when asked for).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from inference_pod import audio
+from inference_pod.errors import AudioError, InvalidInput, PackageError
+from inference_pod.model import (
+    AUDIO_FEATURE_SHAPES,
+    CROP_SIZE,
+    MODEL_INPUT_SIZE,
+    AveAudioEncoder,
+    LipSyncUNet,
+    load_strict,
+)
+
+log = logging.getLogger(__name__)
+
+INNER = slice(4, 4 + MODEL_INPUT_SIZE)  # the 320x320 region inside the 328 crop
+MASK_RECT = (5, 5, 310, 305)  # OpenCV (x, y, w, h) of the mouth mask drawn on the 320 region
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ENCODER_BATCH = 256
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Where the prediction goes in the full frame: the crop [y1:y2, x1:x2] and its side before resizing."""
+
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+    size: int
+
+
+def pingpong_index(frame_id: int, n_templates: int) -> int:
+    """Template frame for output frame ``frame_id``: SyncTalk_2D walks 1, 2, ..., N-1, N-2, ..., 0, 1, ...
+
+    Its loop steps before it reads, starting from 0, so output 0 uses template 1 and the walk turns at
+    both ends; the period is 2(N-1).
+    """
+    if frame_id < 0:
+        raise InvalidInput(f"frame id must be >= 0, got {frame_id}")
+    if n_templates < 2:
+        return 0
+    period = 2 * (n_templates - 1)
+    pos = (frame_id + 1) % period
+    return pos if pos < n_templates else period - pos
+
+
+def mouth_mask() -> np.ndarray:
+    """(320, 320) float32: 0 where SyncTalk_2D's filled rectangle blanks the mouth, 1 elsewhere."""
+    canvas = np.ones((MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), dtype=np.uint8)
+    cv2.rectangle(canvas, MASK_RECT, 0, -1)  # same call, same pixel coverage as SyncTalk_2D
+    return canvas.astype(np.float32)
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every Conv2d followed by BatchNorm2d (eval mode) into the conv: one kernel instead of two."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for child in module.children():
+        fold_batchnorm(child)
+    if isinstance(module, nn.Sequential):
+        names = list(module._modules)
+        for a, b in zip(names, names[1:], strict=False):
+            conv, bn = module._modules[a], module._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module._modules[a] = fuse_conv_bn_eval(conv, bn)
+                module._modules[b] = nn.Identity()
+    for conv_name, bn_name in (("conv3", "bn3"), ("conv5", "bn5")):  # the audio branch's named pairs
+        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(module, bn_name, nn.Identity())
+    return module
+
+
+class _TemplateFrames:
+    """Full template frames for compositing: decoded once if they fit the budget, else decoded on use."""
+
+    def __init__(self, encoded: list[bytes], budget_bytes: int, first: np.ndarray):
+        self._encoded = encoded
+        per_frame = first.nbytes
+        self._resident = per_frame * len(encoded) <= budget_bytes
+        self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._capacity = len(encoded) if self._resident else max(1, budget_bytes // per_frame)
+        self._lock = threading.Lock()
+        self._decoded[0] = first
+
+    def get(self, index: int) -> np.ndarray:
+        with self._lock:
+            frame = self._decoded.get(index)
+            if frame is not None:
+                self._decoded.move_to_end(index)
+                return frame
+        frame = _decode_image(self._encoded[index], index)
+        with self._lock:
+            self._decoded[index] = frame
+            while len(self._decoded) > self._capacity:
+                self._decoded.popitem(last=False)
+        return frame
+
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self._decoded.values()) + sum(len(b) for b in self._encoded)
+
+
+def _decode_image(data: bytes, index: int) -> np.ndarray:
+    frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)  # BGR, like cv2.imread
+    if frame is None:
+        raise PackageError(f"template frame {index} cannot be decoded")
+    return frame
+
+
+class _GraphedPredictor:
+    """CUDA graphs of the whole batch step (gather, normalise, mask, network, quantise), one per bucket.
+
+    Replaying a graph removes the per-layer launch overhead that dominates a small U-Net at small batches.
+    Batches are padded up to the next bucket; captured lazily on first use of each bucket.
+    """
+
+    def __init__(self, step, audio_shape, dtype, device, max_batch: int):
+        self._step = step
+        self._audio_shape = audio_shape
+        self._dtype = dtype
+        self._device = device
+        self._buckets = sorted({1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch} | {max_batch})
+        self._graphs: dict[int, tuple] = {}
+
+    def __call__(self, index: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
+        b = index.shape[0]
+        bucket = next(x for x in self._buckets if x >= b)
+        if bucket not in self._graphs:
+            self._graphs[bucket] = self._capture(bucket)
+        graph, static_index, static_audio, static_out = self._graphs[bucket]
+        static_index[:b].copy_(index, non_blocking=True)
+        static_index[b:].zero_()
+        static_audio[:b].copy_(audio_windows, non_blocking=True)
+        graph.replay()
+        return static_out[:b]
+
+    def _capture(self, bucket: int):
+        static_index = torch.zeros(bucket, dtype=torch.long, device=self._device)
+        static_audio = torch.zeros((bucket, *self._audio_shape), dtype=self._dtype, device=self._device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (cuDNN autotuning, allocator)
+            for _ in range(2):
+                self._step(static_index, static_audio)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._step(static_index, static_audio)
+        log.debug("captured CUDA graph for batch %d", bucket)
+        return graph, static_index, static_audio, static_out
+
+
+class Engine:
+    """One character's network and templates on one device. See docs/ARCHITECTURE.md for the contract."""
+
+    def __init__(
+        self,
+        package,
+        device: str = "cpu",
+        precision: str = "fp32",
+        max_batch: int = 32,
+        optimize: bool | None = None,
+        cuda_graphs: bool | None = None,
+        frame_budget_bytes: int = 1 << 30,
+    ):
+        if precision not in PRECISIONS:
+            raise InvalidInput(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if max_batch < 1:
+            raise InvalidInput(f"max batch must be >= 1, got {max_batch}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidInput("device 'cuda' requested but CUDA is not available")
+        manifest = package.manifest
+        self.name: str = manifest.name
+        self.version: str = manifest.version
+        self.mode: str = manifest.audio_mode
+        self.fps: int = manifest.fps
+        self.precision = precision
+        self.max_batch = max_batch
+        self.audio_shape: tuple[int, ...] = AUDIO_FEATURE_SHAPES[self.mode]
+        self._dtype = PRECISIONS[precision]
+        on_cuda = self.device.type == "cuda"
+        if optimize is None:  # keep the fp32 CPU path exactly SyncTalk_2D's
+            optimize = on_cuda or precision != "fp32"
+        cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+
+        net = LipSyncUNet(self.mode, manifest.model_width)
+        load_strict(net, package.unet_state(), "U-Net")
+        net.eval()
+        if optimize:
+            net = fold_batchnorm(net)
+        self._channels_last = optimize and on_cuda
+        net = net.to(self.device, self._dtype)
+        self.net = net.to(memory_format=torch.channels_last) if self._channels_last else net
+
+        self.encoder: AveAudioEncoder | None = None
+        encoder_state = package.audio_encoder_state()
+        if encoder_state is not None:
+            encoder = AveAudioEncoder()
+            load_strict(encoder, encoder_state, "audio encoder")
+            self.encoder = encoder.eval().to(self.device)  # fp32: cheap, and features feed every model
+
+        self._load_templates(package, frame_budget_bytes)
+        defaults = package.default_features()
+        self.default_features = audio.pad_features(defaults.astype(np.float32)) if defaults is not None else None
+
+        self._mask = torch.from_numpy(mouth_mask()).to(self.device, self._dtype)[None, None]
+        self._predict_lock = threading.Lock()
+        self._graphed = _GraphedPredictor(self._step, self.audio_shape, self._dtype, self.device, max_batch) if cuda_graphs else None
+
+    @classmethod
+    def from_package(cls, package, device: str = "cpu", precision: str = "fp32", max_batch: int = 32, **kwargs) -> Engine:
+        return cls(package, device=device, precision=precision, max_batch=max_batch, **kwargs)
+
+    # ------------------------------------------------------------------------------------- templates
+
+    def _load_templates(self, package, frame_budget_bytes: int) -> None:
+        boxes = np.asarray(package.crop_boxes(), dtype=np.int64)
+        n = len(boxes)
+        encoded = [package.frame_bytes(i) for i in range(n)]
+        crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+        self._boxes: list[CropBox] = []
+        first = None
+        for i, (x1, y1, x2, y2) in enumerate(boxes):
+            frame = _decode_image(encoded[i], i)
+            first = frame if first is None else first
+            crop = frame[y1:y2, x1:x2]
+            if crop.size == 0:
+                raise PackageError(f"crop box {i} ({x1}, {y1}, {x2}, {y2}) is empty inside a {frame.shape[1]}x{frame.shape[0]} frame")
+            h, w = crop.shape[:2]
+            self._boxes.append(CropBox(int(x1), int(y1), int(x1) + w, int(y1) + h, int(w)))
+            crops[i] = cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
+        self._crops = crops  # host copy for compositing
+        self._frames = _TemplateFrames(encoded, frame_budget_bytes, first)
+        inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
+        if self.device.type == "cuda":
+            self._templates = inner.to(self.device)
+        else:
+            self._templates = inner
+        self.num_templates = n
+
+    def template_index(self, frame_id: int) -> int:
+        return pingpong_index(frame_id, self.num_templates)
+
+    def crop_box(self, template_id: int) -> CropBox:
+        return self._boxes[template_id]
+
+    # ------------------------------------------------------------------------------------- audio
+
+    def track_features(self, wav16k: np.ndarray) -> np.ndarray:
+        """AVE features of a whole 16 kHz track, first and last repeated: one row per output frame."""
+        if self.encoder is None:
+            raise AudioError(
+                f"model {self.name!r} uses {self.mode} features, which this server cannot compute from raw "
+                "audio; send precomputed features or use the package's default track"
+            )
+        if len(wav16k) < audio.MIN_SAMPLES:
+            raise AudioError(f"audio too short: {len(wav16k)} samples at 16 kHz, need at least {audio.MIN_SAMPLES}")
+        windows = audio.mel_windows(audio.melspectrogram(wav16k))
+        return audio.pad_features(self.encode_windows(windows))
+
+    def encode_windows(self, windows: np.ndarray) -> np.ndarray:
+        """(n, 1, 80, 16) mel windows -> (n, 512) AVE embeddings."""
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, len(windows), ENCODER_BATCH):
+                chunk = torch.from_numpy(np.ascontiguousarray(windows[start : start + ENCODER_BATCH]))
+                outs.append(self.encoder(chunk.to(self.device)).float().cpu())
+        return torch.cat(outs).numpy()
+
+    def windows(self, features: np.ndarray, frame_ids: Sequence[int]) -> np.ndarray:
+        """Audio input of each output frame: (B, *audio_shape) float32."""
+        per_frame = int(np.prod(self.audio_shape)) // (2 * audio.FEATURE_CONTEXT)
+        if features.ndim < 2 or int(np.prod(features.shape[1:])) != per_frame:
+            raise AudioError(f"{self.mode} features must have {per_frame} values per frame, got shape {features.shape}")
+        return audio.feature_windows(features, frame_ids, self.audio_shape)
+
+    # ------------------------------------------------------------------------------------- inference
+
+    def _step(self, index: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
+        """Device-side batch: gather templates, [reference, masked] / 255, network, x255 truncated to uint8."""
+        reference = self._templates.index_select(0, index).to(self._dtype) / 255.0
+        image = torch.cat([reference, reference * self._mask], dim=1)
+        if self._channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        out = self.net(image, audio_windows)
+        return (out.float() * 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+    def predict(self, template_ids: Sequence[int], audio_windows) -> np.ndarray:
+        """(B, 320, 320, 3) uint8 BGR predictions for B (template, audio window) pairs."""
+        b = len(template_ids)
+        if b == 0:
+            return np.empty((0, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE, 3), dtype=np.uint8)
+        audio_t = torch.as_tensor(audio_windows)
+        if tuple(audio_t.shape) != (b, *self.audio_shape):
+            raise InvalidInput(f"audio windows must have shape ({b}, {', '.join(map(str, self.audio_shape))}), got {tuple(audio_t.shape)}")
+        ids = torch.as_tensor(template_ids, dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.num_templates:
+            raise InvalidInput(f"template index out of range 0..{self.num_templates - 1}")
+        outputs = []
+        with self._predict_lock, torch.inference_mode():
+            for start in range(0, b, self.max_batch):
+                index = ids[start : start + self.max_batch].to(self.device, non_blocking=True)
+                chunk = audio_t[start : start + self.max_batch].to(self.device, self._dtype, non_blocking=True)
+                step = self._graphed if self._graphed is not None else self._step
+                outputs.append(step(index, chunk).cpu())
+        return torch.cat(outputs).numpy()
+
+    def composite(self, template_id: int, prediction: np.ndarray) -> np.ndarray:
+        """Paste a prediction into its 328 crop, resize back (bicubic) and into a copy of the full frame."""
+        box = self._boxes[template_id]
+        crop = self._crops[template_id].copy()
+        crop[INNER, INNER] = prediction
+        frame = self._frames.get(template_id).copy()
+        frame[box.y1 : box.y2, box.x1 : box.x2] = cv2.resize(
+            crop, (box.x2 - box.x1, box.y2 - box.y1), interpolation=cv2.INTER_CUBIC
+        )
+        return frame
+
+    def template_crop(self, template_id: int) -> np.ndarray:
+        """The template's inner 320x320 region (BGR), for side-by-side checks."""
+        return self._crops[template_id][INNER, INNER]
+
+    def memory_bytes(self) -> int:
+        """Bytes this engine holds (weights, resident templates, decoded frames): for the memory budget."""
+        params = sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
+        if self.encoder is not None:
+            params += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
+        return params + self._templates.numel() + self._crops.nbytes + self._frames.nbytes()
+
+    def close(self) -> None:
+        """Release device memory now rather than at garbage collection."""
+        self._graphed = None
+        self.net = None
+        self.encoder = None
+        self._templates = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
