@@ -203,9 +203,19 @@ def frame_count(n_samples: int) -> int:
     return window_count(1 + n_samples // HOP) + 2
 
 
+def _check_feature_size(features: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int]:
+    n, dim = features.shape[0], int(np.prod(features.shape[1:]))
+    if features.ndim < 2 or dim * 2 * FEATURE_CONTEXT != int(np.prod(shape)):
+        raise AudioError(
+            f"features of shape {features.shape} do not fit the audio input {shape}: "
+            f"need {int(np.prod(shape)) // (2 * FEATURE_CONTEXT)} values per frame"
+        )
+    return n, dim
+
+
 def feature_window(features: np.ndarray, index: int, shape: tuple[int, ...]) -> np.ndarray:
     """Features index-8 ... index+7 (zeros outside the track), reshaped to the network's audio input."""
-    n, dim = features.shape[0], int(np.prod(features.shape[1:]))
+    n, dim = _check_feature_size(features, shape)
     out = np.zeros((2 * FEATURE_CONTEXT, dim), dtype=np.float32)
     lo, hi = index - FEATURE_CONTEXT, index + FEATURE_CONTEXT
     src_lo, src_hi = max(lo, 0), min(hi, n)
@@ -216,7 +226,7 @@ def feature_window(features: np.ndarray, index: int, shape: tuple[int, ...]) -> 
 
 def feature_windows(features: np.ndarray, indices, shape: tuple[int, ...]) -> np.ndarray:
     """Stack of ``feature_window`` for many frames at once: (len(indices), *shape) float32."""
-    n, dim = features.shape[0], int(np.prod(features.shape[1:]))
+    n, dim = _check_feature_size(features, shape)
     padded = np.zeros((n + 2 * FEATURE_CONTEXT, dim), dtype=np.float32)
     padded[FEATURE_CONTEXT : FEATURE_CONTEXT + n] = features.reshape(n, dim)
     idx = np.asarray(indices, dtype=np.int64)

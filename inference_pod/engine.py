@@ -294,9 +294,6 @@ class Engine:
 
     def windows(self, features: np.ndarray, frame_ids: Sequence[int]) -> np.ndarray:
         """Audio input of each output frame: (B, *audio_shape) float32."""
-        per_frame = int(np.prod(self.audio_shape)) // (2 * audio.FEATURE_CONTEXT)
-        if features.ndim < 2 or int(np.prod(features.shape[1:])) != per_frame:
-            raise AudioError(f"{self.mode} features must have {per_frame} values per frame, got shape {features.shape}")
         return audio.feature_windows(features, frame_ids, self.audio_shape)
 
     # ------------------------------------------------------------------------------------- inference
