@@ -1,0 +1,160 @@
+"""The engine against SyncTalk_2D's per-frame loop, its template order, mask, crop rule and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inference_pod.bench import naive
+from inference_pod.engine import MODEL_INPUT_SIZE, Engine, mouth_mask, pingpong_index
+from inference_pod.errors import AudioError, InvalidInput
+from inference_pod.model import LipSyncUNet, random_weights
+from inference_pod.package import extract_package, write_package
+
+
+def synctalk_template_walk(n_templates: int, n_frames: int) -> list[int]:
+    """SyncTalk_2D's stateful loop: step first, turn at both ends."""
+    out, step, idx = [], 0, 0
+    for _ in range(n_frames):
+        if idx > n_templates - 2:
+            step = -1
+        if idx < 1:
+            step = 1
+        idx += step
+        out.append(idx)
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 12])
+def test_pingpong_order_is_synctalks(n):
+    assert [pingpong_index(i, n) for i in range(60)] == synctalk_template_walk(n, 60)
+
+
+def test_pingpong_sequence_spelled_out():
+    assert [pingpong_index(i, 4) for i in range(10)] == [1, 2, 3, 2, 1, 0, 1, 2, 3, 2]
+    assert pingpong_index(5, 1) == 0
+    with pytest.raises(InvalidInput, match="frame id"):
+        pingpong_index(-1, 4)
+
+
+def test_mask_blanks_opencv_rectangle_5_5_310_305():
+    mask = mouth_mask()
+    assert mask.shape == (MODEL_INPUT_SIZE, MODEL_INPUT_SIZE)
+    zero_rows, zero_cols = np.nonzero(mask == 0)
+    # cv2.rectangle(img, (x, y, w, h), ..., -1) fills x..x+w-1, y..y+h-1
+    assert (zero_rows.min(), zero_rows.max(), zero_cols.min(), zero_cols.max()) == (5, 309, 5, 314)
+    assert (mask == 0).sum() == 305 * 310
+
+
+@pytest.fixture(scope="module")
+def engine(demo_character_package) -> Engine:
+    return Engine.from_package(demo_character_package, max_batch=8)
+
+
+def test_batched_engine_reproduces_synctalk_loop(engine, demo_character_package, tmp_path):
+    features = engine.default_features
+    dataset = naive.write_dataset_layout(demo_character_package, tmp_path / "layout")
+    net = naive.load_network(demo_character_package.unet_state(), engine.mode, demo_character_package.manifest.model_width, "cpu")
+    n = 14  # past the turn at both ends of the 12-template walk
+    reference = list(naive.run_loop(dataset, net, features, limit=n))
+    ids = list(range(n))
+    templates = [engine.template_index(i) for i in ids]
+    predictions = engine.predict(templates, engine.windows(features, ids))  # two device batches of 8 and 6
+    for i in ids:
+        ours = engine.composite(templates[i], predictions[i]).astype(int)
+        diff = np.abs(ours - reference[i].astype(int))
+        assert diff.max() <= 2, f"frame {i}: max diff {diff.max()}"
+
+
+def test_composite_only_touches_the_crop(engine, demo_character_package):
+    t = 3
+    box = engine.crop_box(t)
+    template = engine.composite(t, engine.template_crop(t))  # pasting the template back: near-identity
+    original = engine._frames.get(t)
+    outside = np.ones(original.shape[:2], bool)
+    outside[box.y1 : box.y2, box.x1 : box.x2] = False
+    assert np.array_equal(template[outside], original[outside])
+    assert box.size == box.x2 - box.x1 and tuple(demo_character_package.crop_boxes()[t][:2]) == (box.x1, box.y1)
+
+
+def test_prediction_is_320_bgr_uint8_and_deterministic(engine):
+    w = engine.windows(engine.default_features, [0, 1])
+    a = engine.predict([1, 2], w)
+    b = engine.predict([1, 2], w)
+    assert a.shape == (2, 320, 320, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+
+
+def test_track_features_length_matches_synctalk_frame_count(engine):
+    from inference_pod import audio
+
+    wav = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    features = engine.track_features(wav)
+    assert features.shape == (audio.frame_count(len(wav)), 512)
+    np.testing.assert_array_equal(features[0], features[1])
+    np.testing.assert_array_equal(features[-1], features[-2])
+    with pytest.raises(AudioError, match="too short"):
+        engine.track_features(wav[:1000])
+
+
+@pytest.mark.parametrize(
+    "templates, windows, message",
+    [([0], np.zeros((2, 32, 16, 16), np.float32), "audio windows must have shape"),
+     ([0], np.zeros((1, 32, 16), np.float32), "audio windows must have shape"),
+     ([99], np.zeros((1, 32, 16, 16), np.float32), "template index out of range"),
+     ([-1], np.zeros((1, 32, 16, 16), np.float32), "template index out of range")],
+)
+def test_predict_rejects_bad_input(engine, templates, windows, message):
+    with pytest.raises(InvalidInput, match=message):
+        engine.predict(templates, windows)
+
+
+def test_bad_engine_options(demo_character_package):
+    with pytest.raises(InvalidInput, match="precision"):
+        Engine.from_package(demo_character_package, precision="int8")
+    with pytest.raises(InvalidInput, match="max batch"):
+        Engine.from_package(demo_character_package, max_batch=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInput, match="CUDA is not available"):
+            Engine.from_package(demo_character_package, device="cuda")
+
+
+def test_bf16_on_cpu_stays_close_to_fp32(engine, demo_character_package):
+    low = Engine.from_package(demo_character_package, precision="bf16", max_batch=8)
+    ids = list(range(8))
+    w = engine.windows(engine.default_features, ids)
+    templates = [engine.template_index(i) for i in ids]
+    diff = np.abs(low.predict(templates, w).astype(int) - engine.predict(templates, w).astype(int))
+    assert np.percentile(diff, 99) <= 8, np.percentile(diff, 99)
+
+
+def test_hubert_character_needs_precomputed_features(demo_character_package, tmp_path):
+    pkg = demo_character_package
+    frames = [pkg.frame_bytes(i) for i in range(pkg.manifest.frame_count)]
+    out = tmp_path / "hubert.zip"
+    write_package(out, name="hubert-demo", version="1", audio_mode="hubert", model_width=4, fps=25, frames=frames,
+                  frame_ext=pkg.manifest.frame_ext, crop_boxes=pkg.crop_boxes(),
+                  unet_state=random_weights(LipSyncUNet("hubert", 4), 5).state_dict(), audio_encoder_state=None)
+    hubert = Engine.from_package(extract_package(out, tmp_path / "x"))
+    assert hubert.audio_shape == (32, 32, 32) and hubert.default_features is None
+    with pytest.raises(AudioError, match="hubert features"):
+        hubert.track_features(np.zeros(16000, np.float32))
+    features = np.random.default_rng(1).standard_normal((20, 2, 1024)).astype(np.float32)
+    out_frames = hubert.predict([1, 2], hubert.windows(features, [0, 19]))
+    assert out_frames.shape == (2, 320, 320, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_reduced_precision_on_gpu_matches_fp32(demo_character_package, precision):
+    ref = Engine.from_package(demo_character_package)  # fp32 CPU: SyncTalk_2D's numbers
+    gpu = Engine.from_package(demo_character_package, device="cuda", precision=precision, max_batch=16)
+    ids = list(range(16))
+    w = ref.windows(ref.default_features, ids)
+    templates = [ref.template_index(i) for i in ids]
+    diff = np.abs(gpu.predict(templates, w).astype(int) - ref.predict(templates, w).astype(int))
+    assert np.percentile(diff, 99) <= 4 and diff.mean() < 1.0, (diff.max(), diff.mean())
+    # odd batch sizes replay a padded CUDA graph: results must not depend on the padding
+    np.testing.assert_array_equal(gpu.predict(templates[:5], w[:5]), gpu.predict(templates, w)[:5])
