@@ -1,0 +1,117 @@
+"""The demo character: deterministic drawing, plausible landmarks, speech-like audio, matching features."""
+
+from __future__ import annotations
+
+import io
+import wave
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from inference_pod import audio
+from inference_pod.demo_character import (
+    build_demo_package,
+    demo_audio_encoder,
+    speech_like_audio,
+    write_checkpoints,
+    write_synctalk_dataset,
+)
+from inference_pod.errors import InvalidInput
+from inference_pod.model import AveAudioEncoder, LipSyncUNet, load_strict
+from inference_pod.package import verify_package
+from inference_pod.synctalk_dataset import ave_features, read_dataset, read_landmarks
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_character(tmp_path):
+    kwargs = dict(frames=4, size=(48, 40), audio_seconds=0.5)
+    a = _tree(write_synctalk_dataset(tmp_path / "a", seed=7, **kwargs))
+    b = _tree(write_synctalk_dataset(tmp_path / "b", seed=7, **kwargs))
+    c = _tree(write_synctalk_dataset(tmp_path / "c", seed=8, **kwargs))
+    assert set(a) == {"aud.wav", "aud_ave.npy"} | {f"full_body_img/{i}.jpg" for i in range(4)} | {
+        f"landmarks/{i}.lms" for i in range(4)
+    }
+    assert a == b
+    assert a["full_body_img/0.jpg"] != c["full_body_img/0.jpg"] and a["aud.wav"] != c["aud.wav"]
+
+
+def test_frames_and_landmarks_are_synctalk_2d_shaped(synctalk_dataset_dir):
+    dataset = read_dataset(synctalk_dataset_dir)  # 12 frames, 64x64
+    first = cv2.imread(str(dataset.frame_paths[0]))
+    assert first.shape == (64, 64, 3) and first.std() > 20  # a drawn picture, not a flat fill
+    openings = []
+    for i, box in enumerate(dataset.crop_boxes):
+        lms = read_landmarks(synctalk_dataset_dir / "landmarks" / f"{i}.lms")
+        x1, y1, x2, y2 = box
+        mouth = lms[77:105]
+        # The crop (SyncTalk_2D's rule) holds the whole mouth and starts above it, below the eyes.
+        assert np.all((mouth[:, 0] >= x1) & (mouth[:, 0] < x2) & (mouth[:, 1] >= y1) & (mouth[:, 1] < y2))
+        assert lms[61:77, 1].max() < y1 < mouth[:, 1].min()
+        assert x2 - x1 > 20
+        openings.append(lms[97:105, 1].max() - lms[97:105, 1].min())
+    openings = np.array(openings)
+    assert openings.max() - openings.min() > 1.0  # the mouth moves ...
+    assert np.abs(np.diff(openings)).max() < 0.5 * (openings.max() - openings.min()) + 0.5  # ... smoothly
+
+
+def test_audio_is_speech_like(tmp_path):
+    wav = speech_like_audio(3.0, seed=1)
+    assert wav.dtype == np.float32 and wav.shape == (48000,)
+    assert np.array_equal(wav, speech_like_audio(3.0, seed=1))
+    assert 0.5 < np.abs(wav).max() <= 0.6
+    energy = np.sqrt(np.mean(wav[: 48000 // 400 * 400].reshape(-1, 400) ** 2, axis=1))  # 25 ms frames
+    assert (energy < 1e-3).mean() > 0.05  # pauses
+    assert (energy > 0.05).mean() > 0.3  # voiced syllables
+    spectrum = np.abs(np.fft.rfft(wav))
+    freqs = np.fft.rfftfreq(wav.size, 1 / 16000)
+    assert spectrum[(freqs > 80) & (freqs < 1000)].sum() > spectrum[freqs > 4000].sum()  # speech-like tilt
+    with pytest.raises(InvalidInput, match="at least"):
+        speech_like_audio(0.1, seed=1)
+
+
+def test_features_are_the_encoder_outputs_of_the_wav(synctalk_dataset_dir):
+    data = (synctalk_dataset_dir / "aud.wav").read_bytes()
+    with wave.open(io.BytesIO(data)) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth(), wav.getnframes()) == (16000, 1, 2, 16000)
+    samples = audio.decode_audio(data)
+    features = np.load(synctalk_dataset_dir / "aud_ave.npy", allow_pickle=False)
+    n_windows = audio.window_count(audio.melspectrogram(samples).shape[1])
+    assert features.dtype == np.float32 and features.shape == (n_windows, 512)
+    assert np.allclose(features, ave_features(samples, demo_audio_encoder(0)), atol=1e-6)
+
+
+def test_checkpoints_load_strictly_as_synctalk_2d_files(tmp_path):
+    unet_path, encoder_path = write_checkpoints(tmp_path, "ave", 4, seed=3)
+    unet_state = torch.load(unet_path, weights_only=True)
+    encoder_state = torch.load(encoder_path, weights_only=True)
+    assert "inc.inconv.0.conv.0.weight" in unet_state
+    assert "0.conv_block.0.weight" in encoder_state and not any(k.startswith("audio_encoder.") for k in encoder_state)
+    load_strict(LipSyncUNet("ave", 4), unet_state, "U-Net")
+    load_strict(AveAudioEncoder(), encoder_state, "audio encoder")
+    again = torch.load(write_checkpoints(tmp_path / "again", "ave", 4, seed=3)[0], weights_only=True)
+    assert all(torch.equal(again[k], v) for k, v in unet_state.items())
+
+
+def test_demo_package_is_reproducible_and_valid(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    kwargs = dict(width=4, frames=3, seed=2, size=(48, 48), audio_seconds=0.5)
+    manifest = build_demo_package("demo-x", tmp_path / "a.zip", **kwargs)
+    build_demo_package("demo-x", tmp_path / "b.zip", **kwargs)
+    assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
+    assert verify_package(tmp_path / "a.zip") == manifest
+    assert (manifest.model_width, manifest.frame_count, manifest.image_size) == (4, 3, (48, 48))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(frames=0), "at least one frame"), (dict(size=(16, 64)), "at least 32x32")],
+)
+def test_demo_refuses_bad_arguments(kwargs, message, tmp_path):
+    with pytest.raises(InvalidInput, match=message):
+        write_synctalk_dataset(tmp_path / "d", **kwargs)
