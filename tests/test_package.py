@@ -188,14 +188,16 @@ def test_verify_checks_zip_and_directory(written, tmp_path):
         verify_package(root)
 
 
-def test_verify_decodes_frames(tmp_path):
+def test_verify_decodes_frames(demo_members, tmp_path):
     # A JPEG header with nothing decodable behind it passes the header check but not a full decode.
-    good = _frame(0)
+    good = demo_members["frames/000001.jpg"]
     sof = good.index(b"\xff\xc0")
     broken = good[: sof + 19] + b"\xff\xd9"
     inputs = _inputs(frames=2)
-    inputs["frames"][1] = broken
-    write_package(tmp_path / "p.zip", **inputs)
+    inputs["frames"][1] = _frame(1)[: _frame(1).index(b"\xff\xc0") + 19] + b"\xff\xd9"
+    with pytest.raises(PackageError, match="frame 1 does not decode"):  # a build decodes every frame
+        write_package(tmp_path / "w.zip", **inputs)
+    _repack(demo_members, tmp_path / "p.zip", replace={"frames/000001.jpg": broken})  # made by another tool
     extract_package(tmp_path / "p.zip", tmp_path / "p")  # structure is fine
     with pytest.raises(PackageError, match="frames/000001.jpg does not decode"):
         verify_package(tmp_path / "p.zip")
