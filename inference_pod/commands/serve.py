@@ -1,0 +1,28 @@
+"""``lipsync serve``: run an inference pod (gRPC API, health, reflection, Prometheus metrics).
+
+Every flag also reads ``LIPSYNC_<FLAG>`` (e.g. ``LIPSYNC_REDIS_URL``); flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from inference_pod.settings import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the inference pod's gRPC server",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    Settings.add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_args(args)
+    logging.getLogger().setLevel(settings.log_level)
+    from inference_pod.server import LipSyncServer
+
+    asyncio.run(LipSyncServer(settings).run())
+    return 0

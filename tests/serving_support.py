@@ -1,0 +1,205 @@
+"""Real infrastructure for the serving-layer tests: a redis-server, a static HTTP registry, demo packages,
+and a pod running in its own thread (for the blocking client). Everything binds to 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import http.server
+import io
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import wave
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from inference_pod.demo_character import build_demo_package, speech_like_audio
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def single_torch_thread():
+    """One intra-op thread while a module runs: on a small shared CPU, torch's thread pool spins against
+    other processes and makes tiny models 10-30x slower; the tests measure behaviour, not speed."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def build_package(out_dir: Path, name: str, version: str = "1", seed: int = 0, frames: int = 6) -> Path:
+    """A tiny demo package (width 4, 48x48 frames, 1 s default track) at out_dir/{name}-{version}.zip."""
+    out = Path(out_dir) / f"{name}-{version}.zip"
+    build_demo_package(name, out, width=4, frames=frames, seed=seed, size=(48, 48), audio_seconds=1.0,
+                       version=version)
+    return out
+
+
+# The packages the serving tests use, built once per test process (building one takes about a second).
+# The demo's AVE encoder is seeded by the seed: twin shares demo's encoder (and so its audio features),
+# other does not.
+PACKAGE_SPECS = {"demo-1": ("demo", "1", 0), "demo-2": ("demo", "2", 4), "other-1": ("other", "1", 3),
+                 "twin-1": ("twin", "1", 0)}
+_built: dict[str, Path] = {}
+_build_lock = threading.Lock()
+
+
+def package(key: str) -> Path:
+    """Path of a shared, read-only package zip (copy it to modify it)."""
+    with _build_lock:
+        if key not in _built:
+            if not _built:
+                root = Path(tempfile.mkdtemp(prefix="lipsync-serving-packages-"))
+                atexit.register(shutil.rmtree, root, True)
+                _built["__root__"] = root
+            name, version, seed = PACKAGE_SPECS[key]
+            _built[key] = build_package(_built["__root__"], name, version, seed)
+        return _built[key]
+
+
+def models_dir_with(root: Path, *keys: str) -> Path:
+    """A models directory holding copies of the given packages."""
+    root.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        shutil.copy(package(key), root / f"{key}.zip")
+    return root
+
+
+def speech_pcm16(seconds: float, seed: int = 7) -> bytes:
+    return (np.clip(speech_like_audio(seconds, seed), -1, 1) * 32767).astype("<i2").tobytes()
+
+
+def wav_bytes(pcm: bytes, rate: int = 16000) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+class RedisServer:
+    """redis-server on a free loopback port, no persistence; stop() and start() again on the same port."""
+
+    def __init__(self, workdir: Path):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (make system-deps)")
+        self.port = free_port()
+        self.workdir = Path(workdir)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((LOOPBACK, self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+class _RegistryHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_GET(self):
+        self.server.requests.append(self.path)
+        if self.server.fail_next > 0:
+            self.server.fail_next -= 1
+            self.send_error(503, "registry warming up")
+            return
+        super().do_GET()
+
+
+class StaticRegistry:
+    """A static web server over a registry directory, as any web server or bucket would host it."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.httpd = http.server.ThreadingHTTPServer((LOOPBACK, 0), partial(_RegistryHandler,
+                                                                             directory=str(directory)))
+        self.httpd.requests = []
+        self.httpd.fail_next = 0
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.httpd.server_address[1]}/"
+
+    @property
+    def requests(self) -> list[str]:
+        return self.httpd.requests
+
+    def fail_next(self, n: int) -> None:
+        self.httpd.fail_next = n
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+
+class ServerThread:
+    """A LipSyncServer on its own event loop in a thread, so blocking clients can call it from the test."""
+
+    def __init__(self, settings):
+        from inference_pod.server import LipSyncServer
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.call(self._start(LipSyncServer, settings))
+
+    @staticmethod
+    async def _start(cls, settings):
+        return await cls(settings).start()
+
+    def call(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"{LOOPBACK}:{self.server.port}"
+
+    def close(self) -> None:
+        self.call(self.server.stop(grace_s=5))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()

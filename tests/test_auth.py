@@ -1,0 +1,67 @@
+"""API keys: the key file, rotation, and where a key is read from."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from inference_pod import auth
+from inference_pod.auth import ApiKeys, key_from_metadata, parse_keys
+from inference_pod.errors import InvalidInput, Unauthenticated
+
+
+def test_key_file_format():
+    assert parse_keys("# comment\n  key-one  \n\nkey-two\n   # indented comment\n") == ["key-one", "key-two"]
+
+
+def test_disabled_without_keys():
+    keys = ApiKeys()
+    assert not keys.enabled
+    keys.check(None)  # everything is accepted
+
+
+def test_check_accepts_listed_keys_only(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("alpha\nbeta\n")
+    keys = ApiKeys(path)
+    keys.check("alpha")
+    keys.check("beta")
+    with pytest.raises(Unauthenticated, match="required"):
+        keys.check(None)
+    with pytest.raises(Unauthenticated, match="not valid"):
+        keys.check("alphabet")
+
+
+def test_rotated_file_is_picked_up_and_a_broken_one_is_not(tmp_path, monkeypatch):
+    monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "keys"
+    path.write_text("old\n")
+    keys = ApiKeys(path)
+    path.write_text("new-key\n")
+    os.utime(path, ns=(1, 1))  # a different mtime even within the filesystem's time granularity
+    keys.check("new-key")
+    with pytest.raises(Unauthenticated):
+        keys.check("old")
+    path.write_text("# emptied by mistake\n")
+    os.utime(path, ns=(2, 2))
+    keys.check("new-key")  # the last good keys stay
+    path.unlink()
+    keys.check("new-key")
+
+
+def test_missing_or_empty_file_fails_at_start(tmp_path):
+    with pytest.raises(InvalidInput, match="cannot be read"):
+        ApiKeys(tmp_path / "absent")
+    (tmp_path / "empty").write_text("\n# nothing\n")
+    with pytest.raises(InvalidInput, match="no keys"):
+        ApiKeys(tmp_path / "empty")
+
+
+def test_key_from_metadata():
+    assert key_from_metadata([("x-api-key", " k1 ")]) == "k1"
+    assert key_from_metadata([("authorization", "Bearer k2")]) == "k2"
+    assert key_from_metadata([("authorization", "bearer k3")]) == "k3"
+    assert key_from_metadata([("authorization", "Basic abc")]) is None
+    assert key_from_metadata([("other", "x")]) is None
+    assert key_from_metadata(None) is None

@@ -1,0 +1,146 @@
+"""Dynamic batching over a real engine: concurrent requests become device batches, with bounded queues."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from serving_support import single_torch_thread
+
+from inference_pod.batcher import Batcher, BatcherClosed
+from inference_pod.engine import Engine
+from inference_pod.errors import InvalidInput, Overloaded
+from inference_pod.metrics import Metrics
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def engine(demo_character_package) -> Engine:
+    return Engine.from_package(demo_character_package, max_batch=8)
+
+
+def items(engine: Engine, n: int) -> list[tuple[int, np.ndarray]]:
+    windows = engine.windows(engine.default_features, list(range(n)))
+    return [(engine.template_index(i), windows[i]) for i in range(n)]
+
+
+async def test_concurrent_requests_are_merged_into_batches(engine):
+    metrics = Metrics()
+    batcher = Batcher("demo", engine, metrics, max_batch=4, max_delay_s=0.05, max_queue=64)
+    work = items(engine, 6)
+    results = await asyncio.gather(*(batcher.submit(t, w) for t, w in work))
+    await batcher.close()
+    # All six were queued before the batcher ran: one full batch of 4, then the other 2.
+    assert [r.batch_size for r in results] == [4, 4, 4, 4, 2, 2]
+    assert batcher.batches == 2
+    assert metrics.sample("lipsync_batch_size_count", {"model": "demo"}) == 2
+    assert metrics.sample("lipsync_batch_size_sum", {"model": "demo"}) == 6
+    assert metrics.sample("lipsync_inference_duration_seconds_count", {"model": "demo"}) == 2
+    # Each item gets its own prediction: the same as predicting it alone (up to float rounding in uint8).
+    for (template_id, window), result in zip(work, results, strict=True):
+        alone = engine.predict([template_id], window[None])[0]
+        assert np.abs(alone.astype(int) - result.prediction).max() <= 1
+
+
+async def test_a_lone_request_waits_at_most_the_delay_then_runs(engine):
+    batcher = Batcher("demo", engine, Metrics(), max_batch=8, max_delay_s=0.0)
+    (template_id, window), = items(engine, 1)
+    result = await batcher.submit(template_id, window)
+    assert result.batch_size == 1 and result.prediction.shape == (320, 320, 3)
+    await batcher.close()
+
+
+async def test_full_queue_is_overloaded_and_the_rest_still_succeed(engine):
+    metrics = Metrics()
+    batcher = Batcher("demo", engine, metrics, max_batch=2, max_delay_s=0.01, max_queue=2)
+    work = items(engine, 3)
+    outcomes = await asyncio.gather(*(batcher.submit(t, w) for t, w in work), return_exceptions=True)
+    assert isinstance(outcomes[2], Overloaded)
+    assert all(o.prediction.shape == (320, 320, 3) for o in outcomes[:2])
+    assert metrics.sample("lipsync_queue_depth", {"model": "demo"}) == 0
+    await batcher.close()
+
+
+async def test_queue_depth_gauge_follows_the_queue(engine):
+    metrics = Metrics()
+    batcher = Batcher("demo", engine, metrics, max_batch=8, max_delay_s=10.0)  # waits for a full batch
+    tasks = [asyncio.ensure_future(batcher.submit(t, w)) for t, w in items(engine, 3)]
+    await asyncio.sleep(0.05)
+    assert batcher.queue_depth == 3
+    assert metrics.sample("lipsync_queue_depth", {"model": "demo"}) == 3
+    await batcher.close()  # closing dispatches what is queued without waiting for the delay
+    assert all(t.result().batch_size == 3 for t in tasks)
+    assert metrics.sample("lipsync_queue_depth", {"model": "demo"}) == 0
+
+
+async def test_bad_items_fail_alone(engine):
+    batcher = Batcher("demo", engine, Metrics(), max_batch=4, max_delay_s=0.02)
+    (template_id, window), = items(engine, 1)
+    good = asyncio.ensure_future(batcher.submit(template_id, window))
+    with pytest.raises(InvalidInput, match="template"):
+        await batcher.submit(engine.num_templates, window)
+    with pytest.raises(InvalidInput, match="audio window"):
+        await batcher.submit(0, window[:1])
+    with pytest.raises(InvalidInput, match="audio window"):
+        await batcher.submit(0, window.astype(np.float64))
+    assert (await good).batch_size == 1
+    await batcher.close()
+
+
+async def test_a_caller_that_goes_away_does_not_break_the_batch(engine):
+    batcher = Batcher("demo", engine, Metrics(), max_batch=4, max_delay_s=0.05)
+    work = items(engine, 3)
+    tasks = [asyncio.ensure_future(batcher.submit(t, w)) for t, w in work]
+    await asyncio.sleep(0)
+    tasks[1].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert done[0].batch_size == done[2].batch_size == 2  # the cancelled one was left out
+    await batcher.close()
+
+
+async def test_close_finishes_queued_work_then_refuses(engine):
+    batcher = Batcher("demo", engine, Metrics(), max_batch=2, max_delay_s=0.01)
+    work = items(engine, 3)
+    tasks = [asyncio.ensure_future(batcher.submit(t, w)) for t, w in work]
+    await asyncio.sleep(0)
+    await batcher.close()
+    assert all(t.done() and t.exception() is None for t in tasks)
+    with pytest.raises(BatcherClosed):
+        await batcher.submit(*work[0])
+
+
+async def test_engine_failures_reach_every_caller_of_that_batch(engine):
+    class Broken:  # an engine whose device fails: the callers get the error, the batcher keeps working
+        num_templates = engine.num_templates
+        audio_shape = engine.audio_shape
+        calls = 0
+
+        def predict(self, template_ids, windows):
+            Broken.calls += 1
+            if Broken.calls == 1:
+                raise RuntimeError("device fell over")
+            return engine.predict(template_ids, windows)
+
+    batcher = Batcher("broken", Broken(), Metrics(), max_batch=4, max_delay_s=0.01)
+    work = items(engine, 2)
+    first = await asyncio.gather(*(batcher.submit(t, w) for t, w in work), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in first)
+    second = await batcher.submit(*work[0])
+    assert second.batch_size == 1
+    await batcher.close()
+
+
+def test_invalid_configuration(engine):
+    with pytest.raises(InvalidInput):
+        asyncio.run(_make(engine, max_batch=0))
+
+
+async def _make(engine, **kwargs):
+    return Batcher("demo", engine, Metrics(), **kwargs)

@@ -1,0 +1,233 @@
+"""Tiered model loading (memory, store, zip, registry), one load per model, LRU eviction, unloading."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from serving_support import StaticRegistry, free_port, models_dir_with, package, single_torch_thread
+
+from inference_pod.batcher import Batcher
+from inference_pod.engine import Engine
+from inference_pod.errors import InvalidInput, ModelNotFound, Unavailable
+from inference_pod.metrics import Metrics
+from inference_pod.model_store import ModelStore
+from inference_pod.registry import RegistryClient, publish
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with single_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def registry_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("store-registry")
+    publish(package("other-1"), root)
+    return root
+
+
+class Counting:
+    """The real engine factory, counting how often it runs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, package):
+        self.calls.append(package.manifest.name)
+        return Engine.from_package(package, max_batch=4)
+
+
+def make_store(models_dir: Path, metrics: Metrics, registry_url: str | None = None, budget: int = 0,
+               factory=None, events: list | None = None) -> ModelStore:
+    async def loaded(model):
+        if events is not None:
+            events.append(("loaded", model.name, model.version))
+
+    async def unloaded(name):
+        if events is not None:
+            events.append(("unloaded", name))
+
+    registry = RegistryClient(registry_url, retries=1, backoff_s=0.01) if registry_url else None
+    return ModelStore(models_dir=models_dir, extract_dir=models_dir / ".store", metrics=metrics,
+                      engine_factory=factory or Counting(),
+                      batcher_factory=lambda name, engine: Batcher(name, engine, metrics, max_batch=4),
+                      registry=registry, memory_budget_bytes=budget, on_loaded=loaded, on_unloaded=unloaded)
+
+
+def loads(metrics: Metrics, model: str, source: str, result: str = "ok") -> float:
+    return metrics.sample("lipsync_model_loads_total", {"model": model, "source": source, "result": result})
+
+
+@pytest.fixture
+def models_dir(tmp_path) -> Path:
+    return models_dir_with(tmp_path / "models", "demo-1")
+
+
+async def test_tiers_zip_then_memory_then_store(models_dir):
+    metrics = Metrics()
+    store = make_store(models_dir, metrics)
+    model, source, _ = await store.load("demo")
+    assert (source, model.version, model.name) == ("zip", "1", "demo")
+    assert (models_dir / ".store" / "demo-1" / "manifest.json").is_file()
+    assert (await store.load("demo"))[1] == "memory"
+    assert metrics.sample("lipsync_models_resident") == 1
+    await store.close()
+
+    # A restarted pod finds the extracted copy and skips the zip.
+    metrics = Metrics()
+    store = make_store(models_dir, metrics)
+    assert (await store.load("demo"))[1] == "store"
+    assert loads(metrics, "demo", "store") == 1 and loads(metrics, "demo", "zip") == 0
+    assert metrics.sample("lipsync_model_load_duration_seconds_count") == 1
+    await store.close()
+
+
+async def test_registry_tier_downloads_next_to_the_local_packages(models_dir, registry_dir):
+    registry = StaticRegistry(registry_dir)
+    try:
+        metrics = Metrics()
+        store = make_store(models_dir, metrics, registry.url)
+        model, source, _ = await store.load("other")
+        assert source == "registry" and model.name == "other"
+        assert (models_dir / "other-1.zip").is_file()
+        assert loads(metrics, "other", "registry") == 1
+        assert sorted(store.local_packages()) == ["demo", "other"]
+        await store.close()
+    finally:
+        registry.close()
+
+
+async def test_concurrent_requests_share_one_load(models_dir):
+    metrics = Metrics()
+    factory = Counting()
+    store = make_store(models_dir, metrics, factory=factory)
+
+    async def request():
+        async with store.use("demo") as model:
+            return model
+
+    models = await asyncio.gather(*(request() for _ in range(8)))
+    assert factory.calls == ["demo"]
+    assert len({id(m) for m in models}) == 1
+    assert loads(metrics, "demo", "zip") == 1
+    await store.close()
+
+
+async def test_least_recently_used_model_is_unloaded_to_fit_the_budget(models_dir):
+    models_dir_with(models_dir, "other-1")
+    metrics = Metrics()
+    events = []
+    probe = make_store(models_dir, Metrics())
+    size = (await probe.get("demo")).memory_bytes
+    await probe.close()
+    store = make_store(models_dir, metrics, budget=int(size * 1.5), events=events)  # room for one model
+    await store.get("demo")
+    await store.get("other")
+    await asyncio.sleep(0.05)  # retirement runs in the background
+    assert [m.name for m in store.resident] == ["other"]
+    assert ("unloaded", "demo") in events
+    assert metrics.sample("lipsync_models_resident") == 1
+    await store.close()
+
+
+async def test_recently_used_models_survive_eviction(models_dir):
+    models_dir_with(models_dir, "other-1", "twin-1")
+    store = make_store(models_dir, Metrics())
+    size = (await store.get("demo")).memory_bytes
+    store.memory_budget_bytes = int(size * 2.5)  # room for two
+    await store.get("other")
+    await store.get("demo")  # demo is now more recently used than other
+    await store.get("twin")
+    await asyncio.sleep(0.05)
+    assert sorted(m.name for m in store.resident) == ["demo", "twin"]
+    await store.close()
+
+
+async def test_unload_waits_for_in_flight_use(models_dir):
+    events = []
+    store = make_store(models_dir, Metrics(), events=events)
+    async with store.use("demo") as model:
+        unloading = asyncio.ensure_future(store.unload("demo"))
+        await asyncio.sleep(0.05)
+        assert not unloading.done()  # the request in flight keeps it
+        assert store.resident == [] and model.engine.net is not None
+    assert await unloading is True
+    assert model.engine.net is None  # released once idle
+    assert events[-1] == ("unloaded", "demo")
+    assert await store.unload("demo") is False
+    with pytest.raises(ModelNotFound):
+        await store.unload("nobody")
+    await store.close()
+
+
+async def test_a_new_version_replaces_the_old(models_dir):
+    events = []
+    store = make_store(models_dir, Metrics(), events=events)
+    assert (await store.get("demo")).version == "1"
+    models_dir_with(models_dir, "demo-2")
+    model, source, _ = await store.load("demo", "2")
+    assert (model.version, source) == ("2", "zip")
+    assert (await store.get("demo")).version == "2"
+    assert ("loaded", "demo", "2") in events and ("unloaded", "demo") not in events
+    await store.close()
+    # Without a version, the newest local one is chosen.
+    store = make_store(models_dir, Metrics())
+    assert (await store.get("demo")).version == "2"
+    await store.close()
+
+
+async def test_unknown_bad_and_unreachable(models_dir):
+    store = make_store(models_dir, Metrics())
+    with pytest.raises(ModelNotFound, match="no registry"):
+        await store.get("nobody")
+    for bad in ("../demo", "Demo", "", "a" * 64, "demo/x"):
+        with pytest.raises(InvalidInput):
+            await store.get(bad)
+    await store.close()
+
+    store = make_store(models_dir, Metrics(), f"http://127.0.0.1:{free_port()}/")
+    with pytest.raises(Unavailable, match="registry unreachable"):
+        await store.get("nobody")
+    assert (await store.get("demo")).name == "demo"  # local models are unaffected
+    await store.close()
+
+
+async def test_registry_checksum_mismatch_is_unavailable_and_counted(models_dir, registry_dir, tmp_path):
+    broken = Path(shutil.copytree(registry_dir, tmp_path / "broken"))
+    stored = broken / "other/1/other-1.zip"
+    data = bytearray(stored.read_bytes())
+    data[-100] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    registry = StaticRegistry(broken)
+    try:
+        metrics = Metrics()
+        store = make_store(models_dir, metrics, registry.url)
+        with pytest.raises(Unavailable, match="sha256 mismatch"):
+            await store.get("other")
+        assert loads(metrics, "other", "registry", "error") == 1
+        assert not (models_dir / "other-1.zip").exists()
+        await store.close()
+    finally:
+        registry.close()
+
+
+async def test_corrupt_local_zip_is_skipped_in_the_catalog_and_fails_clearly(models_dir):
+    (models_dir / "junk.zip").write_bytes(b"not a zip")
+    store = make_store(models_dir, Metrics())
+    assert list(store.local_packages()) == ["demo"]
+    await store.close()
+    # A zip whose members are damaged after its manifest was read: extraction fails, the error says why.
+    target = models_dir / "demo-1.zip"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    target.write_bytes(bytes(data))
+    metrics = Metrics()
+    store = make_store(models_dir, metrics)
+    with pytest.raises(Unavailable, match="cannot be loaded"):
+        await store.get("demo")
+    assert loads(metrics, "demo", "zip", "error") == 1
+    await store.close()

@@ -1,0 +1,94 @@
+"""The shared frame path: audio inputs, one feature computation per audio, limits, frame ranges."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serving_support import models_dir_with, single_torch_thread, speech_pcm16, wav_bytes
+
+from inference_pod.batcher import Batcher
+from inference_pod.cache import Cache
+from inference_pod.encoding import OutputSpec
+from inference_pod.engine import Engine
+from inference_pod.errors import AudioError, InvalidInput
+from inference_pod.metrics import Metrics
+from inference_pod.model_store import ModelStore
+from inference_pod.pipeline import AudioInput, FramePipeline
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with single_torch_thread():
+        yield
+
+
+class CountingEngines:
+    """Real engines whose feature extraction is counted."""
+
+    def __init__(self):
+        self.feature_calls = 0
+
+    def __call__(self, package):
+        engine = Engine.from_package(package, max_batch=4)
+        compute = engine.track_features
+
+        def counted(wav):
+            self.feature_calls += 1
+            return compute(wav)
+
+        engine.track_features = counted
+        return engine
+
+
+@pytest.fixture
+async def setup(tmp_path):
+    models = models_dir_with(tmp_path / "models", "demo-1", "twin-1")
+    metrics = Metrics()
+    engines = CountingEngines()
+    store = ModelStore(models_dir=models, extract_dir=models / ".store", metrics=metrics, engine_factory=engines,
+                       batcher_factory=lambda name, engine: Batcher(name, engine, metrics, max_batch=4))
+    pool = ThreadPoolExecutor(2)
+    pipeline = FramePipeline(store, Cache(metrics), metrics, pool, max_audio_seconds=2.0)
+    yield pipeline, engines, metrics
+    await store.close()
+    pool.shutdown()
+
+
+def test_audio_input_checks_and_digests():
+    pcm = b"\x01\x00" * 100
+    assert AudioInput(pcm, "pcm16", 16000).digest != AudioInput(pcm, "pcm16", 8000).digest
+    assert AudioInput(pcm, "pcm16", 16000).digest != AudioInput(pcm, "file").digest
+    assert AudioInput(pcm, "pcm16", 16000).digest == AudioInput(bytes(pcm), "pcm16", 16000).digest
+    assert AudioInput(pcm, "pcm16", 16000, 2).seconds_hint() == pytest.approx(100 / 32000)
+    for bad in ({"data": b""}, {"data": pcm, "kind": "mp3"}, {"data": pcm, "kind": "pcm16", "sample_rate": 100},
+                {"data": pcm, "kind": "pcm16", "sample_rate": 16000, "channels": 9}):
+        with pytest.raises(InvalidInput):
+            AudioInput(**bad)
+
+
+async def test_one_feature_computation_per_audio_shared_by_models(setup):
+    pipeline, engines, metrics = setup
+    clip = AudioInput(wav_bytes(speech_pcm16(0.8, seed=4)), "file")
+    results = await asyncio.gather(*(pipeline.frame(model, i, clip, OutputSpec())
+                                     for model in ("demo", "twin") for i in range(3)))
+    assert [r.frame_id for r in results] == [0, 1, 2, 0, 1, 2]
+    assert engines.feature_calls == 1  # six requests, two models with one encoder: one computation
+    again = await pipeline.frame("demo", 5, clip, OutputSpec())
+    assert engines.feature_calls == 1 and again.timings.features_s >= 0
+    assert metrics.sample("lipsync_cache_requests_total", {"kind": "features", "result": "hit"}) >= 1
+
+
+async def test_audio_limits_and_frame_ranges(setup):
+    pipeline, _, _ = setup
+    long_pcm = AudioInput(speech_pcm16(2.5), "pcm16", 16000)
+    with pytest.raises(AudioError, match="limit"):
+        await pipeline.frame("demo", 0, long_pcm, OutputSpec())
+    long_file = AudioInput(wav_bytes(speech_pcm16(2.5)), "file")  # length known only after decoding
+    with pytest.raises(AudioError, match="limit"):
+        await pipeline.frame("demo", 0, long_file, OutputSpec())
+    with pytest.raises(InvalidInput, match="outside the track"):
+        await pipeline.frame("demo", 10_000, None, OutputSpec())
+    frames = [r.frame_id async for r in pipeline.stream("demo", 3, 5, None, OutputSpec(format="png"))]
+    assert frames == [3, 4, 5]
