@@ -308,6 +308,13 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 # ------------------------------------------------------------------------------------------ the servicer
 
 
+async def _abort(method_name: str, exc: Exception, context) -> None:
+    code, message = _status(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method_name)
+    await context.abort(code, message)
+
+
 def _unary(method):
     """Run a unary handler inside the request scope; project errors become their status codes."""
 
@@ -317,15 +324,14 @@ def _unary(method):
             async with self.server.request_scope(method.__name__):
                 return await method(self, request, context)
         except Exception as exc:
-            code, message = _status(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            await context.abort(code, message)
+            await _abort(method.__name__, exc, context)
 
     return handler
 
 
 def _streaming(method):
+    """The same for server-streaming handlers."""
+
     @functools.wraps(method)
     async def handler(self: LipSyncServicer, request, context):
         try:
@@ -333,10 +339,7 @@ def _streaming(method):
                 async for message in method(self, request, context):
                     yield message
         except Exception as exc:
-            code, message = _status(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method.__name__)
-            await context.abort(code, message)
+            await _abort(method.__name__, exc, context)
 
     return handler
 
