@@ -1,0 +1,74 @@
+"""Operator-wide settings, read once from ``LIPSYNC_OPERATOR_*`` environment variables (the chart sets them)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "LIPSYNC_OPERATOR_"
+
+GROUP = "synctalk.io"
+VERSION = "v1alpha1"
+PLURAL = "lipsyncmodels"
+KIND = "LipSyncModel"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+OPERATOR_NAME = "lipsync-operator"
+FIELD_MANAGER = OPERATOR_NAME
+FINALIZER = f"{GROUP}/{OPERATOR_NAME}"
+
+
+def _labels(text: str) -> dict[str, str]:
+    """``k1=v1,k2=v2`` -> dict; blanks ignored."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    registry_url: str = ""                 # default package registry for resources that name none
+    inference_image: str = "lipsync-inference:0.1.0"
+    default_redis_url: str = ""            # e.g. the chart's Redis; used when a resource names none
+    monitor_labels: dict[str, str] = field(default_factory=dict)   # labels Prometheus selects PodMonitors by
+    retry_base_seconds: float = 5.0        # package-check backoff: base * 2**retry, capped
+    retry_max_seconds: float = 300.0
+    http_timeout_seconds: float = 5.0      # registry index and package HEAD requests
+    api_timeout_seconds: float = 30.0      # Kubernetes API requests
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
+        env = os.environ if env is None else env
+
+        def get(name: str, default):
+            raw = env.get(ENV_PREFIX + name)
+            if raw is None or raw == "":
+                return default
+            try:
+                return type(default)(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{name}={raw!r} is not a valid {type(default).__name__}") from None
+
+        defaults = cls()
+        return cls(
+            registry_url=get("REGISTRY_URL", defaults.registry_url),
+            inference_image=get("INFERENCE_IMAGE", defaults.inference_image),
+            default_redis_url=get("DEFAULT_REDIS_URL", defaults.default_redis_url),
+            monitor_labels=_labels(env.get(ENV_PREFIX + "MONITOR_LABELS", "")),
+            retry_base_seconds=get("RETRY_BASE_SECONDS", defaults.retry_base_seconds),
+            retry_max_seconds=get("RETRY_MAX_SECONDS", defaults.retry_max_seconds),
+            http_timeout_seconds=get("HTTP_TIMEOUT_SECONDS", defaults.http_timeout_seconds),
+            api_timeout_seconds=get("API_TIMEOUT_SECONDS", defaults.api_timeout_seconds),
+        )
+
+    def backoff(self, retry: int) -> float:
+        """Delay before retry number ``retry`` (0-based): exponential, capped."""
+        return min(self.retry_max_seconds, self.retry_base_seconds * (2 ** min(retry, 30)))

@@ -1,0 +1,108 @@
+"""kopf handlers: they register on import (``kopf run -m lipsync_operator``) and delegate to the Reconciler.
+
+- create / update / resume (operator start): reconcile; an unavailable package or a conflicting child is
+  retried with exponential backoff (kopf.TemporaryError), an invalid spec waits for the next change.
+  Any change re-reconciles, annotations included: ``kubectl annotate lsm NAME synctalk.io/reconcile=$(date +%s)``
+  re-checks the registry (an unpinned version then follows the newest one).
+- Deployment events: the owner's status follows the rollout.
+- A deleted child (Deployment, Service, HPA, PDB, PodMonitor) is recreated at once.
+- Deletion needs no handler and no finalizer: the children carry owner references and the garbage
+  collector removes them; deleting a LipSyncModel never waits for the operator.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from lipsync_operator.children import MANAGED_BY_LABEL
+from lipsync_operator.config import FINALIZER, GROUP, OPERATOR_NAME, PLURAL, VERSION, OperatorConfig
+from lipsync_operator.kube import KubeClient
+from lipsync_operator.reconcile import GiveUp, Reconciler, RetryLater, controller_owner
+
+LSM = {"group": GROUP, "version": VERSION, "plural": PLURAL}
+OWNED = {MANAGED_BY_LABEL: OPERATOR_NAME}
+STORAGE_PREFIX = f"operator.{GROUP}"
+CHILD_RESOURCES = [("apps", "v1", "deployments"), ("", "v1", "services"),
+                   ("autoscaling", "v2", "horizontalpodautoscalers"), ("policy", "v1", "poddisruptionbudgets"),
+                   ("monitoring.coreos.com", "v1", "podmonitors")]
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+    # Progress and the diff base live in annotations: the API server prunes unknown status fields. kopf
+    # ignores every annotation under its prefix, so it is not synctalk.io/ (synctalk.io/reconcile is the
+    # user's way to ask for a reconcile).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=STORAGE_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=STORAGE_PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = FINALIZER      # none is needed today; named ours if one ever is
+    # The handlers post their own Kubernetes events (kubectl describe lsm); kopf's log lines are not events.
+    settings.posting.level = logging.INFO
+    settings.posting.loggers = False
+    settings.watching.server_timeout = 300          # re-list now and then: robust against lost watch events
+    settings.watching.client_timeout = 330
+    config = OperatorConfig.from_env()
+    memo.reconciler = Reconciler(KubeClient.from_environment(timeout_s=config.api_timeout_seconds), config)
+    logger.info("lipsync-operator: registry=%r image=%r redis=%r", config.registry_url or None,
+                config.inference_image, config.default_redis_url or None)
+
+
+@kopf.on.cleanup()
+def close(memo: kopf.Memo, **_) -> None:
+    reconciler = getattr(memo, "reconciler", None)
+    if reconciler is not None:
+        reconciler.kube.close()
+
+
+@kopf.on.resume(**LSM)
+@kopf.on.create(**LSM)
+@kopf.on.update(**LSM)
+def reconcile_model(body: kopf.Body, retry: int, memo: kopf.Memo, **_) -> None:
+    try:
+        summary = memo.reconciler.reconcile(_plain(body), retry=retry)
+    except RetryLater as exc:
+        kopf.warn(body, reason=exc.reason, message=str(exc))
+        raise kopf.TemporaryError(str(exc), delay=exc.delay) from None
+    except GiveUp as exc:
+        kopf.warn(body, reason=exc.reason, message=str(exc))
+        raise kopf.PermanentError(str(exc)) from None
+    if summary:
+        kopf.info(body, reason="Reconciled", message=summary)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=OWNED, when=lambda event, **_: event.get("type") != "DELETED")
+def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    owner = controller_owner(_plain(body))
+    if owner is not None:
+        memo.reconciler.sync_status(body.metadata.namespace, owner["name"], owner["uid"], _plain(body))
+
+
+def _child_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+    owner = controller_owner(_plain(body))
+    if owner is None:
+        return
+    try:
+        if memo.reconciler.heal(body.metadata.namespace, owner["name"], owner["uid"]):
+            logger.info("recreated %s %s", body.get("kind"), body.metadata.name)
+    except (RetryLater, GiveUp) as exc:
+        logger.warning("recreating %s: %s", body.metadata.name, exc)
+
+
+for _group, _version, _plural in CHILD_RESOURCES:
+    kopf.on.event(_group, _version, _plural, labels=OWNED, id=f"{_plural}_deleted",
+                  when=lambda event, **_: event.get("type") == "DELETED")(_child_deleted)
+
+
+def _plain(body: kopf.Body) -> dict:
+    """kopf's live body view as a plain dict snapshot."""
+    return {key: _thaw(value) for key, value in body.items()}
+
+
+def _thaw(value):
+    if hasattr(value, "items"):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_thaw(v) for v in value]
+    return value

@@ -1,0 +1,177 @@
+"""Is the package a LipSyncModel asks for available? Checked against the registry's index before a rollout.
+
+A registry is a directory served over HTTP(S) with ``index.json``::
+
+    {"packages": [{"name", "version", "size", "sha256", "url"}, ...]}
+
+``url`` is relative to the index or absolute. The operator resolves the spec to one entry (the newest
+version when none is pinned), confirms the file is there, and hands name, version and sha256 to the pod's
+init container, so every pod of a rollout runs exactly the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass
+
+INDEX_NAME = "index.json"
+MAX_INDEX_BYTES = 64 << 20
+USER_AGENT = "lipsync-operator"
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class PackageCheck:
+    available: bool
+    reason: str
+    message: str
+    name: str
+    version: str = ""
+    sha256: str = ""
+    size: int = 0
+    url: str = ""
+    registry: str = ""
+
+    def status(self) -> dict:
+        """The ``status.package`` block (only for an available package)."""
+        return {k: v for k, v in asdict(self).items() if k in ("name", "version", "sha256", "size", "url", "registry")}
+
+
+class _Failure(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def version_key(version: str) -> tuple:
+    """Natural order: numbers as numbers (1.10 > 1.9); a word after a release marks a pre-release
+    (1.0-rc1 < 1.0 < 1.0.1), hence the end marker between words and numbers."""
+    parts = [(2, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[._-]", version)]
+    return (*parts, (1, 0, ""))
+
+
+def _open(url: str, *, method: str, token: str | None, timeout: float):
+    headers = {"User-Agent": USER_AGENT, "Accept": "application/json, */*"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers), timeout=timeout)
+
+
+def _read_index(registry: str, token: str | None, timeout: float) -> list[dict]:
+    url = urllib.parse.urljoin(registry, INDEX_NAME)
+    try:
+        with _open(url, method="GET", token=token, timeout=timeout) as response:
+            data = response.read(MAX_INDEX_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise _Failure("IndexNotFound", f"{url} answered 404: no registry index there") from None
+        if exc.code in (401, 403):
+            raise _Failure("RegistryForbidden", f"{url} answered {exc.code}: check package.pullSecret") from None
+        raise _Failure("RegistryError", f"{url} answered {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _Failure("RegistryUnreachable", f"cannot reach {url}: {reason}") from None
+    if len(data) > MAX_INDEX_BYTES:
+        raise _Failure("InvalidIndex", f"{url} is larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        packages = json.loads(data)["packages"]
+        if not isinstance(packages, list):
+            raise TypeError("packages is not a list")
+        entries = []
+        for item in packages:
+            entry = {"name": str(item["name"]), "version": str(item["version"]), "size": int(item["size"]),
+                     "sha256": str(item["sha256"]).lower(), "url": str(item["url"])}
+            if not SHA256_HEX.match(entry["sha256"]) or entry["size"] < 0:
+                raise ValueError(f"malformed entry for {entry['name']} {entry['version']}")
+            entry["url"] = urllib.parse.urljoin(url, entry["url"])
+            entries.append(entry)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Failure("InvalidIndex", f"{url} is not a valid registry index: {exc}") from None
+    return entries
+
+
+def _confirm_file(entry: dict, token: str | None, timeout: float) -> None:
+    """HEAD the package file: an index may list a file that was never uploaded or has been removed."""
+    try:
+        with _open(entry["url"], method="HEAD", token=token, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (405, 501):   # servers without HEAD: the init container's download will tell
+            return
+        if exc.code == 404:
+            raise _Failure("PackageFileMissing", f"the index lists {entry['url']} but it answered 404") from None
+        raise _Failure("RegistryError", f"{entry['url']} answered {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise _Failure("RegistryUnreachable", f"cannot reach {entry['url']}: {getattr(exc, 'reason', exc)}") from None
+    if length is not None and length.isdigit() and int(length) != entry["size"]:
+        raise _Failure("SizeMismatch", f"{entry['url']} is {length} bytes, the index says {entry['size']}")
+
+
+def _enclosing_dirs(uri: str) -> list[str]:
+    """http://h/a/b/x.zip -> [http://h/a/b/, http://h/a/, http://h/]"""
+    parts = urllib.parse.urlsplit(uri)
+    segments = parts.path.split("/")[:-1]
+    dirs = []
+    while segments:
+        path = "/".join(segments) + "/"
+        dirs.append(urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")))
+        segments.pop()
+    return dirs
+
+
+def check_package(package: dict, *, default_registry: str, token: str | None = None,
+                  timeout: float = 5.0) -> PackageCheck:
+    """Resolve ``spec.package`` against its registry; never raises for registry trouble, reports it."""
+    name = package["name"]
+    pinned = package.get("version") or ""
+    want_sha = (package.get("sha256") or "").lower()
+    registry = ""
+    try:
+        if package.get("uri"):
+            uri = package["uri"]
+            entry = None
+            for candidate in _enclosing_dirs(uri):
+                try:
+                    entries = _read_index(candidate, token, timeout)
+                except _Failure as failure:
+                    if failure.reason in ("IndexNotFound", "RegistryForbidden"):
+                        continue
+                    raise
+                matches = [e for e in entries if e["url"] == uri]
+                if matches:
+                    registry, entry = candidate, matches[0]
+                    break
+            if entry is None:
+                raise _Failure("PackageNotFound", f"no index.json in a directory enclosing {uri} lists it")
+            if entry["name"] != name:
+                raise _Failure("PackageNotFound", f"{uri} is package {entry['name']!r}, not {name!r}")
+            if pinned and entry["version"] != pinned:
+                raise _Failure("VersionNotFound", f"{uri} is version {entry['version']}, not {pinned}")
+        else:
+            registry = package.get("registry") or default_registry
+            if not registry:
+                raise _Failure("NoRegistry", "neither package.registry nor an operator-wide registry is set")
+            registry = registry if registry.endswith("/") else registry + "/"
+            entries = [e for e in _read_index(registry, token, timeout) if e["name"] == name]
+            if not entries:
+                raise _Failure("PackageNotFound", f"{registry}{INDEX_NAME} lists no package {name!r}")
+            if pinned:
+                entries = [e for e in entries if e["version"] == pinned]
+                if not entries:
+                    raise _Failure("VersionNotFound", f"{registry}{INDEX_NAME} lists {name} but not version {pinned}")
+            entry = max(entries, key=lambda e: version_key(e["version"]))
+        if want_sha and entry["sha256"] != want_sha:
+            raise _Failure("ChecksumMismatch",
+                           f"{name} {entry['version']} has sha256 {entry['sha256']}, the spec expects {want_sha}")
+        _confirm_file(entry, token, timeout)
+    except _Failure as failure:
+        return PackageCheck(False, failure.reason, failure.message, name=name, version=pinned, registry=registry)
+    return PackageCheck(True, "Verified",
+                        f"{name} {entry['version']} ({entry['size']} bytes) is listed in {registry}{INDEX_NAME}",
+                        name=name, version=entry["version"], sha256=entry["sha256"], size=entry["size"],
+                        url=entry["url"], registry=registry)

@@ -1,0 +1,157 @@
+"""What can be checked of the e2e script and the Dockerfiles without a cluster or a Docker engine: the
+manifests the script applies, the `lipsync` commands it runs in the cluster, and what the images contain."""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import importlib.metadata
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+from lipsync_operator import children
+from lipsync_operator.spec import normalize
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("run_e2e", ROOT / "e2e" / "run_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_e2e"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def lipsync_commands(script: str) -> list[list[str]]:
+    """The `lipsync ...` invocations in a shell snippet."""
+    out = []
+    for part in re.split(r";|&&|\|\||\(|\)|\bdo\b|\bthen\b", script):
+        words = shlex.split(part.strip().removeprefix("exec ").strip()) if part.strip() else []
+        if words and words[0] == "lipsync":
+            out.append([w for w in words if not w.startswith((">", "2>"))])
+    return out
+
+
+def test_the_e2e_manifests_are_valid(e2e):
+    manifests = e2e.registry_manifests("lipsync-e2e", "lipsync-inference:0.1.0")
+    manifests += [e2e.client_pod("p", "lipsync-e2e", "lipsync-inference:0.1.0", e2e.GRPC_SCRIPT)]
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, "1.29", strict=True)
+    crd = yaml.safe_load((ROOT / "crds" / "lipsyncmodels.synctalk.io.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for gpu in (False, True):
+        model = e2e.model_manifest("lipsync-e2e", gpu)
+        jsonschema.Draft7Validator(schema).validate(model)
+        normalize(model["spec"])
+
+
+def test_the_e2e_runs_lipsync_commands_the_cli_accepts(e2e):
+    from inference_pod.cli import build_parser
+
+    parser = build_parser()
+    registry = e2e.registry_manifests("ns", "img")[0]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    commands = lipsync_commands(registry) + lipsync_commands(e2e.GRPC_SCRIPT) + \
+        lipsync_commands(e2e.load_script(2, 10))
+    assert {tuple(c[1:3]) for c in commands} >= {("package", "demo"), ("package", "publish"), ("client", "health"),
+                                                  ("client", "frame"), ("client", "stream")}
+    for command in commands:
+        parser.parse_args(command[1:])   # exits (SystemExit) on an unknown command or flag
+
+
+def test_the_e2e_script_documents_its_steps(e2e):
+    args = e2e.parse_args(["--kind", "k", "--gpu", "--keep"])
+    assert (args.kind, args.gpu, args.keep, args.namespace) == ("k", True, True, "lipsync-e2e")
+    for step in ("helm install", "helm test", "grpc", "scale up", "delete"):
+        assert step in e2e.__doc__
+
+
+def docker_ignored(path: str, patterns: list[str]) -> bool:
+    """.dockerignore semantics for the patterns used here: the last matching pattern wins, ! re-includes."""
+    ignored = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        glob = pattern.lstrip("!").replace("**", "*")
+        if fnmatch.fnmatch(path, glob) or any(fnmatch.fnmatch(part, glob) for part in path.split("/")):
+            ignored = not negate
+    return ignored
+
+
+def dockerfile(name: str) -> list[tuple[str, str]]:
+    """(instruction, arguments) pairs, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (DOCKER / name).read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, rest = line.partition(" ")
+            out.append((instruction.upper(), rest.strip()))
+    return out
+
+
+@pytest.mark.parametrize("name", ["operator.Dockerfile", "inference.Dockerfile"])
+def test_images_copy_what_exists_and_run_as_the_uid_the_pods_require(name):
+    instructions = dockerfile(name)
+    for instruction, args in instructions:
+        if instruction == "COPY" and "--from=" not in args:
+            for source in args.split()[:-1]:
+                assert (ROOT / source).exists(), f"{name}: COPY {source} does not exist"
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users and users[-1] == f"{children.RUN_AS}:{children.RUN_AS}"
+    # The image's own .dockerignore (BuildKit reads <Dockerfile>.dockerignore) keeps those sources.
+    patterns = [p for p in (DOCKER / f"{name}.dockerignore").read_text().splitlines() if p and p[0] != "#"]
+    for instruction, args in instructions:
+        if instruction == "COPY" and "--from=" not in args:
+            for source in args.split()[:-1]:
+                path = ROOT / source
+                sample = path if path.is_file() else next(f for f in sorted(path.rglob("*.py")))
+                assert not docker_ignored(sample.relative_to(ROOT).as_posix(), patterns), sample
+
+
+def test_the_operator_image_entrypoint_matches_the_chart():
+    instructions = dict(dockerfile("operator.Dockerfile"))
+    assert ast.literal_eval(instructions["ENTRYPOINT"]) == ["kopf"]
+    assert ast.literal_eval(instructions["CMD"])[:2] == ["run", "--module=lipsync_operator"]
+    inference = dict(dockerfile("inference.Dockerfile"))
+    assert ast.literal_eval(inference["ENTRYPOINT"]) == ["lipsync"]
+
+
+def test_the_operator_image_has_every_module_the_operator_imports():
+    pins = [Requirement(line) for line in (DOCKER / "operator-requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    for pin in pins:   # the pinned versions satisfy the project's own requirements
+        project = [Requirement(r) for r in importlib.metadata.requires("lipsync-serving")]
+        for req in project:
+            if req.name.lower() == pin.name.lower() and not req.marker:
+                assert req.specifier.contains(next(iter(pin.specifier)).version), (req, pin)
+    # Everything the pins pull in, transitively.
+    installed, todo = set(), [p.name for p in pins]
+    while todo:
+        dist = importlib.metadata.distribution(todo.pop())
+        if dist.metadata["Name"].lower() in installed:
+            continue
+        installed.add(dist.metadata["Name"].lower())
+        for req in map(Requirement, dist.requires or []):
+            if not req.marker or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    providers = importlib.metadata.packages_distributions()
+    for path in (ROOT / "operator" / "lipsync_operator").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                       [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for module in modules:
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names or top == "lipsync_operator":
+                    continue
+                assert {d.lower() for d in providers.get(top, [])} & installed, f"{path.name} imports {top}"
