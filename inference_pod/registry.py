@@ -200,7 +200,7 @@ class RegistryClient:
 
     def __init__(self, url: str, *, timeout_s: float = 15.0, retries: int = 3, backoff_s: float = 0.25,
                  max_backoff_s: float = 5.0, index_ttl_s: float = 0.0, failure_ttl_s: float = 0.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 token: str | None = None, sleep: Callable[[float], None] = time.sleep):
         scheme = urllib.parse.urlsplit(url).scheme.lower()
         if scheme not in ("http", "https", "file"):
             raise InvalidInput(f"registry URL must be http://, https:// or file://, got {url!r}")
@@ -212,6 +212,8 @@ class RegistryClient:
         self.max_backoff_s = max_backoff_s
         self.index_ttl_s = index_ttl_s
         self.failure_ttl_s = failure_ttl_s
+        # Private registries (a bucket behind a token, an artifact server) take a bearer token.
+        self._headers = {"User-Agent": USER_AGENT} | ({"Authorization": f"Bearer {token}"} if token else {})
         self._sleep = sleep
         self._lock = threading.Lock()
         self._index: tuple[float, list[RegistryEntry]] | None = None
@@ -314,13 +316,16 @@ class RegistryClient:
         return data
 
     def _open(self, url: str):
-        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        request = urllib.request.Request(url, headers=self._headers)
         try:
             return urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code >= 500 or exc.code in (408, 429):
                 raise _Retryable(f"HTTP {exc.code} {exc.reason}") from None
+            if exc.code in (401, 403):
+                raise Unavailable(f"registry refused {url}: HTTP {exc.code} {exc.reason} "
+                                  "(set the registry token: --registry-token / LIPSYNC_REGISTRY_TOKEN)") from None
             raise Unavailable(f"registry request {url} failed: HTTP {exc.code} {exc.reason}") from None
         except urllib.error.URLError as exc:
             reason = exc.reason
@@ -346,9 +351,9 @@ class RegistryClient:
 
 
 def fetch(registry_url: str, name: str, version: str | None, dest_dir: Path,
-          expected_sha256: str | None = None) -> Path:
+          expected_sha256: str | None = None, token: str | None = None) -> Path:
     """Download ``name`` (its newest version when ``version`` is None) into ``dest_dir/{name}-{version}.zip``."""
-    return RegistryClient(registry_url).fetch(name, version, Path(dest_dir), expected_sha256)
+    return RegistryClient(registry_url, token=token).fetch(name, version, Path(dest_dir), expected_sha256)
 
 
 def _file_sha256(path: Path) -> str:

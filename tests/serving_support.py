@@ -140,6 +140,9 @@ class _RegistryHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self):
         self.server.requests.append(self.path)
+        if self.server.token and self.headers.get("Authorization") != f"Bearer {self.server.token}":
+            self.send_error(401, "token required")
+            return
         if self.server.fail_next > 0:
             self.server.fail_next -= 1
             self.send_error(503, "registry warming up")
@@ -150,12 +153,13 @@ class _RegistryHandler(http.server.SimpleHTTPRequestHandler):
 class StaticRegistry:
     """A static web server over a registry directory, as any web server or bucket would host it."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, token: str | None = None):
         self.directory = Path(directory)
         self.httpd = http.server.ThreadingHTTPServer((LOOPBACK, 0), partial(_RegistryHandler,
                                                                              directory=str(directory)))
         self.httpd.requests = []
         self.httpd.fail_next = 0
+        self.httpd.token = token  # when set, every request needs "Authorization: Bearer <token>"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

@@ -166,6 +166,21 @@ def test_a_failed_registry_fails_fast_for_a_moment(tmp_path):
     assert second.value is first.value
 
 
+def test_private_registry_needs_its_token(registry_dir, tmp_path, monkeypatch):
+    server = StaticRegistry(registry_dir, token="s3cret")
+    try:
+        with pytest.raises(Unavailable, match="HTTP 401"):
+            fetch(server.url, "demo", None, tmp_path / "no")
+        assert fetch(server.url, "demo", "1", tmp_path / "yes", token="s3cret").name == "demo-1.zip"
+        monkeypatch.setenv("LIPSYNC_REGISTRY_TOKEN", "s3cret")  # what the operator's init container sets
+        from inference_pod.cli import main
+
+        assert main(["package", "fetch", "demo", "--registry", server.url, "--out", str(tmp_path / "cli")]) == 0
+        assert (tmp_path / "cli" / "demo-2.zip").is_file()
+    finally:
+        server.close()
+
+
 def test_unknown_model_is_not_found(http_registry, tmp_path):
     with pytest.raises(ModelNotFound, match="nobody"):
         fetch(http_registry.url, "nobody", None, tmp_path)

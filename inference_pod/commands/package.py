@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def register(subparsers) -> None:
     f.add_argument("--version", help="package version (default: the latest)")
     f.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of the package zip")
     f.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to store the package in")
+    f.add_argument("--token", default=os.environ.get("LIPSYNC_REGISTRY_TOKEN") or None,
+                   help="bearer token for a private registry (default: $LIPSYNC_REGISTRY_TOKEN)")
     f.set_defaults(func=_fetch)
 
 
@@ -121,6 +124,6 @@ def _publish(args) -> int:
 def _fetch(args) -> int:
     from inference_pod.registry import fetch
 
-    path = fetch(args.registry, args.name, args.version, args.out, expected_sha256=args.sha256)
+    path = fetch(args.registry, args.name, args.version, args.out, expected_sha256=args.sha256, token=args.token)
     print(path)
     return 0
