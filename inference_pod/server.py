@@ -61,6 +61,7 @@ class LipSyncServer:
         self.metrics = Metrics()
         self.api_keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else ApiKeys()
         self.draining = False
+        self.ready = False  # True once the preload list is loaded (health SERVING; HTTP /health 200)
         self.started_at = time.monotonic()
         self.port: int | None = None
         self.health = HealthServicer()
@@ -68,6 +69,7 @@ class LipSyncServer:
         self._inflight = 0
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
+        self.gateway = None  # the HTTP gateway (inference_pod.gateway), when --http-port is not 0
         self._stopped = asyncio.Event()
         self._idle = asyncio.Event()  # set whenever no call is in flight
         self._stopping: asyncio.Task | None = None
@@ -75,7 +77,8 @@ class LipSyncServer:
                                            thread_name_prefix="lipsync-cpu")
         self.cache = Cache(self.metrics, redis_url=settings.redis_url, frame_ttl_s=settings.frame_cache_ttl,
                            feature_ttl_s=settings.feature_cache_ttl, memory_bytes=settings.memory_cache_mb << 20)
-        self.registry = (RegistryClient(settings.registry_url, index_ttl_s=10.0, failure_ttl_s=2.0)
+        self.registry = (RegistryClient(settings.registry_url, index_ttl_s=10.0, failure_ttl_s=2.0,
+                                        token=settings.registry_token or None)
                          if settings.registry_url else None)
         self.store = ModelStore(
             models_dir=settings.models_dir, extract_dir=settings.extract_dir, metrics=self.metrics,
@@ -146,6 +149,10 @@ class LipSyncServer:
             raise Unavailable(f"cannot listen on {address}")
         if s.metrics_port:
             self._metrics_http = MetricsHttpServer(self.metrics, s.host, s.metrics_port)
+        if s.http_port:
+            from inference_pod.gateway import HttpGateway  # imported here: the gateway builds on this module
+
+            self.gateway = await HttpGateway(self).start()
         self._watch_device_memory()
         await self._grpc.start()
         for pkg in self._local_models():
@@ -155,6 +162,7 @@ class LipSyncServer:
         await self.preload()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.ready = True
         log.info("serving lipsync.v1 on %s:%d (%s, %s, max batch %d)%s", s.host, self.port, s.device, s.precision,
                  s.max_batch, " with TLS" if s.tls_cert else "")
         return self
@@ -193,6 +201,8 @@ class LipSyncServer:
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), deadline - time.monotonic())
+        if self.gateway is not None:
+            await self.gateway.stop()
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - time.monotonic()))
         await self.store.close()
@@ -259,6 +269,12 @@ class LipSyncServer:
     @property
     def inflight(self) -> int:
         return self._inflight
+
+
+def batch_concurrency(settings: Settings) -> int:
+    """Batch items rendered at once (gRPC and HTTP): enough to fill device batches, bounded so that one big
+    batch does not overflow a model's queue."""
+    return max(1, min(settings.max_batch * 2, settings.max_queue))
 
 
 # ------------------------------------------------------------------------------------------ protobuf conversion
@@ -360,8 +376,7 @@ class LipSyncServicer(pb_grpc.LipSyncServicer):
     async def GenerateBatch(self, request: pb.GenerateBatchRequest, context) -> pb.GenerateBatchResponse:
         if len(request.items) > MAX_BATCH_ITEMS:
             raise InvalidInput(f"a batch holds at most {MAX_BATCH_ITEMS} items, got {len(request.items)}")
-        # Bounded, so one big batch fills device batches without overflowing a model's queue.
-        limit = asyncio.Semaphore(max(1, min(self.server.settings.max_batch * 2, self.server.settings.max_queue)))
+        limit = asyncio.Semaphore(batch_concurrency(self.server.settings))
 
         async def one(item: pb.GenerateFrameRequest) -> pb.BatchItemResult:
             async with limit:

@@ -38,7 +38,7 @@ class Settings:
 
     port: int = field(default=50051, metadata={"help": "gRPC port"})
     metrics_port: int = field(default=9090, metadata={"help": "Prometheus metrics port (0 disables)"})
-    http_port: int = field(default=8080, metadata={"help": "HTTP gateway port (served by the gateway)"})
+    http_port: int = field(default=8080, metadata={"help": "HTTP gateway port: REST and WebSocket (0 disables)"})
     host: str = field(default="0.0.0.0", metadata={"help": "address the gRPC, metrics and HTTP ports bind to"})
     models_dir: Path = field(default=Path("models"), metadata={
         "help": "directory of character packages (zips or extracted); registry downloads land here too"})
@@ -54,6 +54,7 @@ class Settings:
     memory_budget_mb: int = field(default=0, metadata={
         "help": "resident models' memory budget; least recently used models are unloaded (0: no limit)"})
     registry_url: str = field(default="", metadata={"help": "model registry (http://, https:// or file://)"})
+    registry_token: str = field(default="", repr=False, metadata={"help": "bearer token for a private registry"})
     redis_url: str = field(default="", metadata={
         "help": "Redis for the frame and feature caches (default: an in-process LRU)"})
     frame_cache_ttl: float = field(default=3600.0, metadata={"help": "seconds a cached frame lives (0: off)"})
@@ -64,9 +65,10 @@ class Settings:
         "help": "models to load at start (repeat, or comma-separate)", "nargs": "*", "type": str})
     api_keys_file: Path | None = field(default=None, metadata={
         "help": "file of accepted API keys, one per line; unset: no authentication", "type": _path_or_none})
-    tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM)", "type": _path_or_none})
+    tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM), for gRPC and HTTP", "type": _path_or_none})
     tls_key: Path | None = field(default=None, metadata={"help": "TLS private key (PEM)", "type": _path_or_none})
-    max_message_mb: int = field(default=64, metadata={"help": "largest gRPC message (audio uploads)"})
+    max_message_mb: int = field(default=64, metadata={
+        "help": "largest gRPC message, HTTP body or WebSocket message (audio uploads)"})
     max_audio_seconds: float = field(default=600.0, metadata={"help": "longest audio accepted in one request"})
     encode_threads: int = field(default=0, metadata={
         "help": "threads for decoding, compositing and image encoding (0: number of CPUs)"})

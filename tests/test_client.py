@@ -33,7 +33,7 @@ def pod(tmp_path_factory):
         registry = StaticRegistry(registry_dir)
         keys = root / "keys"
         keys.write_text("client-key\n")
-        settings = Settings(host="127.0.0.1", port=0, metrics_port=0, models_dir=models_dir_with(
+        settings = Settings(host="127.0.0.1", port=0, metrics_port=0, http_port=0, models_dir=models_dir_with(
             root / "models", "demo-1"), registry_url=registry.url, api_keys_file=keys, max_batch=8,
             max_batch_delay_ms=10, encode_threads=2)
         pod = ServerThread(settings)

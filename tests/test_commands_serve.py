@@ -18,7 +18,7 @@ from inference_pod.client import LipSyncClient
 def test_serve_from_environment_and_sigterm(tmp_path):
     port, metrics_port = free_port(), free_port()
     models = models_dir_with(tmp_path / "models", "demo-1")
-    env = dict(os.environ, LIPSYNC_HOST=LOOPBACK, LIPSYNC_PORT=str(port), LIPSYNC_METRICS_PORT=str(metrics_port),
+    env = dict(os.environ, LIPSYNC_HOST=LOOPBACK, LIPSYNC_PORT=str(port), LIPSYNC_METRICS_PORT=str(metrics_port), LIPSYNC_HTTP_PORT="0",
                LIPSYNC_MODELS_DIR=str(models), LIPSYNC_PRELOAD="demo", LIPSYNC_MAX_BATCH="4",
                LIPSYNC_SHUTDOWN_GRACE_S="20", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "inference_pod.cli", "serve", "--max-batch-delay-ms", "2"],

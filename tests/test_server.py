@@ -53,7 +53,7 @@ def _one_torch_thread():
 
 
 def settings_for(models_dir: Path, **overrides) -> Settings:
-    values = {"host": LOOPBACK, "port": 0, "metrics_port": 0, "models_dir": models_dir, "max_batch": 8,
+    values = {"host": LOOPBACK, "port": 0, "metrics_port": 0, "http_port": 0, "models_dir": models_dir, "max_batch": 8,
               "max_batch_delay_ms": 20, "encode_threads": 2, "shutdown_grace_s": 10}
     values.update(overrides)
     return Settings(**values)
@@ -564,6 +564,20 @@ async def test_registry_failures_are_unavailable(tmp_path, registry_dir):
             pb.GenerateFrameRequest(model="other", frame_id=0)), "registry unreachable")
         await expect_status(grpc.StatusCode.UNAVAILABLE, lambda: stub.ListRegistry(pb.ListRegistryRequest()))
         assert (await stub.GenerateFrame(pb.GenerateFrameRequest(model="demo", frame_id=0))).model == "demo"
+
+
+async def test_private_registry_with_token(tmp_path, registry_dir):
+    registry = StaticRegistry(registry_dir, token="pod-token")
+    models = models_dir_with(tmp_path / "models", "demo-1")
+    try:
+        async with running(settings_for(models, registry_url=registry.url)) as (server, stub, _):
+            server.registry.backoff_s = 0.01
+            await expect_status(grpc.StatusCode.UNAVAILABLE, lambda: stub.GenerateFrame(
+                pb.GenerateFrameRequest(model="other", frame_id=0)), "HTTP 401")
+        async with running(settings_for(models, registry_url=registry.url, registry_token="pod-token")) as (_, stub, _):
+            assert (await stub.GenerateFrame(pb.GenerateFrameRequest(model="other", frame_id=0))).model == "other"
+    finally:
+        registry.close()
 
 
 async def test_tls_and_preload(tmp_path):

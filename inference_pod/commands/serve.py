@@ -1,4 +1,4 @@
-"""``lipsync serve``: run an inference pod (gRPC API, health, reflection, Prometheus metrics).
+"""``lipsync serve``: run an inference pod (gRPC API, health, reflection, Prometheus metrics, HTTP gateway).
 
 Every flag also reads ``LIPSYNC_<FLAG>`` (e.g. ``LIPSYNC_REDIS_URL``); flags win over the environment.
 """
@@ -13,7 +13,7 @@ from inference_pod.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the inference pod's gRPC server",
+    p = sub.add_parser("serve", help="run the inference pod's gRPC server and HTTP gateway",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     Settings.add_arguments(p)
     p.set_defaults(func=run)

@@ -1,0 +1,236 @@
+"""The /ws protocol: JSON text messages both ways, binary messages for live PCM16 audio.
+
+Client -> server (every message may carry a ``request_id``, string or integer, echoed on its replies):
+
+- ``{"type": "frame", "model_name", "frame_id", "audio_override"?, "format"?, "region"?, "jpeg_quality"?}``
+  -> one ``{"type": "frame", ...}`` (the fields of POST /generate/frame's response);
+- ``{"type": "stream", "model_name", "first"?, "last"?, "realtime"?, "fps"?, "audio_override"?, output
+  fields}`` -> frame messages first..last in order, then ``{"type": "end", "frames": n}``;
+- ``{"type": "audio_start", "model_name", "sample_rate"?, "channels"?, output fields}``, then binary
+  messages of 16-bit little-endian PCM, then ``{"type": "audio_end"}`` -> frame messages as soon as each
+  frame's audio window is complete (``pipeline.live``), then ``{"type": "end", "frames": n}``;
+- ``{"type": "ping"}`` -> ``{"type": "pong"}`` (browsers cannot send WebSocket pings).
+
+Each operation runs as its own task in the server's request scope (GenerateFrame, StreamFrames,
+StreamAudio), so several requests on one socket are batched together on the device, replies to different
+operations may interleave (``request_id`` tells them apart), and draining, metrics and errors are gRPC's. A
+failed operation answers ``{"type": "error", "code", "message"}`` and the socket stays open; only a
+message over the size limit closes it (1009), as the WebSocket protocol requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import WSMsgType, web
+
+from inference_pod.errors import InvalidInput, LipSyncError
+from inference_pod.gateway_json import (
+    FRAME_FIELDS,
+    OUTPUT_FIELDS,
+    audio_override,
+    field,
+    frame_json,
+    frame_request,
+    output_spec,
+    parse_json,
+    reject_unknown,
+)
+from inference_pod.model_store import check_model_name
+
+if TYPE_CHECKING:
+    from inference_pod.gateway import HttpGateway
+
+log = logging.getLogger(__name__)
+
+# Operations one socket runs at once; past this the socket is not read until one ends, which pushes back
+# on the client through TCP instead of queueing without bound.
+MAX_OPERATIONS = 32
+AUDIO_QUEUE_CHUNKS = 32  # PCM chunks buffered for a live session before the socket stops being read
+COMMON_FIELDS = frozenset({"type", "request_id"})
+STREAM_FIELDS = COMMON_FIELDS | FRAME_FIELDS - {"frame_id"} | {"first", "last", "realtime", "fps"}
+AUDIO_START_FIELDS = COMMON_FIELDS | OUTPUT_FIELDS | {"model_name", "sample_rate", "channels"}
+METHODS = {"frame": "GenerateFrame", "stream": "StreamFrames", "audio_start": "StreamAudio"}
+
+
+class LiveAudio:
+    """The PCM chunks of the socket's open audio session, handed from the reader to the session's task."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
+        self.failed = False
+
+    async def chunks(self):
+        while (chunk := await self.queue.get()) is not None:
+            yield chunk
+
+    def fail(self) -> None:
+        """The session ended early: drop what is queued (unblocking the reader) and whatever comes next."""
+        self.failed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+
+class WebSocketSession:
+    def __init__(self, gateway: HttpGateway, ws: web.WebSocketResponse, api_key: str | None):
+        self.gateway = gateway
+        self.server = gateway.server
+        self.pipeline = gateway.pipeline
+        self.ws = ws
+        self.api_key = api_key
+        self._send_lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(MAX_OPERATIONS)
+        self._tasks: set[asyncio.Task] = set()
+        self._audio: LiveAudio | None = None
+
+    async def run(self) -> None:
+        try:
+            async for message in self.ws:
+                if message.type == WSMsgType.TEXT:
+                    await self._on_text(message.data)
+                elif message.type == WSMsgType.BINARY:
+                    await self._on_binary(message.data)
+                elif message.type == WSMsgType.ERROR:  # e.g. over max_msg_size: aiohttp has closed it (1009)
+                    log.info("WebSocket closed: %s", self.ws.exception())
+        except ConnectionError:  # a reply to the peer failed: it is gone
+            pass
+        finally:  # the client is gone: nobody is left to read what its operations would send
+            if self._audio is not None:
+                self._audio.fail()
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -------------------------------------------------------------------------------------- incoming
+
+    async def _on_text(self, text: str) -> None:
+        request_id = None
+        try:
+            message = parse_json(text, "the message")
+            request_id = field(message, "request_id", (str, int), None)
+            kind = field(message, "type", str)
+        except InvalidInput as exc:
+            await self._send_error(exc.grpc_status, str(exc), request_id)
+            return
+        if kind == "ping":
+            await self._send({"type": "pong"}, request_id)
+        elif kind == "frame":
+            await self._spawn(functools.partial(self._frame, message, request_id), kind, request_id)
+        elif kind == "stream":
+            await self._spawn(functools.partial(self._stream, message, request_id), kind, request_id)
+        elif kind == "audio_start":
+            if self._audio is not None and not self._audio.failed:
+                await self._send_error("INVALID_ARGUMENT", "an audio session is already open: send audio_end "
+                                       "before starting another", request_id)
+                return
+            live = self._audio = LiveAudio()  # replaces a failed session whose audio_end never came
+            await self._spawn(functools.partial(self._live, message, live, request_id), kind, request_id,
+                              on_error=live.fail)
+        elif kind == "audio_end":
+            live, self._audio = self._audio, None
+            if live is None:
+                await self._send_error("INVALID_ARGUMENT", "audio_end without an open audio session", request_id)
+            elif not live.failed:
+                await live.queue.put(None)
+        else:
+            await self._send_error("INVALID_ARGUMENT", f"unknown message type {kind!r}: expected frame, stream, "
+                                   "audio_start, audio_end or ping", request_id)
+
+    async def _on_binary(self, data: bytes) -> None:
+        live = self._audio
+        if live is None:
+            await self._send_error("INVALID_ARGUMENT", "binary messages are PCM16 audio and need an open audio "
+                                   "session: send audio_start first", None)
+        elif not live.failed:  # after a failed session the rest of its audio is dropped until audio_end
+            await live.queue.put(data)
+
+    async def _spawn(self, operation: Callable[[], Awaitable[None]], kind: str, request_id, on_error=None) -> None:
+        await self._slots.acquire()
+        task = asyncio.get_running_loop().create_task(self._guarded(operation, METHODS[kind], request_id, on_error))
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _guarded(self, operation: Callable[[], Awaitable[None]], method: str, request_id,
+                       on_error: Callable[[], None] | None) -> None:
+        """One operation, in the request scope; its failure is an error message, never the socket's end."""
+        try:
+            self.gateway.authenticate(self.api_key, method)  # a key revoked while the socket stays open
+            async with self.server.request_scope(method):
+                await operation()
+        except asyncio.CancelledError:
+            raise
+        except ConnectionError:  # the socket closed under a send: nobody to tell
+            pass
+        except Exception as exc:
+            if on_error is not None:
+                on_error()
+            if isinstance(exc, LipSyncError):
+                await self._send_error(exc.grpc_status, str(exc), request_id)
+            else:
+                log.exception("WebSocket %s failed", method)
+                await self._send_error("INTERNAL", f"internal error: {type(exc).__name__}: {exc}", request_id)
+
+    # -------------------------------------------------------------------------------------- operations
+
+    async def _frame(self, message: dict, request_id) -> None:
+        started = time.perf_counter()
+        item = frame_request(message, COMMON_FIELDS, "a frame message")
+        auto_loaded = not self.gateway.is_resident(item.model_name)
+        result = await self.pipeline.frame(item.model_name, item.frame_id, item.audio, item.output)
+        await self._send(frame_json(result, processing_ms=(time.perf_counter() - started) * 1e3,
+                                    auto_loaded=auto_loaded), request_id, "frame")
+
+    async def _stream(self, message: dict, request_id) -> None:
+        reject_unknown(message, STREAM_FIELDS, "a stream message")
+        model = field(message, "model_name", str)
+        first, last = field(message, "first", int, 0), field(message, "last", int, None)
+        realtime, fps = field(message, "realtime", bool, False), field(message, "fps", (int, float), 0.0)
+        audio, output = audio_override(message), output_spec(message)
+        auto_loaded = not self.gateway.is_resident(model)
+        frames = 0
+        async for result in self.pipeline.stream(model, first, last, audio, output, realtime=realtime,
+                                                 fps=float(fps)):
+            await self._send(frame_json(result, processing_ms=result.timings.total_s * 1e3,
+                                        auto_loaded=auto_loaded), request_id, "frame")
+            frames += 1
+        await self._send({"type": "end", "frames": frames}, request_id)
+
+    async def _live(self, message: dict, live: LiveAudio, request_id) -> None:
+        reject_unknown(message, AUDIO_START_FIELDS, "an audio_start message")
+        model = check_model_name(field(message, "model_name", str))
+        sample_rate, channels = field(message, "sample_rate", int, 16000), field(message, "channels", int, 1)
+        output = output_spec(message)
+        auto_loaded = not self.gateway.is_resident(model)
+        frames = 0
+        async for result in self.pipeline.live(model, sample_rate, channels, live.chunks(), output):
+            await self._send(frame_json(result, processing_ms=result.timings.total_s * 1e3,
+                                        auto_loaded=auto_loaded), request_id, "frame")
+            frames += 1
+        await self._send({"type": "end", "frames": frames}, request_id)
+
+    # -------------------------------------------------------------------------------------- outgoing
+
+    async def _send(self, body: dict[str, Any], request_id, kind: str | None = None) -> None:
+        message = {"type": kind, **body} if kind else dict(body)
+        if request_id is not None:
+            message["request_id"] = request_id
+        text = json.dumps(message)
+        async with self._send_lock:  # one message at a time on the wire, whichever operation sends it
+            await self.ws.send_str(text)
+
+    async def _send_error(self, code: str, message: str, request_id) -> None:
+        try:
+            await self._send({"type": "error", "code": code, "message": message}, request_id)
+        except ConnectionError:
+            pass
