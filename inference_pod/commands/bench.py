@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 from pathlib import Path
 
+from inference_pod.bench.service_bench import SCENARIOS as SERVICE_SCENARIOS
 from inference_pod.engine import PRECISIONS
 
 
@@ -14,8 +17,31 @@ def _int_list(text: str) -> tuple[int, ...]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("batch sizes must be positive")
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 256x256, got {text!r}") from None
+    return w, h
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [n for n in names if n not in SERVICE_SCENARIOS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown scenarios {unknown}; choose from {', '.join(SERVICE_SCENARIOS)}")
+    return names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +57,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
     p.set_defaults(func=run_engine)
 
+    s = bench.add_parser(
+        "service", help="the replaced service's scenarios over gRPC, against a running pod or one it starts",
+        description="Measure a pod over gRPC: sequential frames, 5- and 50-frame batches, concurrent clients, "
+                    "several models, stress runs, live audio streams against deadlines, cache hits, and the "
+                    "in-process engine on the same frames. Writes service.json, service.md and service.png. "
+                    "Unset options take the full run's defaults, or --quick's.")
+    s.add_argument("--target", help="HOST:PORT of a running pod; default: start one on 127.0.0.1 with demo models")
+    s.add_argument("--api-key", default=os.environ.get("LIPSYNC_API_KEY"), help="for --target (env LIPSYNC_API_KEY)")
+    s.add_argument("--package", type=Path, help="with --target: the package of its first model, for the "
+                                                "in-process engine comparison")
+    s.add_argument("--models", type=_positive, help="models at once (default 6)")
+    s.add_argument("--width", type=_positive, help="U-Net base width of the demo models (default 4 on CPU, 32 = "
+                                                   "SyncTalk_2D's on CUDA)")
+    s.add_argument("--frame-size", type=_size, help="demo frame size WxH (default 256x256)")
+    s.add_argument("--device", help="device of the server it starts: cpu, cuda (default cpu)")
+    s.add_argument("--precision", choices=sorted(PRECISIONS), help="default fp32")
+    s.add_argument("--frames", type=_positive, help="frames per scenario (default 100)")
+    s.add_argument("--clients", type=_positive, help="concurrent clients (default 4)")
+    s.add_argument("--streams", type=int, help="most concurrent live audio streams tried (default 4, 48 on CUDA; 0: skip)")
+    s.add_argument("--stream-seconds", type=float, help="audio per live stream (default 4)")
+    s.add_argument("--chunk-ms", type=float, help="live audio chunk, sent at real time (default 40)")
+    s.add_argument("--budget-ms", type=float, help="live frame deadline after its audio window (default 200)")
+    s.add_argument("--stress-sizes", type=_int_list, help="frames of each stress run (default 100,1000)")
+    s.add_argument("--cache-pairs", type=_positive, help="frames asked for twice in the cache scenario (default 20)")
+    s.add_argument("--scenarios", type=_names, help=f"comma-separated subset of: {','.join(SERVICE_SCENARIOS)}")
+    s.add_argument("--torch-threads", type=int, help="torch threads per process (default 1 on CPU: the client "
+                                                     "and the server share the cores; 0: torch's default)")
+    s.add_argument("--server-args", type=shlex.split, help="more `lipsync serve` flags for the server it starts, "
+                                                           "e.g. '--max-batch 4' (it always binds 127.0.0.1)")
+    s.add_argument("--max-scenario-s", type=float, help="a scenario stops sending after this long (default 300)")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--quick", action="store_true", help="every scenario, a few frames each (a smoke run)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--out-dir", type=Path, default=Path("bench-results/service"))
+    s.set_defaults(func=run_service)
+
 
 def run_engine(args: argparse.Namespace) -> int:
     from inference_pod.bench.engine_bench import EngineBenchConfig, run
@@ -41,4 +103,23 @@ def run_engine(args: argparse.Namespace) -> int:
     result = run(cfg)
     print(result["markdown"])
     print(f"\nJSON: {args.out}")
+    return 0
+
+
+def run_service(args: argparse.Namespace) -> int:
+    from inference_pod.bench.service_bench import ServiceBenchConfig, run
+
+    cfg = ServiceBenchConfig.preset(
+        args.quick, target=args.target, api_key=args.api_key, package=args.package, models=args.models,
+        width=args.width, frame_size=args.frame_size, device=args.device, precision=args.precision,
+        frames=args.frames, clients=args.clients, streams=args.streams, stream_seconds=args.stream_seconds,
+        chunk_ms=args.chunk_ms, budget_ms=args.budget_ms, stress_sizes=args.stress_sizes,
+        cache_pairs=args.cache_pairs, scenarios=args.scenarios, torch_threads=args.torch_threads,
+        server_args=args.server_args,
+        max_scenario_s=args.max_scenario_s, seed=args.seed, out_dir=args.out_dir, progress=not args.no_progress)
+    result = run(cfg)
+    print()
+    print(result["markdown"])
+    files = result["files"]
+    print(f"\nJSON: {files['json']}\nMarkdown: {files['markdown']}\nChart: {files['chart']}")
     return 0

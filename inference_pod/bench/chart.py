@@ -1,0 +1,90 @@
+"""The PNG of a ``lipsync bench service`` run: throughput beside the replaced service's figures, latency
+percentiles, and the live-stream deadline misses per number of streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+OURS = "#1f77b4"
+THEIRS = "#ff7f0e"
+IN_PROCESS = "#9e9e9e"
+PERCENTILES = (("p50_ms", "p50", "#9ecae1"), ("p95_ms", "p95", "#4292c6"), ("p99_ms", "p99", "#08519c"))
+
+
+def write_chart(result: dict, path: Path) -> Path:
+    rows = [r for r in result["scenarios"] if r.get("fps")]
+    generated = [r for r in rows if r["scenario"] != "cache"]  # hits are lookups, not generation: latency only
+    live = result.get("live", {}).get("levels", [])
+    panels = 3 if live else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(11, 4.2 * panels), constrained_layout=True)
+    fig.suptitle(f"lipsync bench service: {result['label']}", fontsize=11)
+    _throughput(axes[0], generated, result.get("reference", {}))
+    _latency(axes[1], rows)
+    if live:
+        _live(axes[2], live, result["live"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _throughput(ax, rows: list[dict], reference: dict) -> None:
+    x = np.arange(len(rows))
+    fps = [r["fps"] for r in rows]
+    theirs = [reference.get(r["scenario"], {}).get("fps") for r in rows]
+    has_ref = any(v is not None for v in theirs)
+    width = 0.4 if has_ref else 0.7
+    colors = [IN_PROCESS if r["scenario"].startswith("engine") else OURS for r in rows]
+    bars = ax.bar(x - (width / 2 if has_ref else 0), fps, width, color=colors, label="this run, over gRPC")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    if IN_PROCESS in colors:
+        ax.bar([0], [0], color=IN_PROCESS, label="this run, in-process engine (no service)")
+    if has_ref:
+        ref = ax.bar(x + width / 2, [v or 0 for v in theirs], width, color=THEIRS,
+                     label="replaced service (its own hardware)")
+        ax.bar_label(ref, labels=[f"{v:.1f}" if v else "" for v in theirs], fontsize=8)
+    ax.set_xticks(x, [r["label"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("frames / s")
+    ax.set_title("Throughput", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _latency(ax, rows: list[dict]) -> None:
+    x = np.arange(len(rows))
+    width = 0.8 / len(PERCENTILES)
+    for k, (key, name, color) in enumerate(PERCENTILES):
+        values = [r.get(key) or 0 for r in rows]
+        ax.bar(x + (k - 1) * width, values, width, color=color, label=name)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [r["label"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("ms per request (log)")
+    ax.set_title("Latency per request (a batch request returns all its frames at once)", fontsize=10)
+    ax.legend(fontsize=8)
+
+
+def _live(ax, levels: list[dict], summary: dict) -> None:
+    streams = [r["streams"] for r in levels]
+    missed = [100 * (r["miss_share"] or 0) for r in levels]
+    ax.plot(streams, missed, marker="o", color=OURS, label="frames past their deadline")
+    ax.set_xticks(streams)
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("concurrent live audio streams (25 fps each)")
+    ax.set_ylabel("% of frames missed")
+    ax.set_title(f"Live streams: deadline = audio window complete + {summary['budget_ms']:.0f} ms; "
+                 f"largest M with none missed: {summary['largest_streams_without_miss']}", fontsize=10)
+    p95 = ax.twinx()
+    values = [max(r.get("p95_ms") or 0, 1e-3) for r in levels]
+    p95.plot(streams, values, marker="s", linestyle="--", color=THEIRS, label="p95 latency after the audio window (ms)")
+    p95.axhline(summary["budget_ms"], color="grey", linewidth=0.8, linestyle=":")
+    p95.set_yscale("log")
+    p95.set_ylim(min(values + [summary["budget_ms"]]) / 2, max(values + [summary["budget_ms"]]) * 2)
+    p95.set_ylabel("ms (log); dotted: the budget")
+    lines = ax.get_legend_handles_labels()
+    more = p95.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
