@@ -19,6 +19,7 @@ ENV_VALUES = {
     "device": ("cuda", "cuda"), "precision": ("fp16", "fp16"), "max_batch": ("8", 8),
     "max_batch_delay_ms": ("2.5", 2.5), "max_queue": ("9", 9), "memory_budget_mb": ("512", 512),
     "registry_url": ("http://registry.local/", "http://registry.local/"),
+    "registry_token": ("s3cret", "s3cret"),
     "redis_url": ("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/0"), "frame_cache_ttl": ("60", 60.0),
     "feature_cache_ttl": ("120", 120.0), "memory_cache_mb": ("16", 16), "preload": ("a, b,c", ["a", "b", "c"]),
     "api_keys_file": ("/keys", Path("/keys")), "tls_cert": ("/c.pem", Path("/c.pem")),
