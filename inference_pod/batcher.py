@@ -1,7 +1,9 @@
 """Dynamic batching: concurrent frame requests for one model become device batches.
 
 One ``Batcher`` per resident model. Requests wait in a bounded queue; a batch goes to the device when it is
-full, or when the device is idle and the oldest request has waited ``max_delay_s``. While one batch runs,
+full, or when the device is idle and the oldest request has waited ``max_delay_s``. That wait only pays
+when other requests are coming: a lone sequential client (the last batch held one item and one item is
+queued) is dispatched at once instead. While one batch runs,
 the next one is gathered, and a full next batch is queued right behind it, so the device is never left
 waiting on the event loop. ``engine.predict`` runs in the model's own single worker thread; compositing
 and encoding happen in the caller (a shared thread pool), overlapping with the next batch.
@@ -69,6 +71,7 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{model}")
         self.batches = 0
         self.items = 0
+        self._last_batch_size = 0
 
     @property
     def queue_depth(self) -> int:
@@ -113,7 +116,8 @@ class Batcher:
             raise
 
     async def _gather_and_dispatch(self) -> None:
-        deadline = self._pending[0].enqueued + self.max_delay_s
+        concurrent = self._last_batch_size > 1 or len(self._pending) > 1 or self._in_flight
+        deadline = self._pending[0].enqueued + (self.max_delay_s if concurrent else 0.0)
         while self._pending:
             busy = len(self._in_flight)
             now = time.perf_counter()
@@ -165,6 +169,7 @@ class Batcher:
         predictions, inference_s = future.result()
         self.batches += 1
         self.items += len(batch)
+        self._last_batch_size = len(batch)
         self._batch_hist.observe(len(batch))
         self._inference_hist.observe(inference_s)
         for item, prediction in zip(batch, predictions, strict=True):

@@ -56,6 +56,19 @@ async def test_a_lone_request_waits_at_most_the_delay_then_runs(engine):
     await batcher.close()
 
 
+async def test_a_lone_sequential_client_does_not_wait_for_a_batch_to_fill(engine):
+    # A 10 s fill wait would hold a lone request 10 s; with no sign of other traffic it runs at once.
+    batcher = Batcher("demo", engine, Metrics(), max_batch=2, max_delay_s=10.0)
+    (template_id, window), = items(engine, 1)
+    for _ in range(3):
+        result = await asyncio.wait_for(batcher.submit(template_id, window), timeout=5.0)
+        assert result.batch_size == 1 and result.queue_s < 5.0
+    # Concurrent traffic is still merged: two at once form one (full) batch.
+    pair = await asyncio.gather(*(batcher.submit(t, w) for t, w in items(engine, 2)))
+    assert [r.batch_size for r in pair] == [2, 2]
+    await batcher.close()
+
+
 async def test_full_queue_is_overloaded_and_the_rest_still_succeed(engine):
     metrics = Metrics()
     batcher = Batcher("demo", engine, metrics, max_batch=2, max_delay_s=0.01, max_queue=2)

@@ -434,11 +434,13 @@ async def test_full_queues_are_resource_exhausted(tmp_path):
     models = models_dir_with(tmp_path / "models", "demo-1")
     settings = settings_for(models, max_queue=2, max_batch=8, max_batch_delay_ms=300, preload=["demo"])
     async with running(settings) as (server, stub, _):
-        calls = [stub.GenerateFrame(pb.GenerateFrameRequest(model="demo", frame_id=i)) for i in range(4)]
+        calls = [stub.GenerateFrame(pb.GenerateFrameRequest(model="demo", frame_id=i)) for i in range(6)]
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
         rejected = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
         served = [o for o in outcomes if isinstance(o, pb.Frame)]
-        assert len(served) == 2 and len(rejected) == 2
+        # a lone first request may go straight to the idle device; then two wait (max_queue) and the rest
+        # are turned away while the 300 ms fill wait holds them
+        assert len(served) + len(rejected) == 6 and 2 <= len(served) <= 3 and len(rejected) >= 3
         assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in rejected)
         assert "retry" in rejected[0].details()
         assert (await stub.GenerateFrame(pb.GenerateFrameRequest(model="demo", frame_id=5))).frame_id == 5
