@@ -2,6 +2,8 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
+# The interpreter's scripts folder first on PATH, so `lipsync` is found in an unactivated venv too.
+export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))"):$(PATH)
 
 .PHONY: setup system-deps python-deps demo test lint
 
@@ -19,7 +21,7 @@ python-deps:
 setup: system-deps python-deps
 
 demo: setup
-	lipsync demo --out demo-output
+	$(PYTHON) -m inference_pod.cli demo --out demo-output
 
 lint:
 	$(PYTHON) -m ruff check .
