@@ -65,3 +65,18 @@ def synctalk_dataset_dir(_synctalk_dataset_master, tmp_path) -> Path:
     aud.wav, aud_ave.npy), 12 frames of 64x64, 1 s of audio; its features come from ``demo_checkpoints``'
     encoder. Each test gets its own copy and may modify it."""
     return Path(shutil.copytree(_synctalk_dataset_master, tmp_path / "synctalk-dataset"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread while a module runs (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    serving tests run server, client and batcher threads on the same small CPU, where torch's own thread
+    pool spins against them and slows tiny models 10-30x; those tests measure behaviour, not speed."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import http.server
 import io
 import shutil
@@ -23,20 +22,6 @@ import numpy as np
 from inference_pod.demo_character import build_demo_package, speech_like_audio
 
 LOOPBACK = "127.0.0.1"
-
-
-@contextlib.contextmanager
-def single_torch_thread():
-    """One intra-op thread while a module runs: on a small shared CPU, torch's thread pool spins against
-    other processes and makes tiny models 10-30x slower; the tests measure behaviour, not speed."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -6,18 +6,13 @@ import asyncio
 
 import numpy as np
 import pytest
-from serving_support import single_torch_thread
 
 from inference_pod.batcher import Batcher, BatcherClosed
 from inference_pod.engine import Engine
 from inference_pod.errors import InvalidInput, Overloaded
 from inference_pod.metrics import Metrics
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from serving_support import (
     StaticRegistry,
     models_dir_with,
     package,
-    single_torch_thread,
     speech_pcm16,
     wav_bytes,
 )
@@ -25,21 +24,22 @@ from inference_pod.settings import Settings
 
 
 @pytest.fixture(scope="module")
-def pod(tmp_path_factory):
-    with single_torch_thread():
-        root = tmp_path_factory.mktemp("client-pod")
-        registry_dir = root / "registry"
-        publish(package("other-1"), registry_dir)
-        registry = StaticRegistry(registry_dir)
-        keys = root / "keys"
-        keys.write_text("client-key\n")
-        settings = Settings(host="127.0.0.1", port=0, metrics_port=0, http_port=0, models_dir=models_dir_with(
-            root / "models", "demo-1"), registry_url=registry.url, api_keys_file=keys, max_batch=8,
-            max_batch_delay_ms=10, encode_threads=2)
-        pod = ServerThread(settings)
-        yield pod
-        pod.close()
-        registry.close()
+def pod(tmp_path_factory, one_torch_thread):
+    root = tmp_path_factory.mktemp("client-pod")
+    registry_dir = root / "registry"
+    publish(package("other-1"), registry_dir)
+    registry = StaticRegistry(registry_dir)
+    keys = root / "keys"
+    keys.write_text("client-key\n")
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=0, http_port=0, models_dir=models_dir_with(
+        root / "models", "demo-1"), registry_url=registry.url, api_keys_file=keys, max_batch=8,
+        max_batch_delay_ms=10, encode_threads=2)
+    pod = ServerThread(settings)
+    yield pod
+    pod.close()
+    registry.close()
+
+
 
 
 @pytest.fixture

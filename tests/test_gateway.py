@@ -31,7 +31,6 @@ from serving_support import (
     free_port,
     models_dir_with,
     package,
-    single_torch_thread,
     speech_pcm16,
     wav_bytes,
 )
@@ -47,17 +46,11 @@ from inference_pod.settings import Settings
 from lipsync.v1 import lipsync_pb2 as pb
 from lipsync.v1 import lipsync_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("one_torch_thread")]
 KEY = "gateway-key"
 GRPC_KEY = (("x-api-key", KEY),)
 LIMIT_BYTES = 1 << 20  # the pods' --max-message-mb 1
 RAW_PREDICTION = {"format": "raw", "region": "prediction"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
 
 
 def settings_for(models_dir: Path, **overrides) -> Settings:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serving_support import StaticRegistry, free_port, models_dir_with, package, single_torch_thread
+from serving_support import StaticRegistry, free_port, models_dir_with, package
 
 from inference_pod.batcher import Batcher
 from inference_pod.engine import Engine
@@ -16,11 +16,7 @@ from inference_pod.metrics import Metrics
 from inference_pod.model_store import ModelStore
 from inference_pod.registry import RegistryClient, publish
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from serving_support import models_dir_with, single_torch_thread, speech_pcm16, wav_bytes
+from serving_support import models_dir_with, speech_pcm16, wav_bytes
 
 from inference_pod.batcher import Batcher
 from inference_pod.cache import Cache
@@ -17,11 +17,7 @@ from inference_pod.metrics import Metrics
 from inference_pod.model_store import ModelStore
 from inference_pod.pipeline import AudioInput, FramePipeline
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class CountingEngines:

@@ -22,7 +22,6 @@ from serving_support import (
     free_port,
     models_dir_with,
     package,
-    single_torch_thread,
     speech_pcm16,
     wav_bytes,
 )
@@ -38,18 +37,12 @@ from inference_pod.settings import Settings
 from lipsync.v1 import lipsync_pb2 as pb
 from lipsync.v1 import lipsync_pb2_grpc as pb_grpc
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("one_torch_thread")]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 RAW_PREDICTION = pb.OutputOptions(format=pb.IMAGE_FORMAT_RAW, region=pb.OUTPUT_REGION_PREDICTION)
 RAW_FULL = pb.OutputOptions(format=pb.IMAGE_FORMAT_RAW, region=pb.OUTPUT_REGION_FULL_FRAME)
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]  # batches of raw frames are large
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
 
 
 def settings_for(models_dir: Path, **overrides) -> Settings:

@@ -11,7 +11,7 @@ import socket
 
 import cv2
 import pytest
-from serving_support import ServerThread, models_dir_with, package, single_torch_thread, speech_pcm16
+from serving_support import ServerThread, models_dir_with, package, speech_pcm16
 
 from inference_pod import audio
 from inference_pod.bench.live_streams import audio_needed, stream_levels
@@ -22,14 +22,11 @@ from inference_pod.engine import Engine
 from inference_pod.settings import Settings
 from inference_pod.streaming import LiveTrack
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 GENERATION = ("sequential", "batch5", "batch50", "concurrent", "multi-sequential", "multi-concurrent", "multi-mixed",
               "stress")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
 
 
 # ------------------------------------------------------------------------------------------ the whole run

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serving_support import single_torch_thread, speech_pcm16
+from serving_support import speech_pcm16
 
 from inference_pod import audio
 from inference_pod.engine import Engine
 from inference_pod.errors import AudioError
 from inference_pod.streaming import LiveTrack
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

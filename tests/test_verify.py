@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from serving_support import single_torch_thread, speech_pcm16, wav_bytes
+from serving_support import speech_pcm16, wav_bytes
 
 from inference_pod import audio
 from inference_pod.cli import main
@@ -14,11 +14,7 @@ from inference_pod.engine import Engine
 from inference_pod.errors import InvalidInput
 from inference_pod.verify import GAP, LABEL_H, TILE, TITLE_H, _fit, sample_frames, verify
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    with single_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
