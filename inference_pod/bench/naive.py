@@ -57,6 +57,18 @@ def _audio_window(features: np.ndarray, index: int) -> np.ndarray:
     )
 
 
+def template_walk(last_template: int, n_frames: int) -> Iterator[int]:
+    """SyncTalk_2D's stateful template order: step first, turn at both ends (1, 2, ..., N-1, N-2, ..., 0, 1)."""
+    step, img_idx = 0, 0
+    for _ in range(n_frames):
+        if img_idx > last_template - 1:
+            step = -1
+        if img_idx < 1:
+            step = 1
+        img_idx += step
+        yield img_idx
+
+
 def run_loop(
     dataset_dir: Path,
     net: LipSyncUNet,
@@ -69,14 +81,8 @@ def run_loop(
     img_dir, lms_dir = Path(dataset_dir) / "full_body_img", Path(dataset_dir) / "landmarks"
     last_template = len(list(img_dir.glob("*.jpg"))) - 1
     shape = AUDIO_FEATURE_SHAPES[net.mode]
-    step, img_idx = 0, 0
     total = features.shape[0] if limit is None else min(limit, features.shape[0])
-    for i in range(total):
-        if img_idx > last_template - 1:
-            step = -1
-        if img_idx < 1:
-            step = 1
-        img_idx += step
+    for i, img_idx in enumerate(template_walk(last_template, total)):
         img = cv2.imread(str(img_dir / f"{img_idx}.jpg"))
         rows = [np.array(line.split(" "), dtype=np.float32) for line in (lms_dir / f"{img_idx}.lms").read_text().splitlines()]
         lms = np.array(rows, dtype=np.int32)
