@@ -14,9 +14,11 @@ off). Reduced precision and CUDA graphs are CUDA's.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -250,17 +252,22 @@ class Engine:
         n = len(boxes)
         encoded = [package.frame_bytes(i) for i in range(n)]
         crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
-        self._boxes: list[CropBox] = []
-        first = None
-        for i, (x1, y1, x2, y2) in enumerate(boxes):
+
+        def prepare(i: int) -> tuple[CropBox, np.ndarray | None]:
+            x1, y1, x2, y2 = (int(v) for v in boxes[i])
             frame = _decode_image(encoded[i], i)
-            first = frame if first is None else first
             crop = frame[y1:y2, x1:x2]
             if crop.size == 0:
                 raise PackageError(f"crop box {i} ({x1}, {y1}, {x2}, {y2}) is empty inside a {frame.shape[1]}x{frame.shape[0]} frame")
             h, w = crop.shape[:2]
-            self._boxes.append(CropBox(int(x1), int(y1), int(x1) + w, int(y1) + h, int(w)))
             crops[i] = cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
+            return CropBox(x1, y1, x1 + w, y1 + h, w), frame if i == 0 else None  # full frames: see _TemplateFrames
+
+        # Decoding thousands of template JPEGs is most of a model's load time; OpenCV releases the GIL.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            prepared = list(pool.map(prepare, range(n)))
+        self._boxes: list[CropBox] = [box for box, _ in prepared]
+        first = prepared[0][1]
         self._crops = crops  # host copy for compositing
         self._frames = _TemplateFrames(encoded, frame_budget_bytes, first)
         inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
