@@ -213,19 +213,9 @@ def _check_feature_size(features: np.ndarray, shape: tuple[int, ...]) -> tuple[i
     return n, dim
 
 
-def feature_window(features: np.ndarray, index: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Features index-8 ... index+7 (zeros outside the track), reshaped to the network's audio input."""
-    n, dim = _check_feature_size(features, shape)
-    out = np.zeros((2 * FEATURE_CONTEXT, dim), dtype=np.float32)
-    lo, hi = index - FEATURE_CONTEXT, index + FEATURE_CONTEXT
-    src_lo, src_hi = max(lo, 0), min(hi, n)
-    if src_hi > src_lo:
-        out[src_lo - lo : src_hi - lo] = features[src_lo:src_hi].reshape(src_hi - src_lo, dim)
-    return out.reshape(shape)
-
-
 def feature_windows(features: np.ndarray, indices, shape: tuple[int, ...]) -> np.ndarray:
-    """Stack of ``feature_window`` for many frames at once: (len(indices), *shape) float32."""
+    """For each output frame i: features i-8 ... i+7 (zeros outside the track), reshaped to the network's
+    audio input: (len(indices), *shape) float32."""
     n, dim = _check_feature_size(features, shape)
     padded = np.zeros((n + 2 * FEATURE_CONTEXT, dim), dtype=np.float32)
     padded[FEATURE_CONTEXT : FEATURE_CONTEXT + n] = features.reshape(n, dim)

@@ -11,6 +11,7 @@ import soundfile
 from scipy import signal
 
 from inference_pod import audio
+from inference_pod.bench import naive
 from inference_pod.errors import AudioError
 
 
@@ -135,20 +136,20 @@ def test_pad_features_repeats_first_and_last():
 def test_feature_window_zero_fills_at_both_ends():
     n, dim = 20, 512
     f = (np.arange(n, dtype=np.float32)[:, None] + 1) * np.ones((1, dim), np.float32)
-    first = audio.feature_window(f, 0, (32, 16, 16)).reshape(16, dim)
+    first = audio.feature_windows(f, [0], (32, 16, 16))[0].reshape(16, dim)
     assert np.all(first[:8] == 0) and np.array_equal(first[8:, 0], np.arange(1, 9))
-    last = audio.feature_window(f, n - 1, (32, 16, 16)).reshape(16, dim)
+    last = audio.feature_windows(f, [n - 1], (32, 16, 16))[0].reshape(16, dim)
     assert np.array_equal(last[:9, 0], np.arange(n - 8, n + 1)) and np.all(last[9:] == 0)
-    middle = audio.feature_window(f, 10, (32, 16, 16)).reshape(16, dim)
+    middle = audio.feature_windows(f, [10], (32, 16, 16))[0].reshape(16, dim)
     assert np.array_equal(middle[:, 0], np.arange(3, 19))
 
 
-def test_feature_windows_equals_single_windows_and_checks_range():
+def test_feature_windows_equal_synctalks_window_and_check_range():
     f = np.random.default_rng(0).standard_normal((13, 2, 1024)).astype(np.float32)  # HuBERT layout
     ids = [0, 3, 12, 7]
     stacked = audio.feature_windows(f, ids, (32, 32, 32))
     for k, i in enumerate(ids):
-        np.testing.assert_array_equal(stacked[k], audio.feature_window(f, i, (32, 32, 32)))
+        np.testing.assert_array_equal(stacked[k], naive.synctalk_audio_window(f, i).reshape(32, 32, 32))
     with pytest.raises(AudioError, match="out of range"):
         audio.feature_windows(f, [13], (32, 32, 32))
     with pytest.raises(AudioError, match="do not fit"):

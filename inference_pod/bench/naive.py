@@ -46,7 +46,7 @@ def load_network(unet_state: dict, mode: str, width: int, device: str) -> LipSyn
     return net.eval().to(device)
 
 
-def _audio_window(features: np.ndarray, index: int) -> np.ndarray:
+def synctalk_audio_window(features: np.ndarray, index: int) -> np.ndarray:
     # features[index-8 : index+8], zero-filled where the range leaves the track
     left, right = index - 8, index + 8
     pad_left, pad_right = max(0, -left), max(0, right - features.shape[0])
@@ -97,7 +97,7 @@ def run_loop(
         real_t = torch.from_numpy(real.transpose(2, 0, 1).astype(np.float32) / 255.0)
         masked_t = torch.from_numpy(masked.transpose(2, 0, 1).astype(np.float32) / 255.0)
         image = torch.cat([real_t, masked_t], dim=0)[None].to(device)
-        audio_t = torch.from_numpy(_audio_window(features, i).reshape(shape))[None].to(device)
+        audio_t = torch.from_numpy(synctalk_audio_window(features, i).reshape(shape))[None].to(device)
         with torch.no_grad():
             pred = net(image, audio_t)[0]
         pred = np.array(pred.cpu().numpy().transpose(1, 2, 0) * 255, dtype=np.uint8)
