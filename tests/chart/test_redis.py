@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import redis
 from chart_support import NAMESPACE, RELEASE, container_env, expand, find, render
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from lipsync_operator.config import OperatorConfig
 
@@ -27,6 +29,11 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def client(host: str, port: int, password: str | None = None) -> redis.Redis:
+    """A client that reports a refusal at once (redis-py retries connection errors, refusals included)."""
+    return redis.Redis(host=host, port=port, password=password, socket_timeout=5, retry=Retry(NoBackoff(), 0))
 
 
 def redis_container(docs: list[dict]) -> dict:
@@ -48,7 +55,7 @@ def chart_redis(docs, tmp_path_factory):
     args = [expand(arg, env) for arg in container["args"]]
     assert args[0] == "redis-server"
     port = free_port()
-    proc = subprocess.Popen(args + ["--port", str(port), "--bind", "127.0.0.1"],
+    proc = subprocess.Popen(args + ["--port", str(port)],   # every interface, as in the pod
                             cwd=tmp_path_factory.mktemp("redis"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -78,11 +85,10 @@ def run_shell(command: list[str], env: dict[str, str], port: int, tmp_path: Path
 
 
 def test_redis_refuses_clients_without_the_password(chart_redis):
-    anonymous = redis.Redis(host="127.0.0.1", port=chart_redis, socket_timeout=5)
     with pytest.raises(redis.AuthenticationError):
-        anonymous.get("frame:alice:0")
+        client("127.0.0.1", chart_redis).get("frame:alice:0")
     with pytest.raises(redis.AuthenticationError):
-        redis.Redis(host="127.0.0.1", port=chart_redis, password="wrong-password-xxxx", socket_timeout=5).ping()
+        client("127.0.0.1", chart_redis, "wrong-password-xxxx").ping()
 
 
 def test_the_url_the_operator_hands_to_inference_pods_opens_redis(docs, chart_redis):
@@ -91,12 +97,34 @@ def test_the_url_the_operator_hands_to_inference_pods_opens_redis(docs, chart_re
     url = OperatorConfig.from_env(env).default_redis_url
     host = f"{RELEASE}-redis.{NAMESPACE}.svc:6379"
     assert f":{PASSWORD}@{host}/" in url
-    client = redis.Redis.from_url(url.replace(host, f"127.0.0.1:{chart_redis}"), socket_timeout=5)
-    client.set("frame:alice:0", b"jpeg", ex=60)
-    assert client.get("frame:alice:0") == b"jpeg"
+    pod_client = redis.Redis.from_url(url.replace(host, f"127.0.0.1:{chart_redis}"), socket_timeout=5)
+    pod_client.set("frame:alice:0", b"jpeg", ex=60)
+    assert pod_client.get("frame:alice:0") == b"jpeg"
     # The chart's settings reached the server.
-    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
-    assert client.config_get("protected-mode") == {"protected-mode": "yes"}
+    assert pod_client.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
+    assert pod_client.config_get("protected-mode") == {"protected-mode": "yes"}
+
+
+def non_loopback_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def test_remote_clients_get_in_with_the_password_only(chart_redis):
+    """Inference pods connect from other addresses: protected mode must admit them when they authenticate
+    (the cache would be dead otherwise) and refuse them when they do not."""
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("no non-loopback address on this machine")
+    assert client(address, chart_redis, PASSWORD).ping() is True
+    with pytest.raises(redis.AuthenticationError):
+        client(address, chart_redis).get("frame:alice:0")
 
 
 def test_the_readiness_probe_passes_only_with_the_password(docs, chart_redis, tmp_path):
