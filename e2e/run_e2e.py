@@ -17,7 +17,8 @@ Steps (each reported PASS, FAIL or SKIP with its duration):
  7. scale up         autoscaling 1..3 on in-flight requests, load from inside the cluster, wait for >1
                      replica (SKIP when no custom-metrics API: install Prometheus + prometheus-adapter
                      with the chart's adapter rules, see docs/KUBERNETES.md)
- 8. delete           delete the LipSyncModel; its Deployment, Service, HPA and PDB must go
+ 8. delete           record the children the LipSyncModel owns (its Deployment and Service must be among
+                     them), delete it; each recorded child must go
  9. cleanup          helm uninstall and the namespace (kept with --keep)
 
 Only kubectl, helm (and kind, docker for --kind/--build) are needed; everything in the cluster runs from
@@ -40,7 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "lipsync"
 MODEL = "demo"
 REGISTRY = "model-registry"
-LABEL = f"synctalk.io/model={MODEL}"
+# The kinds of the children the deletion step follows (kubectl resource names), and those every
+# LipSyncModel has (an HPA only with autoscaling, a PDB unless disabled).
+CHILD_RESOURCES = ("deployments", "services", "horizontalpodautoscalers", "poddisruptionbudgets")
+ALWAYS_OWNED = ("deployments", "services")
 
 
 class StepFailed(Exception):
@@ -148,6 +152,35 @@ def load_script(workers: int, seconds: int) -> str:
     return f"for i in $(seq {workers}); do ( {loop} ) & done; wait; echo LOAD-DONE"
 
 
+# ------------------------------------------------------------------------------------ deletion check
+
+
+def owned_children(owner_uid: str, listings: dict[str, dict]) -> set[tuple[str, str]]:
+    """(resource, name) of every object in these listings (resource -> a List as the API or `kubectl get -o
+    json` returns it) with an owner reference to ``owner_uid``."""
+    return {(resource, item["metadata"]["name"])
+            for resource, listing in listings.items() for item in listing.get("items") or []
+            if any(ref.get("uid") == owner_uid for ref in item["metadata"].get("ownerReferences") or [])}
+
+
+def missing_kinds(recorded: set[tuple[str, str]]) -> list[str]:
+    """The kinds every LipSyncModel owns that are not among ``recorded``: a deletion check without them
+    would pass without checking anything."""
+    return [resource for resource in ALWAYS_OWNED if resource not in {r for r, _ in recorded}]
+
+
+def still_present(recorded: set[tuple[str, str]], listings: dict[str, dict]) -> set[tuple[str, str]]:
+    """Those of ``recorded`` that the listings still hold, by name: whatever its uid, an object of that name
+    is one the deletion should have removed (or something recreated it)."""
+    present = {(resource, item["metadata"]["name"])
+               for resource, listing in listings.items() for item in listing.get("items") or []}
+    return recorded & present
+
+
+def describe(children: set[tuple[str, str]]) -> str:
+    return ", ".join(f"{resource}/{name}" for resource, name in sorted(children))
+
+
 # --------------------------------------------------------------------------------------------- runner
 
 
@@ -168,7 +201,10 @@ class E2E:
 
     def run(self, *cmd: str, input: str | None = None, check: bool = True, timeout: float = 900) -> str:
         print("  $ " + shlex.join(cmd), flush=True)
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError:
+            raise StepFailed(f"{cmd[0]} is not on PATH") from None
         if check and proc.returncode != 0:
             raise StepFailed(f"{shlex.join(cmd[:4])} ... exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
         return proc.stdout
@@ -265,7 +301,8 @@ class E2E:
                   "--set", f"operator.image.repository={repo}", "--set", f"operator.image.tag={tag}",
                   "--set", f"inference.image.repository={irepo}", "--set", f"inference.image.tag={itag}",
                   "--set", f"registry.url=http://{REGISTRY}.{self.args.namespace}.svc:8000/",
-                  "--set", "redis.enabled=true", "--set", f"operator.watchNamespaces={{{self.args.namespace}}}")
+                  "--set", "redis.enabled=true", "--set", "rbac.scope=namespace",
+                  "--set", f"operator.watchNamespaces={{{self.args.namespace}}}")
         self.run("kubectl", *(["--context", self.args.context] if self.args.context else []),
                  "wait", "--for=condition=Established", "crd/lipsyncmodels.synctalk.io", "--timeout=60s")
         return "operator, CRD and Redis installed"
@@ -325,14 +362,28 @@ class E2E:
         print(self.kubectl("get", "hpa", MODEL))
         return f"scaled to {replicas} replicas under load"
 
+    def child_listings(self) -> dict[str, dict]:
+        return {resource: self.get_json(resource) for resource in CHILD_RESOURCES}
+
     def delete(self) -> str:
+        uid = self.get_json("lipsyncmodel", MODEL)["metadata"]["uid"]
+        recorded = owned_children(uid, self.child_listings())
+        if missing := missing_kinds(recorded):
+            raise StepFailed(f"before the deletion the LipSyncModel owns no {' or '.join(missing)} "
+                             f"(only: {describe(recorded) or 'nothing'}): there is nothing to see go")
+        print(f"   owned: {describe(recorded)}", flush=True)
         self.kubectl("delete", "lipsyncmodel", MODEL, "--wait=true", "--timeout=2m")
+        left = recorded
 
         def gone():
-            left = self.kubectl("get", "deployment,service,hpa,pdb", "-l", LABEL, "-o", "name").split()
+            nonlocal left
+            left = still_present(recorded, self.child_listings())
             return not left
-        self.wait_until("the children to be garbage-collected", gone, 120)
-        return "LipSyncModel deleted; its Deployment, Service, HPA and PDB are gone"
+        try:
+            self.wait_until("the children to be garbage-collected", gone, self.args.delete_timeout)
+        except StepFailed as exc:
+            raise StepFailed(f"{exc}; still there: {describe(left)}") from None
+        return f"LipSyncModel deleted; gone: {describe(recorded)}"
 
     def cleanup(self) -> str:
         if self.args.keep:
@@ -379,6 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", action="store_true", help="ask for one nvidia.com/gpu (default: CPU inference)")
     p.add_argument("--ready-timeout", type=float, default=900, help="seconds for the model to become Ready")
     p.add_argument("--scale-timeout", type=float, default=600, help="seconds for the scale-up")
+    p.add_argument("--delete-timeout", type=float, default=120, help="seconds for the children to go")
     p.add_argument("--load-workers", type=int, default=8)
     p.add_argument("--load-seconds", type=int, default=600)
     p.add_argument("--keep", action="store_true", help="leave the release and namespace for inspection")

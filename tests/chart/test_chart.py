@@ -7,20 +7,28 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from chart_support import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    StrictLoader,
+    container_env,
+    containers,
+    find,
+    render,
+    render_files,
+)
 
+from lipsync_operator import children
 from lipsync_operator.config import OperatorConfig
 from lipsync_operator.spec import METRICS
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "lipsync"
 KUBE_VERSIONS = ("1.27", "1.29", "1.37")
-RELEASE, NAMESPACE = "lipsync", "lipsync-system"
 # The inference pod's metrics (docs/ARCHITECTURE.md and the pod contract).
 POD_METRICS = {"lipsync_queue_depth", "lipsync_inflight_requests", "lipsync_frames_generated_total",
                "lipsync_request_duration_seconds", "lipsync_cache_requests_total", "lipsync_device_memory_bytes",
@@ -37,47 +45,12 @@ NON_DEFAULT = {
     "inference": {"image": {"repository": "registry.example.com/ml/lipsync-inference", "tag": "cuda12"}},
     "registry": {"url": "http://model-registry.studio.svc:8000/"},
     "serviceAccount": {"create": True, "name": "lsm-operator", "annotations": {"iam": "role"}},
-    "rbac": {"readPackageSecrets": False},
-    "redis": {"enabled": True, "maxMemory": "4gb"},
+    "rbac": {"scope": "namespace", "readPackageSecrets": False},
+    "redis": {"enabled": True, "maxMemory": "4gb", "auth": {"password": "correct-horse-battery-staple"}},
     "monitoring": {"podMonitorLabels": {"release": "kube-prometheus-stack"},
                    "dashboard": {"namespace": "monitoring", "annotations": {"grafana_folder": "LipSync"}},
                    "adapterRules": {"enabled": False}},
 }
-
-
-class StrictLoader(yaml.SafeLoader):
-    """YAML that refuses duplicate keys, as the API server's decoder does."""
-
-
-def _no_duplicates(loader, node, deep=False):
-    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
-    duplicates = {k for k in keys if keys.count(k) > 1}
-    if duplicates:
-        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {duplicates}", node.start_mark)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
-
-
-@pytest.fixture(scope="module")
-def chart():
-    with helm.Chart.load(CHART) as loaded:
-        yield loaded
-
-
-def render(chart, values: dict | None = None) -> list[dict]:
-    manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
-    docs = []
-    for path, text in manifests.items():
-        if path.endswith("NOTES.txt"):
-            continue
-        docs += [doc for doc in yaml.load_all(text, Loader=StrictLoader) if doc]
-    return docs
-
-
-def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
-    return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
 
 
 def operator_container(docs: list[dict]) -> dict:
@@ -114,6 +87,7 @@ def test_defaults_install_the_operator_with_cluster_wide_least_privilege(chart):
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
                                     "namespace": NAMESPACE}]
     assert container["image"] == f"lipsync-operator:{chart.metadata['appVersion']}"
+    assert container["resources"]["limits"]["cpu"]
 
 
 def test_non_default_values_reach_the_manifests(chart):
@@ -129,9 +103,9 @@ def test_non_default_values_reach_the_manifests(chart):
     assert find(docs, "ServiceAccount", "lsm-operator")
     # The chart's Redis is every model's default cache.
     (redis_svc,) = find(docs, "Service", f"{RELEASE}-redis")
-    env = {e["name"]: e.get("value") for e in container["env"]}
+    env = container_env(container, docs)
     assert env["LIPSYNC_OPERATOR_DEFAULT_REDIS_URL"] == \
-        f"redis://{redis_svc['metadata']['name']}.{NAMESPACE}.svc:6379/0"
+        f"redis://:correct-horse-battery-staple@{redis_svc['metadata']['name']}.{NAMESPACE}.svc:6379/0"
     (redis,) = find(docs, "Deployment", f"{RELEASE}-redis")
     assert "4gb" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
     (dashboard,) = find(docs, "ConfigMap", f"{RELEASE}-dashboard")
@@ -142,14 +116,15 @@ def test_non_default_values_reach_the_manifests(chart):
 
 def test_the_operator_reads_what_the_chart_sets(chart):
     """Chart values -> env -> OperatorConfig: the names and formats agree."""
-    env = {e["name"]: e["value"] for e in operator_container(render(chart, NON_DEFAULT))["env"]}
+    docs = render(chart, NON_DEFAULT)
+    env = container_env(operator_container(docs), docs)
     assert all(name.startswith("LIPSYNC_OPERATOR_") for name in env)
     config = OperatorConfig.from_env(env)
     assert config.registry_url == "http://model-registry.studio.svc:8000/"
     assert config.inference_image == "registry.example.com/ml/lipsync-inference:cuda12"
     assert config.monitor_labels == {"release": "kube-prometheus-stack"}
     assert (config.retry_base_seconds, config.retry_max_seconds, config.http_timeout_seconds) == (2, 120, 10)
-    assert config.default_redis_url.startswith("redis://")
+    assert config.default_redis_url.startswith("redis://:correct-horse-battery-staple@")
 
 
 def test_kopf_accepts_the_operator_arguments(chart):
@@ -201,6 +176,134 @@ def test_helm_test_probes_the_installation(chart):
     assert f"{svc['metadata']['name']}.{NAMESPACE}.svc:8080/healthz" in pod["spec"]["containers"][0]["command"][-1]
 
 
+def test_namespace_scope_without_names_serves_the_release_namespace(chart):
+    docs = render(chart, {"rbac": {"scope": "namespace"}})
+    args = operator_container(docs)["args"]
+    assert f"--namespace={NAMESPACE}" in args and "--all-namespaces" not in args
+    (role,) = find(docs, "Role")
+    (binding,) = find(docs, "RoleBinding")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
+    # Cluster-wide, only the discovery role: reading CRDs and namespaces.
+    (cluster_role,) = find(docs, "ClusterRole")
+    assert {v for rule in cluster_role["rules"] for v in rule["verbs"]} == {"list", "watch"}
+    assert {r for rule in cluster_role["rules"] for r in rule["resources"]} == \
+        {"customresourcedefinitions", "namespaces"}
+    # Package Secrets are then readable in the served namespace only.
+    assert any("secrets" in rule["resources"] for rule in role["rules"])
+
+
+def test_watch_namespaces_without_the_namespace_scope_is_refused_with_the_fix(chart):
+    with pytest.raises(helm.HelmRenderError) as info:
+        render(chart, {"operator": {"watchNamespaces": ["studio"]}})
+    assert "set rbac.scope=namespace" in str(info.value)
+
+
+def test_images_are_pinned_by_digest_when_given(chart):
+    digests = {key: "sha256:" + f"{n}" * 64 for n, key in enumerate(("operator", "inference", "redis", "tests"))}
+    values = {key: {"image": {"digest": digest}} for key, digest in digests.items()}
+    values["tests"]["image"]["repository"] = "registry.example.com/probe"
+    values["redis"]["enabled"] = True
+    docs = render(chart, values)
+    images = {c["name"]: c["image"] for c in containers(docs)}
+    assert images["operator"] == f"lipsync-operator@{digests['operator']}"
+    assert images["redis"] == f"redis@{digests['redis']}"
+    assert images["redis-ping"] == f"redis@{digests['redis']}"
+    assert images["operator-health"] == f"registry.example.com/probe@{digests['tests']}"
+    env = container_env(operator_container(docs), docs)
+    assert OperatorConfig.from_env(env).inference_image == f"lipsync-inference@{digests['inference']}"
+    # Without a tests image of its own, the helm test pod runs the pinned operator image.
+    del values["tests"]
+    images = {c["name"]: c["image"] for c in containers(render(chart, values))}
+    assert images["operator-health"] == images["operator"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In) against an object's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def _admitted(policy: dict, pod_labels: dict, namespace: str) -> bool:
+    """Whether an ingress NetworkPolicy admits a pod with these labels in this namespace."""
+    ns_labels = {"kubernetes.io/metadata.name": namespace}
+    for rule in policy["spec"].get("ingress", []):
+        for peer in rule.get("from", []):
+            pods_ok = _selects(peer.get("podSelector", {}), pod_labels)
+            # No namespaceSelector: the policy's own namespace.
+            ns_ok = _selects(peer["namespaceSelector"], ns_labels) if "namespaceSelector" in peer else \
+                namespace == policy["metadata"]["namespace"]
+            if pods_ok and ns_ok:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("scope, served", [("cluster", ["studio", NAMESPACE]), ("namespace", ["studio"])])
+def test_only_inference_pods_and_the_helm_test_may_reach_redis(chart, scope, served):
+    values = {"redis": {"enabled": True}, "rbac": {"scope": scope}}
+    if scope == "namespace":
+        values["operator"] = {"watchNamespaces": served}
+    docs = render(chart, values)
+    (policy,) = find(docs, "NetworkPolicy", f"{RELEASE}-redis")
+    (redis,) = find(docs, "Deployment", f"{RELEASE}-redis")
+    assert _selects(policy["spec"]["podSelector"], redis["spec"]["template"]["metadata"]["labels"])
+    (port,) = policy["spec"]["ingress"][0]["ports"]
+    assert port["port"] in {p["name"] for p in redis["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    # The pods the operator creates for a LipSyncModel, in the namespaces it serves.
+    inference = children.labels("alice")
+    for namespace in served:
+        assert _admitted(policy, inference, namespace), namespace
+    if scope == "namespace":
+        assert not _admitted(policy, inference, "elsewhere")
+    (test_pod,) = find(docs, "Pod")
+    assert _admitted(policy, test_pod["metadata"]["labels"], NAMESPACE)
+    assert not _admitted(policy, test_pod["metadata"]["labels"], "elsewhere")
+    (operator,) = find(docs, "Deployment", f"{RELEASE}-operator")
+    for labels, namespace in ((operator["spec"]["template"]["metadata"]["labels"], NAMESPACE),
+                              ({"app": "anything"}, NAMESPACE), ({}, "studio")):
+        assert not _admitted(policy, labels, namespace), labels
+    # Every pod the chart runs is covered by some policy (nothing is open by omission).
+    policies = find(docs, "NetworkPolicy")
+    for doc in find(docs, "Deployment") + find(docs, "Pod"):
+        labels = doc["spec"]["template"]["metadata"]["labels"] if doc["kind"] == "Deployment" else \
+            doc["metadata"]["labels"]
+        assert any(_selects(p["spec"]["podSelector"], labels) for p in policies), doc["metadata"]["name"]
+    assert not find(render(chart, {**values, "networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
+def test_redis_password_given_generated_or_from_an_existing_secret(chart):
+    def secret_password(values: dict) -> str:
+        docs = render(chart, {"redis": {"enabled": True, **values}})
+        (redis,) = find(docs, "Deployment", f"{RELEASE}-redis")
+        return container_env(redis["spec"]["template"]["spec"]["containers"][0], docs)["REDIS_PASSWORD"]
+
+    assert secret_password({"auth": {"password": "correct-horse-battery-staple"}}) == "correct-horse-battery-staple"
+    generated = [secret_password({}) for _ in range(2)]
+    assert all(re.fullmatch(r"[A-Za-z0-9]{32}", p) for p in generated), generated
+    assert generated[0] != generated[1]   # random per install (an upgrade reads the existing Secret back)
+    docs = render(chart, {"redis": {"enabled": True, "auth": {"existingSecret": "team-redis"}}})
+    assert not find(docs, "Secret")
+    refs = [v["valueFrom"]["secretKeyRef"] for c in containers(docs) for v in c.get("env", []) if "valueFrom" in v]
+    assert refs and all(ref == {"name": "team-redis", "key": "password"} for ref in refs)
+    with pytest.raises(helm.HelmRenderError) as info:
+        render(chart, {"redis": {"enabled": True, "auth": {"existingSecret": "team-redis",
+                                                           "password": "correct-horse-battery-staple"}}})
+    assert "alternatives" in str(info.value)
+
+
+def test_notes_tell_where_the_redis_password_is(chart):
+    notes = render_files(chart, {"redis": {"enabled": True}})["lipsync/templates/NOTES.txt"]
+    assert f"redis://:PASSWORD@{RELEASE}-redis.{NAMESPACE}.svc:6379/0" in notes
+    assert f"kubectl get secret -n {NAMESPACE} {RELEASE}-redis" in notes
+    assert "$(" not in notes
+
+
 def test_helm_lint_is_clean():
     for values in (None, NON_DEFAULT):
         report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
@@ -223,6 +326,12 @@ def test_helm_lint_is_clean():
     ({"registry": {"url": "ftp://models"}}, "/registry/url"),
     ({"monitoring": {"podMonitorLabels": {"a": "b,c=d"}}}, "/monitoring/podMonitorLabels"),
     ({"monitoring": {"dashboard": {"enabled": 1}}}, "/monitoring/dashboard/enabled"),
+    ({"operator": {"image": {"digest": "sha256:abc"}}}, "/operator/image/digest"),
+    ({"inference": {"image": {"digest": "latest"}}}, "/inference/image/digest"),
+    ({"rbac": {"scope": "global"}}, "/rbac/scope"),
+    ({"redis": {"auth": {"password": "hunter2"}}}, "/redis/auth/password"),
+    ({"redis": {"auth": {"password": "a password with spaces"}}}, "/redis/auth/password"),
+    ({"networkPolicy": {"enabled": "on"}}, "/networkPolicy/enabled"),
     ({"typo": True}, "typo"),
 ])
 def test_values_schema_refuses_bad_values(chart, values, where):

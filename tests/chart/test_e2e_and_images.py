@@ -9,6 +9,7 @@ import importlib.metadata
 import importlib.util
 import re
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,11 +71,28 @@ def test_the_e2e_runs_lipsync_commands_the_cli_accepts(e2e):
         parser.parse_args(command[1:])   # exits (SystemExit) on an unknown command or flag
 
 
-def test_the_e2e_script_documents_its_steps(e2e):
-    args = e2e.parse_args(["--kind", "k", "--gpu", "--keep"])
-    assert (args.kind, args.gpu, args.keep, args.namespace) == ("k", True, True, "lipsync-e2e")
-    for step in ("helm install", "helm test", "grpc", "scale up", "delete"):
-        assert step in e2e.__doc__
+def test_the_e2e_script_reports_missing_tools_and_stops(tmp_path):
+    """Without kubectl and helm: preflight fails with the reason, no cluster step runs, cleanup says why it
+    could not run, the report lists both and the exit status is 1; no traceback."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "e2e" / "run_e2e.py"), "--namespace", "e2e-test"],
+                          env={"PATH": str(empty), "HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    report = proc.stdout.split("=" * 78)[-2]
+    assert re.search(r"^FAIL .* preflight .*kubectl is not on PATH", report, re.M), report
+    assert re.search(r"^FAIL .* cleanup .*helm is not on PATH", report, re.M), report
+    assert len([line for line in report.splitlines() if line.strip()]) == 2, report
+    assert "FAILED: 0 of 2 steps without failure" in proc.stdout
+    assert "== helm install" not in proc.stdout
+
+
+def test_the_e2e_options(e2e):
+    args = e2e.parse_args(["--kind", "k", "--gpu", "--keep", "--delete-timeout", "30"])
+    assert (args.kind, args.gpu, args.keep, args.namespace, args.delete_timeout) == \
+        ("k", True, True, "lipsync-e2e", 30)
 
 
 def docker_ignored(path: str, patterns: list[str]) -> bool:

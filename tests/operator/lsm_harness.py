@@ -11,6 +11,8 @@ API-server behaviour the operator relies on (as KMock's docs suggest: inherit an
   removes the fields a manager applied before but no longer sends, unless another apply manager still
   sends them; a plain patch takes over the fields it sets (as the HPA's scale updates do);
 - DeleteOptions preconditions on uid;
+- lists carry their kind and apiVersion, and the core group's discovery says `v1` (kubectl, which
+  e2e/run_e2e.py drives, needs both);
 - admission refusals on demand (``cluster.refusals[resource] = message``), as a policy webhook would.
 
 The garbage collector (kube-controller-manager's job) runs beside it as a task that deletes, through the
@@ -234,6 +236,17 @@ class Cluster(kmock.KubernetesEmulator):
                 self._objects[key] = obj
             await self._buses[request.resource].put({"type": "ADDED", "object": self._objects[key].raw})
         return aiohttp.web.json_response(obj, status=201)
+
+    async def _serve_version(self, request: kmock.Request):
+        doc = await super()._serve_version(request)
+        doc["groupVersion"] = doc["groupVersion"].lstrip("/")   # the core group: "v1", not "/v1"
+        return doc
+
+    async def _serve_list(self, request: kmock.Request):
+        listing = await super()._serve_list(request)
+        resource = request.resource
+        api_version = f"{resource.group}/{resource.version}" if resource.group else resource.version
+        return {"apiVersion": api_version, "kind": f"{self.resources[resource].kind}List", **listing}
 
     # ----------------------------------------------------------------------------------- test helpers
 

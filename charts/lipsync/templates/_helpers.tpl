@@ -26,6 +26,11 @@ app.kubernetes.io/name: lipsync-redis
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{- define "lipsync.tests.selectorLabels" -}}
+app.kubernetes.io/name: lipsync-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{- define "lipsync.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (printf "%s-operator" (include "lipsync.fullname" .)) .Values.serviceAccount.name -}}
@@ -34,26 +39,59 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/* repository@digest when a digest is given (the tag is then ignored), else repository:tag.
+     Called with (dict "image" .Values.x.image "defaultTag" "...") */}}
+{{- define "lipsync.imageRef" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (default .defaultTag .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "lipsync.operator.image" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- include "lipsync.imageRef" (dict "image" .Values.operator.image "defaultTag" .Chart.AppVersion) -}}
 {{- end -}}
 
 {{- define "lipsync.inference.image" -}}
-{{- printf "%s:%s" .Values.inference.image.repository (default .Chart.AppVersion .Values.inference.image.tag) -}}
+{{- include "lipsync.imageRef" (dict "image" .Values.inference.image "defaultTag" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "lipsync.redis.image" -}}
+{{- include "lipsync.imageRef" (dict "image" .Values.redis.image "defaultTag" .Values.redis.image.tag) -}}
 {{- end -}}
 
 {{- define "lipsync.tests.image" -}}
 {{- if .Values.tests.image.repository -}}
-{{- printf "%s:%s" .Values.tests.image.repository (default "latest" .Values.tests.image.tag) -}}
+{{- include "lipsync.imageRef" (dict "image" .Values.tests.image "defaultTag" "latest") -}}
 {{- else -}}
 {{- include "lipsync.operator.image" . -}}
 {{- end -}}
 {{- end -}}
 
+{{/* true when the operator serves a list of namespaces (a Role in each) instead of all (a ClusterRole). */}}
+{{- define "lipsync.namespaceScoped" -}}
+{{- if and (eq .Values.rbac.scope "cluster") .Values.operator.watchNamespaces -}}
+{{- fail "operator.watchNamespaces is set but rbac.scope is cluster (all namespaces): set rbac.scope=namespace, or leave operator.watchNamespaces empty" -}}
+{{- end -}}
+{{- if eq .Values.rbac.scope "namespace" -}}true{{- end -}}
+{{- end -}}
+
+{{/* The namespaces the operator serves with rbac.scope namespace, as a JSON list (fromJsonArray). */}}
+{{- define "lipsync.watchNamespaces" -}}
+{{- default (list .Release.Namespace) .Values.operator.watchNamespaces | toJson -}}
+{{- end -}}
+
+{{/* The Secret holding the chart's Redis password (key: password). */}}
+{{- define "lipsync.redis.secretName" -}}
+{{- default (printf "%s-redis" (include "lipsync.fullname" .)) .Values.redis.auth.existingSecret -}}
+{{- end -}}
+
 {{/* The Redis every LipSyncModel without its own uses: the chart's, or an external one. */}}
 {{- define "lipsync.redis.url" -}}
 {{- if .Values.redis.enabled -}}
-{{- printf "redis://%s-redis.%s.svc:6379/0" (include "lipsync.fullname" .) .Release.Namespace -}}
+{{- /* $(VAR): the kubelet puts in the password from the Secret (the operator's env, operator-deployment.yaml) */ -}}
+{{- printf "redis://:$(LIPSYNC_OPERATOR_DEFAULT_REDIS_PASSWORD)@%s-redis.%s.svc:6379/0" (include "lipsync.fullname" .) .Release.Namespace -}}
 {{- else -}}
 {{- .Values.redis.externalUrl -}}
 {{- end -}}
