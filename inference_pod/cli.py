@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(line)
 
 
-def fail(line: str) -> int:
+def fail(message: str) -> int:
+    line = "; ".join(part.strip() for part in message.splitlines() if part.strip())  # e.g. ffmpeg's stderr
     print(f"lipsync: error: {line}", file=sys.stderr)
     return USER_ERROR
 

@@ -124,3 +124,16 @@ def test_the_console_script_prints_one_line_and_exits_non_zero(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == cli.USER_ERROR and proc.stdout == ""
     assert_one_line(proc.stderr, "--audio", "speech.wav")
+
+
+def test_a_project_error_over_several_lines_is_printed_as_one(capsys):
+    from inference_pod.errors import AudioError
+
+    assert cli.fail(str(AudioError("cannot decode audio: pipe:0: Invalid data\nOutput file is empty"))) == 2
+    assert capsys.readouterr().err == "lipsync: error: cannot decode audio: pipe:0: Invalid data; Output file is empty\n"
+
+
+def test_no_pod_at_the_target_is_one_line_with_the_fix(capsys):
+    code, err = run_cli(capsys, "client", "--target", "127.0.0.1:1", "--timeout", "10", "models")
+    assert code == 1
+    assert_one_line(err, "UNAVAILABLE", "is a pod running at 127.0.0.1:1")
