@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    # Subcommands create their parsers with argparse's plain formatter; give them ours (defaults shown).
     for _, p in walk_parsers(parser):
         if p.formatter_class is argparse.HelpFormatter:
             p.formatter_class = HelpFormatter

@@ -135,6 +135,7 @@ class Readme:
                        "https://models.example/registry": (root / "registry").as_uri(),
                        "/models": str(root / "fetched")}
         self.pod: subprocess.Popen | None = None
+        self._pod_log = None
 
     def substitute(self, code: str) -> str:
         for readme, here in self.text.items():
@@ -147,9 +148,9 @@ class Readme:
             return
         serve = next(c for b in self.blocks for c in shell_commands(b.code) if c.startswith("lipsync serve"))
         argv = lipsync_argv(self.substitute(serve), self.tokens) + ["--host", LOOPBACK]
-        log = open(self.root / "pod.log", "w")  # noqa: SIM115 - open for the pod's lifetime
+        self._pod_log = open(self.root / "pod.log", "w")  # noqa: SIM115 - open for the pod's lifetime
         self.pod = subprocess.Popen([sys.executable, "-m", "inference_pod.cli", *argv], cwd=self.root,
-                                    stdout=log, stderr=subprocess.STDOUT,
+                                    stdout=self._pod_log, stderr=subprocess.STDOUT,
                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
         deadline = time.monotonic() + 120
         with LipSyncClient(f"{LOOPBACK}:{self.grpc_port}", timeout=5) as client:
@@ -172,6 +173,7 @@ class Readme:
             except subprocess.TimeoutExpired:
                 self.pod.kill()
                 self.pod.wait()
+            self._pod_log.close()
 
 
 @pytest.fixture(scope="module")
