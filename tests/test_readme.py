@@ -25,7 +25,8 @@ builds it (``lipsync demo``'s defaults: 50 template frames, a 3 s track, so fram
 width is 4 instead of 8, for speed), a SyncTalk_2D character directory and checkpoints under
 ``SyncTalk_2D/`` (tiny ones), and ``speech.wav`` (2 s). The
 README's addresses are substituted with this test's: ``localhost:50051``/``localhost:8080`` and the serve
-ports with free loopback ports (and ``--host 127.0.0.1``), ``/srv/registry``,
+ports with free loopback ports (and ``--host 127.0.0.1``; ``LIPSYNC_TARGET`` for ``lipsync client``),
+``/srv/registry``,
 ``https://models.example/registry`` and ``/models`` with folders of the scratch directory. The package
 cache goes there too (``LIPSYNC_CACHE_DIR``).
 """
@@ -220,6 +221,7 @@ def test_readme_blocks_run_against_the_demo(readme, monkeypatch, capsys):
     monkeypatch.chdir(readme.root)
     monkeypatch.setenv("LIPSYNC_CACHE_DIR", str(readme.root / "cache"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(readme.root / "xdg-cache"))  # never the user's own cache
+    monkeypatch.setenv("LIPSYNC_TARGET", f"{LOOPBACK}:{readme.grpc_port}")  # lipsync client's default target
     ran, skipped = [], []
     for block in readme.blocks:
         if block.marker and block.marker[0] == "skip":
@@ -250,6 +252,8 @@ def _run_bash(readme: Readme, block: Block, capsys) -> None:
             readme.start_pod()
             continue
         if command.startswith("lipsync "):
+            if command.startswith("lipsync client"):
+                readme.start_pod()
             capsys.readouterr()
             code = main(lipsync_argv(command, readme.tokens))
             out, err = capsys.readouterr()
