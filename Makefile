@@ -7,11 +7,12 @@ export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path(
 
 .PHONY: setup system-deps python-deps demo test lint
 
+# nodejs runs the README's JavaScript example in tests/test_readme.py.
 system-deps:
-	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null || { \
+	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && command -v node >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  (apt-get update -qq && apt-get install -y -qq redis-server ffmpeg) >/dev/null || \
-	  (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server ffmpeg) >/dev/null; }
+	  (apt-get update -qq && apt-get install -y -qq redis-server ffmpeg nodejs) >/dev/null || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server ffmpeg nodejs) >/dev/null; }
 
 # torch first, pinned, so pip takes the local CPU build instead of pulling the CUDA one.
 python-deps:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lipsync.v1 import lipsync_pb2 as pb
@@ -84,6 +86,33 @@ def decode_frame(frame: pb.Frame):
     from inference_pod.encoding import decode_image
 
     return decode_image(frame.image, FORMAT_NAMES.get(frame.format, "jpeg"), frame.width, frame.height)
+
+
+_INT64_TYPES = frozenset({FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64})
+
+
+def message_to_dict(message) -> dict:
+    """A response as plain JSON-able data: proto field names, zero values included, and 64-bit integers as
+    numbers (protobuf's JSON mapping writes them as strings, for JavaScript's sake)."""
+    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _int64_as_numbers(message, data)
+
+
+def _int64_as_numbers(message, data: dict) -> dict:
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in data:
+            continue
+        repeated = field.is_repeated
+        if field.type in _INT64_TYPES:
+            data[field.name] = [int(v) for v in data[field.name]] if repeated else int(data[field.name])
+        elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.fields:
+            value = getattr(message, field.name)
+            if repeated:
+                data[field.name] = [_int64_as_numbers(m, d) for m, d in zip(value, data[field.name], strict=True)]
+            else:
+                data[field.name] = _int64_as_numbers(value, data[field.name])
+    return data
 
 
 def _channel_options(max_message_mb: int) -> list[tuple[str, int]]:

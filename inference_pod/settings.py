@@ -62,7 +62,8 @@ class Settings:
         "help": "seconds cached audio features live (0: off)"})
     memory_cache_mb: int = field(default=256, metadata={"help": "size of the in-process cache without Redis"})
     preload: list[str] = field(default_factory=list, metadata={
-        "help": "models to load at start (repeat, or comma-separate)", "nargs": "*", "type": str})
+        "help": "models to load at start (repeat, or comma-separate)", "nargs": "*", "type": str,
+        "metavar": "NAME"})
     api_keys_file: Path | None = field(default=None, metadata={
         "help": "file of accepted API keys, one per line; unset: no authentication", "type": _path_or_none})
     tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM), for gRPC and HTTP", "type": _path_or_none})
@@ -120,6 +121,20 @@ class Settings:
             raise InvalidInput("invalid settings: " + "; ".join(problems))
         return self
 
+    def check_paths(self) -> Settings:
+        """Refuse, at start, paths that do not exist: a pod pointed at a missing models directory would
+        otherwise start, serve nothing and say nothing. Without a registry the directory must exist; with
+        one, downloads create it."""
+        if not self.models_dir.is_dir() and not self.registry_url:
+            what = "is not a directory" if self.models_dir.exists() else "does not exist"
+            raise InvalidInput(f"--models-dir {self.models_dir} {what} — point it at your character packages "
+                               f"(or create it, or set --registry-url to download them there)")
+        for name in ("api_keys_file", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise InvalidInput(f"--{_flag(name)} {path}: no such file — check the path")
+        return self
+
     # ---------------------------------------------------------------------------------------- sources
 
     @classmethod
@@ -129,14 +144,14 @@ class Settings:
         for f in dataclasses.fields(cls):
             meta = dict(f.metadata)
             kwargs = {"dest": _DEST_PREFIX + f.name, "default": argparse.SUPPRESS,
-                      "help": f"{meta.pop('help')} (env {env_name(f.name)})"}
+                      "help": f"{meta.pop('help')} ({_default_text(f)}env {env_name(f.name)})",
+                      "metavar": meta.pop("metavar", f.name.upper())}
             if "choices" in meta:
                 kwargs["choices"] = meta.pop("choices")
                 kwargs["type"] = str.upper if f.name == "log_level" else str
+                del kwargs["metavar"]  # argparse shows the choices instead
             if "nargs" in meta:
                 kwargs.update(nargs=meta.pop("nargs"), action="extend")
-            else:
-                kwargs["metavar"] = f.name.upper()
             kwargs.setdefault("type", meta.pop("type", None) or _converter(f))
             parser.add_argument(f"--{_flag(f.name)}", **kwargs)
 
@@ -159,6 +174,14 @@ class Settings:
         if "preload" in flags:
             flags["preload"] = _names(flags["preload"])
         return cls.from_env(env, **flags)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """"default: X; " for the help line; flags' own defaults are SUPPRESS, so argparse cannot show them."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is None or default == "" or default == []:
+        return ""
+    return f"default: {default}; "
 
 
 def _flag(name: str) -> str:

@@ -87,12 +87,13 @@ def build_grid(engine: Engine, features: np.ndarray, frame_ids: list[int], *, co
 
 
 def verify(package_path: Path, out: Path, *, audio_path: Path | None = None, frames: int = 6,
-           composite: bool = False, device: str = "cpu", precision: str = "fp32") -> VerifyResult:
+           composite: bool = False, device: str = "cpu", precision: str = "fp32",
+           cache_dir: Path | None = None) -> VerifyResult:
     """Write the grid PNG for ``frames`` frames of the package's default track (or of ``audio_path``)."""
     from inference_pod.package import open_package
     from inference_pod.render import track_for
 
-    package = open_package(package_path)
+    package = open_package(package_path, cache_dir=cache_dir)
     engine = Engine.from_package(package, device=device, precision=precision, max_batch=max(1, frames))
     try:
         features = track_for(engine, audio_path, None)

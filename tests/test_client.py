@@ -118,7 +118,7 @@ def cli(pod, capsys, *args) -> tuple[int, str, str]:
 def test_cli_commands(pod, capsys, tmp_path):
     out_file = tmp_path / "one.png"
     code, out, _ = cli(pod, capsys, "frame", "demo", "4", "--format", "png", "-o", str(out_file))
-    assert code == 0 and json.loads(out)["frame_id"] == "4" and out_file.read_bytes()[:4] == b"\x89PNG"
+    assert code == 0 and json.loads(out)["frame_id"] == 4 and out_file.read_bytes()[:4] == b"\x89PNG"
 
     code, out, _ = cli(pod, capsys, "batch", "demo:0-2", "nope:1", "-o", str(tmp_path / "batch"))
     assert code == 1 and "nope:1 failed: NOT_FOUND" in out
@@ -158,6 +158,37 @@ def test_cli_reports_errors_with_the_status_code(pod, capsys):
     capsys.readouterr()
     code = main(["client", "--target", pod.target, "models"])  # no key
     assert code == 1 and "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def _digit_strings(value, where="") -> list[str]:
+    if isinstance(value, dict):
+        # versions are strings by design ("1", "2"); every other digit string is an integer printed as text
+        return [w for k, v in value.items() if k != "version" for w in _digit_strings(v, f"{where}.{k}")]
+    if isinstance(value, list):
+        return [w for i, v in enumerate(value) for w in _digit_strings(v, f"{where}[{i}]")]
+    return [where] if isinstance(value, str) and value.lstrip("-").isdigit() else []
+
+
+def test_cli_prints_integers_as_numbers(pod, capsys, tmp_path):
+    cli(pod, capsys, "frame", "demo", "3", "-o", str(tmp_path / "f.jpg"))  # so the counters are not all zero
+    for action in ("stats", "models"):
+        code, out, _ = cli(pod, capsys, action)
+        data = json.loads(out)
+        assert code == 0 and _digit_strings(data) == [], action
+    code, out, _ = cli(pod, capsys, "stats")
+    demo = next(m for m in json.loads(out)["models"] if m["name"] == "demo")
+    assert isinstance(demo["frames_generated"], int) and demo["frames_generated"] >= 1
+    assert "frames_from_cache" in demo  # zero values are printed, not left out
+    code, out, _ = cli(pod, capsys, "frame", "demo", "7", "-o", str(tmp_path / "g.jpg"))
+    assert json.loads(out)["frame_id"] == 7
+
+
+def test_cli_health_of_an_unknown_model_says_so(pod, capsys):
+    code, out, err = cli(pod, capsys, "health", "--service", "nosuch")
+    assert code == 1 and out == ""
+    line = err.strip()
+    assert "\n" not in line and line.startswith("lipsync: error: NOT_FOUND: ") and "'nosuch'" in line
+    assert line != "lipsync: error: NOT_FOUND:"
 
 
 def test_cli_rejects_malformed_batch_items(pod, capsys):

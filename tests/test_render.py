@@ -108,3 +108,50 @@ def test_render_rejects_unreadable_audio(converted, tmp_path, capsys):
     bad.write_bytes(b"RIFF....WAVEnot really")
     assert main(["render", str(converted), "--audio", str(bad), "--out", str(tmp_path / "f"), "--no-progress"]) == 2
     assert "cannot decode audio" in capsys.readouterr().err
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_leaves_the_warm_up_batch_out_of_the_rate():
+    from inference_pod.render import RenderProgress
+
+    clock = FakeClock()
+    progress = RenderProgress(total=1000, warmup_frames=16, clock=clock)
+    assert progress.describe() == "warming up" and progress.seconds_left() is None
+    clock.now = 30.0  # the first batch pays the warm-up: 30 s for 16 frames
+    progress.update(16)
+    assert progress.rate() is None and progress.describe() == "measuring"
+    for i in range(1, 85):  # then 16 frames a second
+        clock.now = 30.0 + i / 16
+        progress.update(1)
+    assert progress.rate() == pytest.approx(16.0)
+    assert progress.seconds_left() == pytest.approx(900 / 16.0)  # not 900 frames at 100 frames per 35.25 s
+    assert progress.describe() == "16.0 frame/s, 00:56 left"
+
+
+def test_progress_rate_evens_out_frames_that_finish_in_bursts():
+    from inference_pod.render import RenderProgress
+
+    clock = FakeClock()
+    progress = RenderProgress(total=64, warmup_frames=8, clock=clock)
+    clock.now = 5.0
+    progress.update(8)
+    for batch in range(1, 4):  # a batch of 8 every 2 s, its frames drained at once
+        clock.now = 5.0 + 2.0 * batch
+        for _ in range(8):
+            progress.update(1)
+    assert progress.rate() == pytest.approx(4.0) and progress.seconds_left() == pytest.approx(32 / 4.0)
+
+
+def test_render_progress_bar_shows_the_rate_after_warm_up(demo_package, tmp_path, capsys, one_torch_thread):
+    assert main(["render", str(demo_package), "--out", str(tmp_path / "f"), "--batch-size", "4",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    bar = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]
+    assert "100%" in bar and "frame/s" in bar and "left" in bar, bar
+    assert [p.name.startswith("demo-1-") for p in (tmp_path / "cache").iterdir()] == [True]  # --cache-dir

@@ -49,12 +49,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = bench.add_parser("engine", help="batched engine vs SyncTalk_2D's per-frame loop, in one run")
     p.add_argument("--package", type=Path, help="character package; default: a generated demo of --width")
     p.add_argument("--width", type=int, default=32, help="U-Net base width of the generated demo (32 = SyncTalk_2D)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
-    p.add_argument("--batch-sizes", type=_int_list, default="1,2,4,8,16,32,64")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="fp16 and bf16 are for CUDA")
+    p.add_argument("--batch-sizes", type=_int_list, default="1,2,4,8,16,32,64", help="comma-separated batch sizes")
     p.add_argument("--frames", type=int, default=64, help="frames per batch-size run")
     p.add_argument("--naive-frames", type=int, default=16, help="frames through the naive loop")
-    p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
+    p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"), help="JSON results file")
     p.set_defaults(func=run_engine)
 
     s = bench.add_parser(
@@ -84,13 +85,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--scenarios", type=_names, help=f"comma-separated subset of: {','.join(SERVICE_SCENARIOS)}")
     s.add_argument("--torch-threads", type=int, help="torch threads per process (default 1 on CPU: the client "
                                                      "and the server share the cores; 0: torch's default)")
-    s.add_argument("--server-args", type=shlex.split, help="more `lipsync serve` flags for the server it starts, "
+    s.add_argument("--server-args", type=shlex.split, help="more lipsync serve flags for the server it starts, "
                                                            "e.g. '--max-batch 4' (it always binds 127.0.0.1)")
     s.add_argument("--max-scenario-s", type=float, help="a scenario stops sending after this long (default 300)")
-    s.add_argument("--seed", type=int)
+    s.add_argument("--seed", type=int, help="seed for audio and frame choices (default: a fixed one)")
     s.add_argument("--quick", action="store_true", help="every scenario, a few frames each (a smoke run)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.add_argument("--out-dir", type=Path, default=Path("bench-results/service"))
+    s.add_argument("--out-dir", type=Path, default=Path("bench-results/service"),
+                   help="directory for service.json, service.md and service.png")
     s.set_defaults(func=run_service)
 
 

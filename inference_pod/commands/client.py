@@ -19,7 +19,10 @@ ACTIONS = ("frame", "batch", "stream", "stream-audio", "models", "load", "unload
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("client", help="call a running inference pod (every gRPC method)", description=__doc__)
+    p = sub.add_parser("client", help="call a running inference pod (every gRPC method)",
+                       description="Call every method of a running pod. Images are written to files; everything "
+                                   "else is printed as JSON. The target and API key also come from "
+                                   "LIPSYNC_TARGET and LIPSYNC_API_KEY.")
     p.add_argument("--target", default=os.environ.get("LIPSYNC_TARGET", "localhost:50051"),
                    help="host:port of the pod (env LIPSYNC_TARGET, default localhost:50051)")
     p.add_argument("--api-key", default=os.environ.get("LIPSYNC_API_KEY"), help="API key (env LIPSYNC_API_KEY)")
@@ -29,8 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ps = p.add_subparsers(dest="client_command", required=True, metavar="ACTION")
 
     def output_flags(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--format", choices=("jpeg", "png", "raw"), default="jpeg")
-        q.add_argument("--region", choices=("full", "prediction"), default="full")
+        q.add_argument("--format", choices=("jpeg", "png", "raw"), default="jpeg",
+                       help="image format (raw: BGR bytes, height x width x 3)")
+        q.add_argument("--region", choices=("full", "prediction"), default="full",
+                       help="the whole composited frame, or the model's 320x320 mouth region only")
         q.add_argument("--quality", type=int, default=0, help="JPEG quality 1..100 (default: the server's)")
 
     def audio_flags(q: argparse.ArgumentParser) -> None:
@@ -39,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--channels", type=int, default=1, help="channels of raw PCM16 audio (default 1)")
 
     q = ps.add_parser("frame", help="GenerateFrame: one frame to a file")
-    q.add_argument("model")
-    q.add_argument("frame_id", type=int)
+    q.add_argument("model", help="model (character) name")
+    q.add_argument("frame_id", type=int, help="frame number in the audio track, from 0")
     audio_flags(q)
     output_flags(q)
     q.add_argument("-o", "--out", type=Path, help="image file (default frame_<id>.<ext>)")
@@ -50,41 +55,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("items", nargs="+", help="e.g. demo:0-9 other:3")
     audio_flags(q)
     output_flags(q)
-    q.add_argument("-o", "--out-dir", type=Path, default=Path("frames"))
+    q.add_argument("-o", "--out-dir", type=Path, default=Path("frames"), help="directory for the images")
     q.set_defaults(func=run_batch)
 
     q = ps.add_parser("stream", help="StreamFrames: a range of frames to a directory")
-    q.add_argument("model")
-    q.add_argument("--first", type=int, default=0)
+    q.add_argument("model", help="model (character) name")
+    q.add_argument("--first", type=int, default=0, help="first frame")
     q.add_argument("--last", type=int, help="inclusive (default: the end of the track)")
     q.add_argument("--realtime", action="store_true", help="paced at the model's fps (or --fps)")
-    q.add_argument("--fps", type=float, default=0.0)
+    q.add_argument("--fps", type=float, default=0.0, help="pace of --realtime (0: the model's fps)")
     audio_flags(q)
     output_flags(q)
-    q.add_argument("-o", "--out-dir", type=Path, default=Path("frames"))
+    q.add_argument("-o", "--out-dir", type=Path, default=Path("frames"), help="directory for the images")
     q.set_defaults(func=run_stream)
 
     q = ps.add_parser("stream-audio", help="StreamAudio: send an audio file as live PCM chunks, save frames")
-    q.add_argument("model")
+    q.add_argument("model", help="model (character) name")
     q.add_argument("audio", type=Path, help="audio file, decoded here and streamed as 16 kHz PCM16")
     q.add_argument("--chunk-ms", type=float, default=40.0, help="chunk length (default 40 ms)")
     q.add_argument("--realtime", action="store_true", help="send chunks at the pace of the audio, like a microphone")
     output_flags(q)
-    q.add_argument("-o", "--out-dir", type=Path, default=Path("frames"))
+    q.add_argument("-o", "--out-dir", type=Path, default=Path("frames"), help="directory for the images")
     q.set_defaults(func=run_stream_audio)
 
     ps.add_parser("models", help="ListModels").set_defaults(func=run_models)
     q = ps.add_parser("load", help="LoadModel")
-    q.add_argument("name")
-    q.add_argument("--version")
+    q.add_argument("name", help="model (character) name")
+    q.add_argument("--version", help="package version (default: the local one, else the registry's latest)")
     q.set_defaults(func=run_load)
     q = ps.add_parser("unload", help="UnloadModel")
-    q.add_argument("name")
+    q.add_argument("name", help="model (character) name")
     q.set_defaults(func=run_unload)
     ps.add_parser("registry", help="ListRegistry").set_defaults(func=run_registry)
     ps.add_parser("stats", help="GetStats").set_defaults(func=run_stats)
     q = ps.add_parser("health", help="grpc.health.v1 Check: the server, or one model with --service NAME")
-    q.add_argument("--service", default="")
+    q.add_argument("--service", default="", help="a model name (default: the whole server)")
     q.set_defaults(func=run_health)
 
 
@@ -107,17 +112,18 @@ def _calling(run):
             with _client(args) as client:
                 return run(client, args) or 0
         except grpc.RpcError as exc:
-            print(f"lipsync: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            hint = (f" — is a pod running at {args.target}? (--target or LIPSYNC_TARGET)"
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE else "")
+            print(f"lipsync: error: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
             return 1
 
     return wrapper
 
 
 def _print(message_or_obj) -> None:
-    from google.protobuf.json_format import MessageToDict
+    from inference_pod.client import message_to_dict
 
-    obj = message_or_obj if isinstance(message_or_obj, (dict, list)) else MessageToDict(
-        message_or_obj, preserving_proto_field_name=True)
+    obj = message_or_obj if isinstance(message_or_obj, (dict, list)) else message_to_dict(message_or_obj)
     print(json.dumps(obj, indent=2))
 
 
@@ -135,9 +141,9 @@ def _output(args) -> dict:
 
 
 def _summary(frame) -> dict:
-    from google.protobuf.json_format import MessageToDict
+    from inference_pod.client import message_to_dict
 
-    d = MessageToDict(frame, preserving_proto_field_name=True)
+    d = message_to_dict(frame)
     d["image"] = f"{len(frame.image)} bytes"
     return d
 
@@ -244,7 +250,9 @@ def run_stream_audio(client, args) -> int:
 
 @_calling
 def run_models(client, args) -> int:
-    _print([_dict(m) for m in client.list_models()])
+    from inference_pod.client import message_to_dict
+
+    _print([message_to_dict(m) for m in client.list_models()])
     return 0
 
 
@@ -274,12 +282,16 @@ def run_stats(client, args) -> int:
 
 @_calling
 def run_health(client, args) -> int:
-    status = client.health(args.service)
+    try:
+        status = client.health(args.service)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND or exc.details():
+            raise
+        # grpc.health.v1 answers an unknown service with NOT_FOUND and no message at all
+        print(f"lipsync: error: NOT_FOUND: no model named {args.service!r} is loaded or known to the pod at "
+              f"{args.target} — 'lipsync client models' lists them", file=sys.stderr)
+        return 1
     _print({"service": args.service, "status": status})
     return 0 if status == "SERVING" else 1
 
 
-def _dict(message) -> dict:
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(message, preserving_proto_field_name=True)

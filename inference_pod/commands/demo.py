@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="demo", help="character name")
     p.add_argument("--width", type=int, default=8, help="U-Net base width (32 = SyncTalk_2D's full model)")
     p.add_argument("--frames", type=int, default=50, help="template frames to draw")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-video", action="store_true", help="PNG frames only")
     p.set_defaults(func=run)
 

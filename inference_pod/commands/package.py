@@ -25,13 +25,13 @@ def register(subparsers) -> None:
     b.add_argument("--version", default="1", help="package version (default 1)")
     b.add_argument("--mode", choices=["ave", "hubert", "wenet"],
                    help="audio mode; default: wenet if the checkpoint is one, else ave (hubert must be named)")
-    b.add_argument("--out", type=Path, required=True, metavar="FILE.zip")
+    b.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="package to write")
     b.set_defaults(func=_build)
 
     d = sub.add_parser("demo", help="build the synthetic demo character (drawn face, random weights)")
     d.add_argument("--name", default="demo", help="character name (default demo)")
     d.add_argument("--version", default="1", help="package version (default 1)")
-    d.add_argument("--out", type=Path, required=True, metavar="FILE.zip")
+    d.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="package to write")
     d.add_argument("--width", type=int, default=8, help="U-Net base width (default 8; SyncTalk_2D's is 32)")
     d.add_argument("--frames", type=int, default=50, help="template frames (default 50)")
     d.add_argument("--size", type=_size, default=(256, 256), metavar="WxH", help="frame size (default 256x256)")
@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     v.set_defaults(func=_verify)
 
     pub = sub.add_parser("publish", help="add a package to a file-system registry")
-    pub.add_argument("package", type=Path, metavar="FILE")
+    pub.add_argument("package", type=Path, metavar="FILE", help="package zip")
     pub.add_argument("--registry", type=Path, required=True, metavar="DIR", help="registry directory")
     pub.add_argument("--base-url", help="URL the registry directory is served at (for the index)")
     pub.set_defaults(func=_publish)

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from inference_pod.engine import PRECISIONS
+
+CACHE_DIR_ENV = "LIPSYNC_CACHE_DIR"
+
+
+def add_cache_dir_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", type=Path, default=os.environ.get(CACHE_DIR_ENV) or None,
+                   help=f"where package zips are extracted, once per version (env {CACHE_DIR_ENV}; default: "
+                        "$XDG_CACHE_HOME/lipsync/packages, i.e. ~/.cache/lipsync/packages)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,18 +25,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="directory for frame_NNNNNN.png")
     p.add_argument("--video", type=Path, help="also write an mp4 with the audio muxed in (needs ffmpeg)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                   help="fp32 is SyncTalk_2D's exact arithmetic; fp16 and bf16 are for CUDA")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per network call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_cache_dir_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from inference_pod.cli import require_files
     from inference_pod.engine import Engine
     from inference_pod.package import open_package
     from inference_pod.render import render, track_for
 
-    package = open_package(args.package)
+    require_files(args.package, args.audio, args.features)  # before the model load, not after
+    package = open_package(args.package, cache_dir=args.cache_dir)
     engine = Engine.from_package(package, device=args.device, precision=args.precision, max_batch=args.batch_size)
     features = track_for(engine, args.audio, args.features)
     audio_path = args.audio if args.audio is not None else package.default_audio_path()

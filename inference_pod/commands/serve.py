@@ -1,7 +1,4 @@
-"""``lipsync serve``: run an inference pod (gRPC API, health, reflection, Prometheus metrics, HTTP gateway).
-
-Every flag also reads ``LIPSYNC_<FLAG>`` (e.g. ``LIPSYNC_REDIS_URL``); flags win over the environment.
-"""
+"""``lipsync serve``: run an inference pod (gRPC API, health, reflection, Prometheus metrics, HTTP gateway)."""
 
 from __future__ import annotations
 
@@ -14,13 +11,15 @@ from inference_pod.settings import Settings
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the inference pod's gRPC server and HTTP gateway",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Run an inference pod: the gRPC API with health and reflection, Prometheus "
+                                   "metrics and the HTTP gateway (REST and WebSocket). Every flag also reads "
+                                   "LIPSYNC_<FLAG> (e.g. LIPSYNC_REDIS_URL); flags win over the environment.")
     Settings.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = Settings.from_args(args)
+    settings = Settings.from_args(args).check_paths()
     logging.getLogger().setLevel(settings.log_level)
     from inference_pod.server import LipSyncServer
 

@@ -1,0 +1,139 @@
+"""The ``lipsync`` command line as a user meets it: help texts, and one clear line for each mistake."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from inference_pod import cli
+
+
+def _options(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+            continue
+        yield action
+
+
+def test_every_option_of_every_command_has_help_without_backticks():
+    missing, backticks = [], []
+    for prog, parser in cli.walk_parsers(cli.build_parser()):
+        if "`" in (parser.description or ""):
+            backticks.append(f"{prog} (description)")
+        for action in _options(parser):
+            name = f"{prog} {'/'.join(action.option_strings) or action.dest}"
+            if not action.help:
+                missing.append(name)
+            elif "`" in action.help:
+                backticks.append(name)
+        if "`" in parser.format_help():
+            backticks.append(f"{prog} --help")
+    assert not missing, f"options without help: {missing}"
+    assert not backticks, f"help with reStructuredText backticks: {backticks}"
+
+
+def test_help_shows_defaults_and_metavars():
+    parsers = dict(cli.walk_parsers(cli.build_parser()))
+    serve = " ".join(parsers["lipsync serve"].format_help().split())
+    assert "SETTING_PRELOAD" not in serve and "--preload [NAME ...]" in serve
+    assert "default: 50051" in serve and "default: 32" in serve and "env LIPSYNC_MAX_BATCH" in serve
+    render = " ".join(parsers["lipsync render"].format_help().split())
+    assert "(default: 16)" in render and "(default: fp32)" in render
+    # every option with a default says it, once
+    for prog, parser in parsers.items():
+        text = " ".join(parser.format_help().split())
+        for action in _options(parser):
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in action.help or f"(default: {action.default})" in text, (prog, action.dest)
+
+
+# ------------------------------------------------------------------------------------ mistakes, one line
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    code = cli.main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def assert_one_line(err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lipsync: error: ") and " — " in lines[0], err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["render", "{package}", "--audio", "{missing}", "--out", "{tmp}/frames"], "--audio"),
+    (["render", "{package}", "--features", "{missing}", "--out", "{tmp}/frames"], "--features"),
+    (["render", "{missing}", "--out", "{tmp}/frames"], "PACKAGE"),
+    (["verify", "{package}", "--audio", "{missing}", "--out", "{tmp}/grid.png"], "--audio"),
+    (["client", "--target", "127.0.0.1:1", "frame", "demo", "0", "--audio", "{missing}"], "--audio"),
+    (["client", "--target", "127.0.0.1:1", "batch", "demo:0", "--audio", "{missing}"], "--audio"),
+    (["client", "--target", "127.0.0.1:1", "stream", "demo", "--audio", "{missing}"], "--audio"),
+    (["client", "--target", "127.0.0.1:1", "stream-audio", "demo", "{missing}"], "AUDIO"),
+], ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else v)
+def test_a_missing_input_file_is_one_line_naming_it(argv, flag, demo_package, tmp_path, capsys):
+    missing = tmp_path / "no-such-speech.wav"
+    argv = [a.format(package=demo_package, missing=missing, tmp=tmp_path) for a in argv]
+    code, err = run_cli(capsys, *argv)
+    assert code == cli.USER_ERROR
+    assert_one_line(err, flag, str(missing), "no such file")
+    assert not (tmp_path / "frames").exists()  # refused before any work
+
+
+def test_an_unwritable_output_is_one_line(demo_package, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code, err = run_cli(capsys, "render", str(demo_package), "--out", str(blocker / "frames"), "--no-progress",
+                        "--cache-dir", str(tmp_path / "cache"))
+    assert code == cli.USER_ERROR
+    assert_one_line(err, "--out", str(blocker / "frames"))
+
+
+def test_an_os_error_elsewhere_is_a_bug_and_keeps_its_traceback(tmp_path):
+    parser = cli.build_parser()
+    args = parser.parse_args(["render", str(tmp_path / "p.zip"), "--audio", str(tmp_path / "a.wav"),
+                              "--out", str(tmp_path / "out")])
+    given = FileNotFoundError(2, "No such file or directory", str(tmp_path / "a.wav"))
+    inside = PermissionError(13, "Permission denied", str(tmp_path / "out" / "frame_000000.png"))
+    elsewhere = FileNotFoundError(2, "No such file or directory", "/usr/lib/some-library.so")
+    assert cli._path_error(parser, args, given).startswith(f"--audio {tmp_path / 'a.wav'}: no such file")
+    assert "--out" in cli._path_error(parser, args, inside) and "permission denied" in cli._path_error(
+        parser, args, inside)
+    assert cli._path_error(parser, args, elsewhere) is None
+    assert cli._path_error(parser, args, OSError("no filename")) is None
+
+
+def test_serve_refuses_a_models_dir_that_does_not_exist(tmp_path):
+    # a process with a timeout: a pod that accepts the directory would serve (nothing) until stopped
+    proc = subprocess.run([sys.executable, "-m", "inference_pod.cli", "serve", "--models-dir", str(tmp_path / "modles"),
+                           "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--http-port", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == cli.USER_ERROR
+    assert_one_line(proc.stderr, "--models-dir", str(tmp_path / "modles"), "does not exist")
+
+
+def test_the_console_script_prints_one_line_and_exits_non_zero(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "inference_pod.cli", "client", "--target", "127.0.0.1:1",
+                           "frame", "demo", "0", "--audio", str(tmp_path / "speech.wav")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == cli.USER_ERROR and proc.stdout == ""
+    assert_one_line(proc.stderr, "--audio", "speech.wav")
+
+
+def test_a_project_error_over_several_lines_is_printed_as_one(capsys):
+    from inference_pod.errors import AudioError
+
+    assert cli.fail(str(AudioError("cannot decode audio: pipe:0: Invalid data\nOutput file is empty"))) == 2
+    assert capsys.readouterr().err == "lipsync: error: cannot decode audio: pipe:0: Invalid data; Output file is empty\n"
+
+
+def test_no_pod_at_the_target_is_one_line_with_the_fix(capsys):
+    code, err = run_cli(capsys, "client", "--target", "127.0.0.1:1", "--timeout", "10", "models")
+    assert code == 1
+    assert_one_line(err, "UNAVAILABLE", "is a pod running at 127.0.0.1:1")
