@@ -26,9 +26,11 @@ COPY --from=build /wheels /wheels
 RUN pip install /wheels/*.whl \
  && rm -rf /wheels \
  && python -c "import torch, inference_pod, lipsync.v1.lipsync_pb2_grpc" \
- && lipsync --help >/dev/null
+ && lipsync --help >/dev/null \
+ && mkdir -p /models && chown 10001:10001 /models
 
-# Non-root, as the operator's pods require (runAsNonRoot, runAsUser 10001); /models and /tmp are volumes.
+# Non-root, as the operator's pods require (runAsNonRoot, runAsUser 10001); /models and /tmp are volumes there.
+# /models exists in the image too, so a bare `docker run` starts (serve refuses a --models-dir that is missing).
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 50051 8080 9090
