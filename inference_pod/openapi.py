@@ -10,17 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 from inference_pod.encoding import FORMATS, REGIONS
+from inference_pod.package import IDENTIFIER
 
-ERROR_CODES = ["INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
-               "UNIMPLEMENTED", "INTERNAL"]
+ERROR_CODES = ["INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
+               "UNAVAILABLE", "UNIMPLEMENTED", "INTERNAL"]
+# Model names and versions: the validator's own pattern (package.IDENTIFIER), so the schema accepts exactly
+# what the server does. ECMA-262's ``$`` matches only at the very end, as ``fullmatch`` does.
+NAME = {"type": "string", "pattern": f"^{IDENTIFIER.pattern}$", "minLength": 1, "maxLength": 63}
+# Standard base64 (line breaks allowed) or a data: URL; never empty (leave the field out instead).
+BASE64_TEXT = r"^(data:[^,]*;base64,)?[A-Za-z0-9+/=\s]+$"
 ERROR_STATUSES = {
     "400": "Bad input: JSON, field types, model name, frame id, audio, output options (code INVALID_ARGUMENT)",
     "401": "No valid API key (code UNAUTHENTICATED)",
     "404": "Unknown model (code NOT_FOUND)",
+    "409": "The server is not set up for this: no model registry is configured (code FAILED_PRECONDITION)",
     "413": "Body over --max-message-mb (code RESOURCE_EXHAUSTED)",
     "429": "The model's queue is full: back off and retry (code RESOURCE_EXHAUSTED)",
     "500": "A bug (code INTERNAL)",
-    "503": "Draining, or the registry cannot be reached / is not configured (code UNAVAILABLE)",
+    "503": "Draining, or the registry cannot be reached (code UNAVAILABLE)",
 }
 OPEN: list = []  # security requirement of the routes that need no key
 
@@ -53,6 +60,7 @@ def _str(description: str = "", **extra) -> dict:
 
 BOOL = {"type": "boolean"}
 BASE64 = {"type": "string", "contentEncoding": "base64"}
+AUDIO_BASE64 = {**BASE64, "minLength": 1, "pattern": BASE64_TEXT}
 
 
 def _schemas(max_batch_items: int) -> dict[str, Any]:
@@ -64,10 +72,10 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
                                   "network's 320x320 output (paste it at crop_box yourself)"},
         "jpeg_quality": _int("1..100", minimum=1, maximum=100, default=90),
     }
-    audio_override = {**BASE64, "description": "an audio file's bytes (WAV, FLAC, OGG, MP3 ...), base64 or a "
+    audio_override = {**AUDIO_BASE64, "description": "an audio file's bytes (WAV, FLAC, OGG, MP3 ...), base64 or a "
                                                "data: URL; omitted or null: the model's default track"}
     frame_request_fields = {
-        "model_name": _str("character model", pattern="^[a-z0-9][a-z0-9._-]{0,62}$"),
+        "model_name": {**NAME, "description": "character model"},
         "frame_id": _int("frame of the audio track (25 fps), from 0", minimum=0),
         "audio_override": {"anyOf": [audio_override, {"type": "null"}]},
         **output_fields,
@@ -90,7 +98,11 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
         "name": _str(), "version": _str(),
         "state": {"type": "string", "enum": ["loaded", "available", "unspecified"]},
         "location": _str("memory, store or zip"), "audio_mode": _str(), "fps": _int(),
-        "frame_count": _int("template frames"), "default_track_frames": _int(), "memory_bytes": _int(),
+        "frame_count": _int("template frames in the package: the video loop the mouth is painted on (played "
+                            "ping-pong, so any frame_id has a template)"),
+        "default_track_frames": _int("frames of the model's default audio track: without audio_override, valid "
+                                     "frame_ids are 0..default_track_frames-1 (0 until the model is loaded)"),
+        "memory_bytes": _int(),
         "queue_depth": _int(), "idle_seconds": _num()})
     error = obj({"success": {"const": False}, "error": _str("what went wrong"),
                  "code": {"type": "string", "enum": ERROR_CODES, "description": "the gRPC status name"}})
@@ -107,14 +119,16 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
             "models_available": {"type": "array", "items": _str(), "description": "packages on local disk"},
             "cache_backend": {"type": "string", "enum": ["memory", "redis"]},
             "registry_url": {"type": ["string", "null"]}, "api_keys_required": BOOL,
+            "health_requires_key": {"type": "boolean", "description": "per-model gRPC health needs a key"},
             "websocket_connections": _int(),
-            "ports": obj({"grpc": _int(), "http": _int(), "metrics": nullable_int})}),
+            "ports": obj({"grpc": _int(), "http": nullable_int, "metrics": nullable_int})}),
         "Stats": obj({
             "success": BOOL, "server_version": _str(), "uptime_seconds": _num(), "inflight_requests": _int(),
             "draining": BOOL, "device": _str(), "precision": _str(), "max_batch": _int(),
             "models": {"type": "array", "items": obj({
-                "name": _str(), "version": _str(), "queue_depth": _int(), "frames_generated": _int(),
-                "frames_from_cache": _int(), "batches": _int(), "mean_batch_size": _num()})},
+                "name": _str(), "version": _str(), "queue_depth": _int(), "frames_generated": _int("by the model, since it was loaded"),
+                "frames_from_cache": _int("since it was loaded"), "batches": _int("since it was loaded"),
+                "mean_batch_size": _num()})},
             "cache": obj({"backend": _str(), "hits": _int(), "misses": _int(), "errors": _int(),
                           "bypassed": _int()}),
             "models_resident": _int(), "memory_budget_bytes": _int("0: unlimited"),
@@ -153,7 +167,7 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
         "WsStreamRequest": obj({
             "type": {"const": "stream"}, **ws_common, "model_name": frame_request_fields["model_name"],
             "first": _int("first frame", minimum=0, default=0),
-            "last": {"type": ["integer", "null"], "description": "last frame, inclusive; null: end of track"},
+            "last": {"type": ["integer", "null"], "minimum": 0, "description": "last frame, inclusive; null: end of track"},
             "realtime": {"type": "boolean", "default": False, "description": "pace frames at fps"},
             "fps": {"type": "number", "minimum": 0, "default": 0, "description": "0: the model's fps"},
             "audio_override": frame_request_fields["audio_override"], **output_fields},
@@ -193,11 +207,14 @@ def _operation(operation_id: str, summary: str, ok: dict, errors: tuple[str, ...
     return op
 
 
-def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
-    authed = ("401",)
-    scoped = ("401", "503")  # refused while draining
-    frame_errors = ("400", "401", "404", "413", "429", "500", "503")
-    return {
+def openapi_document(version: str, max_batch_items: int, *, keys_required: bool) -> dict[str, Any]:
+    """The document of a pod as it runs: with ``keys_required`` (--api-keys-file), every route but /health,
+    /metrics and /openapi.json declares API-key security and a 401; without, none does."""
+    authed = ("401",) if keys_required else ()
+    scoped = (*authed, "503")  # refused while draining
+    frame_errors = ("400", *authed, "404", "413", "429", "500", "503")
+    registry_errors = (*scoped, "409")
+    document = {
         "openapi": "3.1.0",
         "info": {
             "title": "SyncTalk_2D lip-sync inference pod: HTTP gateway",
@@ -207,7 +224,6 @@ def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
                            "{success: false, error, code} where code is the gRPC status name.",
         },
         "servers": [{"url": "/"}],
-        "security": [{"ApiKeyHeader": []}, {"BearerAuth": []}],
         "paths": {
             "/health": {"get": {
                 "operationId": "health", "summary": "200 while serving, 503 while starting (preloading) or draining",
@@ -229,19 +245,20 @@ def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
                                           _json("Models", "models"), scoped)},
             "/models/registry": {"get": _operation(
                 "listRegistry", "the packages in the model registry", _json("Registry", "registry listing"),
-                scoped)},
+                registry_errors)},
             "/models/download": {"post": _operation(
                 "downloadModel", "make the registry's newest (or the given) version of a model resident",
-                _json("Download", "loaded"), ("400", "401", "404", "503"),
+                _json("Download", "loaded"), ("400", "404", *registry_errors),
                 parameters=[
-                    {"name": "model_name", "in": "query", "required": True, "schema": {"type": "string"}},
-                    {"name": "version", "in": "query", "required": False, "schema": {"type": "string"}}])},
+                    {"name": "model_name", "in": "query", "required": True, "schema": NAME},
+                    {"name": "version", "in": "query", "required": False, "schema": NAME,
+                     "description": "leave it out for the registry's newest version"}])},
             "/generate/frame": {"post": _operation(
                 "generateFrame", "one frame", _json("Frame", "the frame"), frame_errors,
                 requestBody={"required": True, "content": {"application/json": {"schema": ref("FrameRequest")}}})},
             "/generate/batch": {"post": _operation(
                 "generateBatch", "many frames; a failing item fails alone (its result holds the error)",
-                _json("BatchResponse", "one result per request"), ("400", "401", "413", "500", "503"),
+                _json("BatchResponse", "one result per request"), ("400", *authed, "413", "500", "503"),
                 requestBody={"required": True, "content": {"application/json": {"schema": ref("BatchRequest")}}})},
             "/ws": {"get": {
                 "operationId": "websocket",
@@ -250,8 +267,7 @@ def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
                                "audio session. Each operation answers frame messages and, for streams and "
                                "audio, an end message; a failed operation answers an error message and the "
                                "socket stays open. A message over --max-message-mb closes the socket (1009).",
-                "security": [{"ApiKeyHeader": []}, {"BearerAuth": []}, {"ApiKeyQuery": []}],
-                "responses": {"101": {"description": "switching protocols"}, **_errors("400", "401", "503")},
+                "responses": {"101": {"description": "switching protocols"}, **_errors("400", *authed, "503")},
                 "x-websocket-messages": {
                     "client": [ref(n) for n in ("WsFrameRequest", "WsStreamRequest", "WsAudioStart", "WsAudioEnd",
                                                 "WsPing")],
@@ -261,12 +277,16 @@ def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
         "components": {
             "schemas": _schemas(max_batch_items),
             "responses": {f"E{status}": _json("Error", text) for status, text in ERROR_STATUSES.items()},
-            "securitySchemes": {
-                "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
-                                 "description": "needed only when the server runs with --api-keys-file"},
-                "BearerAuth": {"type": "http", "scheme": "bearer"},
-                "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key",
-                                "description": "/ws only: browsers cannot set headers on a WebSocket"},
-            },
         },
     }
+    if keys_required:
+        document["security"] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
+        document["paths"]["/ws"]["get"]["security"] = [{"ApiKeyHeader": []}, {"BearerAuth": []},
+                                                       {"ApiKeyQuery": []}]
+        document["components"]["securitySchemes"] = {
+            "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "BearerAuth": {"type": "http", "scheme": "bearer"},
+            "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key",
+                            "description": "/ws only: browsers cannot set headers on a WebSocket"},
+        }
+    return document

@@ -69,6 +69,16 @@ class AudioInput:
         return audio.decode_audio(self.data)
 
 
+@dataclass(frozen=True)
+class FrameRequest:
+    """One frame asked for, as every front door reads it (GenerateFrame, a batch item, a /ws frame)."""
+
+    model: str
+    frame_id: int
+    audio: AudioInput | None
+    output: OutputSpec
+
+
 @dataclass
 class Track:
     """The padded features a request's frames index, and how they are named in the frame cache."""

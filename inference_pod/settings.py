@@ -65,6 +65,9 @@ class Settings:
         "help": "models to load at start (repeat, or comma-separate)", "nargs": "*", "type": str})
     api_keys_file: Path | None = field(default=None, metadata={
         "help": "file of accepted API keys, one per line; unset: no authentication", "type": _path_or_none})
+    health_requires_key: bool = field(default=False, metadata={
+        "help": "with API keys, a model's gRPC health (Health.Check service=NAME) needs a key too; the pod's own "
+                "health (service \"\") stays open for probes"})
     tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM), for gRPC and HTTP", "type": _path_or_none})
     tls_key: Path | None = field(default=None, metadata={"help": "TLS private key (PEM)", "type": _path_or_none})
     max_message_mb: int = field(default=64, metadata={

@@ -40,8 +40,9 @@ from inference_pod.encoding import decode_image
 from inference_pod.engine import Engine
 from inference_pod.errors import Unavailable
 from inference_pod.package import open_package
+from inference_pod.pod import MAX_BATCH_ITEMS
+from inference_pod.pod import Pod as InferencePod
 from inference_pod.registry import publish
-from inference_pod.server import MAX_BATCH_ITEMS, LipSyncServer
 from inference_pod.settings import Settings
 from lipsync.v1 import lipsync_pb2 as pb
 from lipsync.v1 import lipsync_pb2_grpc as pb_grpc
@@ -63,7 +64,7 @@ def settings_for(models_dir: Path, **overrides) -> Settings:
 
 @dataclass
 class Pod:
-    server: LipSyncServer
+    server: InferencePod
     url: str  # http://127.0.0.1:PORT
     http: aiohttp.ClientSession  # sends the API key
     anon: aiohttp.ClientSession  # sends none
@@ -87,7 +88,7 @@ class Pod:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings):
-    server = await LipSyncServer(settings).start()
+    server = await InferencePod(settings).start()
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}",
                                         options=[("grpc.max_receive_message_length", 64 << 20)])
     http = aiohttp.ClientSession(headers={"X-API-Key": KEY})
@@ -287,7 +288,7 @@ BAD_FRAME_REQUESTS = [
     ({"model_name": "demo", "frame_id": 1, "audio": "UklGRg=="}, 400, "unknown field(s) in a frame request: audio"),
     ({"model_name": "demo", "frame_id": 1, "audio_override": "***"}, 400, "not valid base64"),
     ({"model_name": "demo", "frame_id": 1, "audio_override": 12}, 400, "'audio_override' must be a string"),
-    ({"model_name": "demo", "frame_id": 1, "audio_override": ""}, 400, "audio is empty"),
+    ({"model_name": "demo", "frame_id": 1, "audio_override": ""}, 400, "'audio_override' is empty"),
     ({"model_name": "demo", "frame_id": 1, "audio_override": b64(b"definitely not audio")}, 400, "audio"),
     ({"model_name": "demo", "frame_id": 0, "audio_override": b64(wav_bytes(b"\0\0" * 100))}, 400, "too short"),
     ({"model_name": "nobody", "frame_id": 0}, 404, "nobody"),
@@ -357,27 +358,25 @@ async def test_generate_batch(pod, spec):
     await pod.server.store.unload("twin")
     requests = [{"model_name": "demo", "frame_id": i, **RAW_PREDICTION} for i in range(11, 17)]
     requests[2:2] = [{"model_name": "nobody", "frame_id": 0}]
-    requests[4:4] = [{"model_name": "demo", "frame_id": -3}]
-    requests += [{"model_name": "twin", "frame_id": 1}, "not an object", {"model_name": "demo"},
-                 {"model_name": "demo", "frame_id": 11, **RAW_PREDICTION}]
+    requests[4:4] = [{"model_name": "demo", "frame_id": 10_000}]
+    requests += [{"model_name": "twin", "frame_id": 1}, {"model_name": "demo", "frame_id": 11, **RAW_PREDICTION}]
     status, reply = await pod.call("POST", "/generate/batch", json={"requests": requests})
     assert status == 200
     conforms(spec, "BatchResponse", reply)
     results = reply["results"]
-    assert list(results) == ["demo_11", "demo_12", "nobody_0", "demo_13", "demo_-3", "demo_14", "demo_15",
-                             "demo_16", "twin_1", "item_9", "item_10", "demo_11#2"]
+    assert list(results) == ["demo_11", "demo_12", "nobody_0", "demo_13", "demo_10000", "demo_14", "demo_15",
+                             "demo_16", "twin_1", "demo_11#2"]
     assert [r["index"] for r in results.values()] == list(range(len(requests)))
     assert [r["success"] for r in results.values()] == [True, True, False, True, False, True, True, True, True,
-                                                        False, False, True]
+                                                        True]
     assert results["nobody_0"]["code"] == "NOT_FOUND" and "nobody" in results["nobody_0"]["error"]
-    assert results["demo_-3"]["code"] == "INVALID_ARGUMENT" and results["demo_-3"]["frame_id"] == -3
-    assert "must be a JSON object" in results["item_9"]["error"]
-    assert "'frame_id' is required" in results["item_10"]["error"]
+    assert results["demo_10000"]["code"] == "INVALID_ARGUMENT" and results["demo_10000"]["frame_id"] == 10_000
+    assert "outside the track" in results["demo_10000"]["error"]
     frames = [r for r in results.values() if r["success"]]
     assert [f["frame_id"] for f in frames] == [11, 12, 13, 14, 15, 16, 1, 11]
     assert max(f["timings"]["batch_size"] for f in frames) > 1  # the items went to the device together
     assert results["twin_1"]["auto_loaded"] and not results["demo_12"]["auto_loaded"]
-    assert (reply["total_requests"], reply["processed_count"], reply["failed_count"]) == (12, 8, 4)
+    assert (reply["total_requests"], reply["processed_count"], reply["failed_count"]) == (10, 8, 2)
     assert reply["auto_loaded_models"] == ["twin"] and reply["success"] is False
     assert reply["cached_count"] == sum(f["from_cache"] for f in frames) >= 1  # demo_11#2 at least
     # The same frame through /generate/frame: the batch cached it.
@@ -394,6 +393,12 @@ async def test_generate_batch(pod, spec):
     ({"requests": {"model_name": "demo"}}, "'requests' must be an array"),
     ({}, "'requests' is required"),
     ({"requests": [], "format": "png"}, "unknown field(s) in a batch request: format"),
+    # Items the schema refuses fail the whole request, naming the item, before any work is done.
+    ({"requests": [{"model_name": "demo", "frame_id": 0}, "not an object"]}, "requests[1] must be a JSON object"),
+    ({"requests": [{"model_name": "demo"}]}, "requests[0]: 'frame_id' is required"),
+    ({"requests": [{"model_name": "demo", "frame_id": -3}]}, "requests[0]: 'frame_id' must be 0 or more"),
+    ({"requests": [{"model_name": "demo", "frame_id": 0, "colour": 1}]}, "requests[0]: unknown field(s)"),
+    ({"requests": [{"model_name": "Demo!", "frame_id": 0}]}, "requests[0]: model name 'Demo!' is not valid"),
     ({"requests": [{}] * (MAX_BATCH_ITEMS + 1)}, f"at most {MAX_BATCH_ITEMS}"),
     (b"{", "not valid JSON"),
 ])
@@ -636,7 +641,7 @@ async def test_queue_limits_and_a_pod_without_registry(tmp_path):
         assert rejected[0]["code"] == "RESOURCE_EXHAUSTED" and "retry" in rejected[0]["error"]
         for path, method in [("/models/registry", "GET"), ("/models/download?model_name=demo", "POST")]:
             status, reply = await pod.call(method, path)
-            assert (status, reply["code"]) == (503, "UNAVAILABLE") and "--registry-url" in reply["error"]
+            assert (status, reply["code"]) == (409, "FAILED_PRECONDITION") and "--registry-url" in reply["error"]
 
 
 async def test_unreachable_registry_is_unavailable(tmp_path):
@@ -698,7 +703,7 @@ async def test_tls(tmp_path):
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await LipSyncServer(settings_for(models, tls_cert=cert, tls_key=key)).start()
+    server = await InferencePod(settings_for(models, tls_cert=cert, tls_key=key)).start()
     trusted = ssl.create_default_context(cafile=str(cert))
     url = f"{LOOPBACK}:{server.gateway.port}"
     try:
@@ -718,7 +723,7 @@ async def test_tls(tmp_path):
 
 async def test_http_port_zero_disables_the_gateway_and_a_taken_port_is_an_error(tmp_path):
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await LipSyncServer(settings_for(models, http_port=0)).start()
+    server = await InferencePod(settings_for(models, http_port=0)).start()
     try:
         assert server.gateway is None
         async with grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}") as channel:
@@ -729,7 +734,7 @@ async def test_http_port_zero_disables_the_gateway_and_a_taken_port_is_an_error(
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))
         taken.listen()
-        server = LipSyncServer(settings_for(models, http_port=taken.getsockname()[1]))
+        server = InferencePod(settings_for(models, http_port=taken.getsockname()[1]))
         with pytest.raises(Unavailable, match=r"cannot listen on .*\(HTTP gateway\).*in use"):
             await server.start()
         await server.stop(grace_s=0)

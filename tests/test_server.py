@@ -31,8 +31,8 @@ from inference_pod.encoding import decode_image
 from inference_pod.engine import Engine
 from inference_pod.package import open_package
 from inference_pod.pipeline import AudioInput
+from inference_pod.pod import Pod
 from inference_pod.registry import publish
-from inference_pod.server import LipSyncServer
 from inference_pod.settings import Settings
 from lipsync.v1 import lipsync_pb2 as pb
 from lipsync.v1 import lipsync_pb2_grpc as pb_grpc
@@ -54,7 +54,7 @@ def settings_for(models_dir: Path, **overrides) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings):
-    server = await LipSyncServer(settings).start()
+    server = await Pod(settings).start()
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}", options=CHANNEL_OPTIONS)
     try:
         yield server, pb_grpc.LipSyncStub(channel), health_pb2_grpc.HealthStub(channel)
@@ -441,7 +441,7 @@ async def test_full_queues_are_resource_exhausted(tmp_path):
 
 async def test_graceful_shutdown(tmp_path):
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await LipSyncServer(settings_for(models, preload=["demo"])).start()
+    server = await Pod(settings_for(models, preload=["demo"])).start()
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}")
     stub, health = pb_grpc.LipSyncStub(channel), health_pb2_grpc.HealthStub(channel)
     stream = stub.StreamFrames(pb.StreamFramesRequest(model="demo", first_frame=0, last_frame=9, realtime=True,
@@ -581,7 +581,7 @@ async def test_tls_and_preload(tmp_path):
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await LipSyncServer(settings_for(models, tls_cert=cert, tls_key=key, preload=["demo"])).start()
+    server = await Pod(settings_for(models, tls_cert=cert, tls_key=key, preload=["demo"])).start()
     try:
         assert [m.name for m in server.store.resident] == ["demo"]  # loaded before the first request
         credentials = grpc.ssl_channel_credentials(cert.read_bytes())
