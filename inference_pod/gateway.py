@@ -106,6 +106,31 @@ def endpoint(method: str, *, scoped: bool = True) -> Callable[[Handler], Handler
     return wrap
 
 
+class LingeringWebSocket(web.WebSocketResponse):
+    """A WebSocket whose close 1009 (a message over --max-message-mb) reaches a peer still sending.
+
+    aiohttp refuses the message from its header, sends the close frame and closes the TCP connection at
+    once; the peer, still writing the rest of its message, then gets a reset instead of the close frame. Here
+    the connection stays open (the rest of the message is read and dropped: the protocol stops parsing after
+    the error) until the peer closes it or WS_CLOSE_TIMEOUT_S passes. Uses aiohttp's private close hook, so
+    tests/test_gateway.py checks it against the installed aiohttp.
+    """
+
+    def _set_code_close_transport(self, code: WSCloseCode) -> None:
+        if self._close_code != WSCloseCode.MESSAGE_TOO_BIG:
+            super()._set_code_close_transport(code)
+
+    async def linger(self, request: web.Request) -> None:
+        """After a 1009: wait for the peer to close the connection (bounded), then close it ourselves."""
+        if self.close_code != WSCloseCode.MESSAGE_TOO_BIG or request.transport is None:
+            return
+        transport = request.transport
+        deadline = time.monotonic() + WS_CLOSE_TIMEOUT_S
+        while not transport.is_closing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        transport.close()
+
+
 class HttpGateway:
     """Built and started by the Pod, which stops it after its in-flight calls are done."""
 
@@ -153,7 +178,7 @@ class HttpGateway:
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
-            raise Unavailable(f"cannot listen on {s.host}:{s.http_port} (HTTP gateway): {exc}") from None
+            raise Unavailable(f"cannot listen on {s.host}:{s.http_port} (HTTP gateway, --http-port): {exc}") from None
         self.port = self._runner.addresses[0][1]
         log.info("HTTP gateway on %s://%s:%d", "https" if ssl_context else "http", s.host, self.port)
         return self
@@ -325,14 +350,15 @@ class HttpGateway:
         if self.pod.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
         # No per-message compression: frames are JPEG/PNG already, and deflate would cost loop time per frame.
-        ws = web.WebSocketResponse(max_msg_size=self.max_body_bytes, heartbeat=WS_HEARTBEAT_S,
-                                   timeout=WS_CLOSE_TIMEOUT_S, compress=False)
+        ws = LingeringWebSocket(max_msg_size=self.max_body_bytes, heartbeat=WS_HEARTBEAT_S,
+                                timeout=WS_CLOSE_TIMEOUT_S, compress=False)
         if not ws.can_prepare(request).ok:
             raise InvalidInput("/ws is a WebSocket endpoint: connect with a WebSocket client (ws:// or wss://)")
         await ws.prepare(request)
         self.sockets.add(ws)
         try:
             await WebSocketSession(self, ws, key).run()
+            await ws.linger(request)
         finally:
             self.sockets.discard(ws)
         return ws

@@ -19,7 +19,6 @@ from google.protobuf.message import Message
 
 from inference_pod.encoding import DEFAULT_JPEG_QUALITY, OutputSpec
 from inference_pod.errors import InvalidInput, clip
-from inference_pod.model_store import check_model_name
 from inference_pod.pipeline import AudioInput, FrameRequest, FrameResult
 
 OUTPUT_FIELDS = frozenset({"format", "region", "jpeg_quality"})
@@ -111,7 +110,7 @@ def frame_request(obj: dict, extra: frozenset[str] = frozenset(), what: str = "a
     """POST /generate/frame's body, one /generate/batch item, or a WebSocket "frame" message: everything
     its schema says is checked here, so a request the schema refuses is refused (400) before any work."""
     reject_unknown(obj, FRAME_FIELDS | extra, what)
-    return FrameRequest(model=check_model_name(field(obj, "model_name", str)), frame_id=frame_id(obj),
+    return FrameRequest(model=field(obj, "model_name", str), frame_id=field(obj, "frame_id", int),
                         audio=audio_override(obj), output=output_spec(obj))
 
 

@@ -23,7 +23,7 @@ from inference_pod.cache import Cache, CachedFrame
 from inference_pod.encoding import OutputSpec, encode_image
 from inference_pod.errors import AudioError, InvalidInput
 from inference_pod.metrics import Metrics
-from inference_pod.model_store import LoadedModel, ModelStore
+from inference_pod.model_store import LoadedModel, ModelStore, check_model_name
 from inference_pod.streaming import LiveTrack
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ class FrameRequest:
     frame_id: int
     audio: AudioInput | None
     output: OutputSpec
+
+    def __post_init__(self):  # what any request can be told without loading anything
+        check_model_name(self.model)
+        if self.frame_id < 0:
+            raise InvalidInput(f"frame id {self.frame_id} is negative: frame ids count from 0")
 
 
 @dataclass
