@@ -17,8 +17,9 @@ ERROR_CODES = ["INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "FAILED_PRECO
 # Model names and versions: the validator's own pattern (package.IDENTIFIER), so the schema accepts exactly
 # what the server does. ECMA-262's ``$`` matches only at the very end, as ``fullmatch`` does.
 NAME = {"type": "string", "pattern": f"^{IDENTIFIER.pattern}$", "minLength": 1, "maxLength": 63}
-# Standard base64 (line breaks allowed) or a data: URL; never empty (leave the field out instead).
-BASE64_TEXT = r"^(data:[^,]*;base64,)?[A-Za-z0-9+/=\s]+$"
+# Standard base64, or a data: URL of it; never empty (leave the field out instead). The server also accepts
+# line breaks inside (what MIME encoders write); the schema states the canonical form.
+BASE64_TEXT = r"^(data:[^,]*;base64,)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 ERROR_STATUSES = {
     "400": "Bad input: JSON, field types, model name, frame id, audio, output options (code INVALID_ARGUMENT)",
     "401": "No valid API key (code UNAUTHENTICATED)",
@@ -47,6 +48,7 @@ def obj(properties: dict, required: list[str] | None = None, *, closed: bool = F
 
 
 def _int(description: str = "", **extra) -> dict:
+    """An integer; request fields that may be left out also take null (JSON null counts as absent)."""
     return {"type": "integer", **({"description": description} if description else {}), **extra}
 
 
@@ -60,17 +62,17 @@ def _str(description: str = "", **extra) -> dict:
 
 BOOL = {"type": "boolean"}
 BASE64 = {"type": "string", "contentEncoding": "base64"}
-AUDIO_BASE64 = {**BASE64, "minLength": 1, "pattern": BASE64_TEXT}
+AUDIO_BASE64 = {**BASE64, "minLength": 4, "pattern": BASE64_TEXT}
 
 
 def _schemas(max_batch_items: int) -> dict[str, Any]:
     output_fields = {
-        "format": {"type": "string", "enum": list(FORMATS), "default": "jpeg",
+        "format": {"type": ["string", "null"], "enum": [*FORMATS, None], "default": "jpeg",
                    "description": "raw: BGR uint8, row-major, height x width x 3, no header"},
-        "region": {"type": "string", "enum": list(REGIONS), "default": "full",
+        "region": {"type": ["string", "null"], "enum": [*REGIONS, None], "default": "full",
                    "description": "full: the template frame with the mouth pasted in; prediction: the "
                                   "network's 320x320 output (paste it at crop_box yourself)"},
-        "jpeg_quality": _int("1..100", minimum=1, maximum=100, default=90),
+        "jpeg_quality": _int("1..100", minimum=1, maximum=100, default=90, type=["integer", "null"]),
     }
     audio_override = {**AUDIO_BASE64, "description": "an audio file's bytes (WAV, FLAC, OGG, MP3 ...), base64 or a "
                                                "data: URL; omitted or null: the model's default track"}
@@ -107,7 +109,7 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
     error = obj({"success": {"const": False}, "error": _str("what went wrong"),
                  "code": {"type": "string", "enum": ERROR_CODES, "description": "the gRPC status name"}})
     nullable_int = {"type": ["integer", "null"]}
-    ws_common = {"request_id": {"type": ["string", "integer"], "description": "echoed on every reply"}}
+    ws_common = {"request_id": {"type": ["string", "integer", "null"], "description": "echoed on every reply"}}
     return {
         "Error": error,
         "Health": obj({"status": {"type": "string", "enum": ["healthy", "starting", "draining"]}}),
@@ -166,17 +168,19 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
                               ["type", "model_name", "frame_id"], closed=True),
         "WsStreamRequest": obj({
             "type": {"const": "stream"}, **ws_common, "model_name": frame_request_fields["model_name"],
-            "first": _int("first frame", minimum=0, default=0),
+            "first": _int("first frame", minimum=0, default=0, type=["integer", "null"]),
             "last": {"type": ["integer", "null"], "minimum": 0, "description": "last frame, inclusive; null: end of track"},
-            "realtime": {"type": "boolean", "default": False, "description": "pace frames at fps"},
-            "fps": {"type": "number", "minimum": 0, "default": 0, "description": "0: the model's fps"},
+            "realtime": {"type": ["boolean", "null"], "default": False, "description": "pace frames at fps"},
+            "fps": {"type": ["number", "null"], "minimum": 0, "default": 0, "description": "0: the model's fps"},
             "audio_override": frame_request_fields["audio_override"], **output_fields},
             ["type", "model_name"], closed=True),
         "WsAudioStart": obj({
             "type": {"const": "audio_start"}, **ws_common, "model_name": frame_request_fields["model_name"],
             "sample_rate": _int("of the binary PCM16 messages that follow", minimum=8000, maximum=192000,
+                                type=["integer", "null"],
                                 default=16000),
-            "channels": _int("interleaved", minimum=1, maximum=8, default=1), **output_fields},
+            "channels": _int("interleaved", minimum=1, maximum=8, default=1, type=["integer", "null"]),
+            **output_fields},
             ["type", "model_name"], closed=True,
             description="then binary messages of 16-bit little-endian PCM, then audio_end"),
         "WsAudioEnd": obj({"type": {"const": "audio_end"}, **ws_common}, ["type"], closed=True),

@@ -522,7 +522,7 @@ async def test_openapi_names_are_the_validators_pattern():
     query = {p["name"]: p["schema"]["pattern"] for p in document["paths"]["/models/download"]["post"]["parameters"]}
     assert name == query["model_name"] == query["version"] == f"^{IDENTIFIER.pattern}$"
     audio = document["components"]["schemas"]["FrameRequest"]["properties"]["audio_override"]["anyOf"][0]
-    assert audio["minLength"] == 1
+    assert audio["minLength"] == 4
 
 
 # ------------------------------------------------------------------------------------------ WebSocket
