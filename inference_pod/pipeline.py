@@ -153,7 +153,7 @@ class FramePipeline:
     async def stream(self, model_name: str, first: int, last: int | None, audio_input: AudioInput | None,
                      output: OutputSpec, realtime: bool = False, fps: float = 0.0) -> AsyncIterator[FrameResult]:
         """Frames first..last (inclusive; None: to the end of the track), in order (StreamFrames)."""
-        if fps < 0 or fps > 1000:
+        if not 0 <= fps <= 1000:  # NaN too
             raise InvalidInput(f"fps must be 0..1000 (0: the model's), got {fps}")
         async with self.store.use(model_name) as model:
             track = await self.track(model, audio_input)
