@@ -23,7 +23,7 @@ from inference_pod.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KEY = "fuzz-key"
-EXAMPLES = settings(max_examples=12, deadline=None, derandomize=True,
+EXAMPLES = settings(max_examples=12, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
 
 
