@@ -62,6 +62,8 @@ class ApiKeys:
         return bool(self._digests)
 
     def _reload(self, force: bool = False) -> None:
+        if self.path is None:  # a fixed list
+            return
         try:
             st = os.stat(self.path)
         except OSError as exc:

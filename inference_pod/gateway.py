@@ -397,7 +397,8 @@ def batch_items(data: bytes, limit: int) -> list[FrameRequest]:
 def batch_keys(items: list[FrameRequest]) -> list[str]:
     """``{model}_{frame}`` per item, as the replaced service keyed them; repeats get ``#2``, ``#3``...
     (``#`` is never in a model name)."""
-    keys, seen = [], {}
+    keys: list[str] = []
+    seen: dict[str, int] = {}
     for item in items:
         base = f"{item.model}_{item.frame_id}"
         seen[base] = seen.get(base, 0) + 1

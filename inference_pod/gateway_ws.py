@@ -131,9 +131,9 @@ class WebSocketSession:
                 await self._send_error("INVALID_ARGUMENT", "an audio session is already open: send audio_end "
                                        "before starting another", request_id)
                 return
-            live = self._audio = LiveAudio()  # replaces a failed session whose audio_end never came
-            await self._spawn(functools.partial(self._live, message, live, request_id), kind, request_id,
-                              on_error=live.fail)
+            started = self._audio = LiveAudio()  # replaces a failed session whose audio_end never came
+            await self._spawn(functools.partial(self._live, message, started, request_id), kind, request_id,
+                              on_error=started.fail)
         elif kind == "audio_end":
             live, self._audio = self._audio, None
             if live is None:

@@ -70,7 +70,7 @@ class GrpcApi:
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
         try:
-            if s.tls_cert is not None:
+            if s.tls_cert is not None and s.tls_key is not None:  # both or neither (Settings.validate)
                 try:
                     pair = (s.tls_key.read_bytes(), s.tls_cert.read_bytes())
                 except OSError as exc:

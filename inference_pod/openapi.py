@@ -218,7 +218,7 @@ def openapi_document(version: str, max_batch_items: int, *, keys_required: bool)
     scoped = (*authed, "503")  # refused while draining
     frame_errors = ("400", *authed, "404", "413", "429", "500", "503")
     registry_errors = (*scoped, "409")
-    document = {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "SyncTalk_2D lip-sync inference pod: HTTP gateway",

@@ -217,7 +217,7 @@ class Pod:
         """Serve until SIGTERM or SIGINT, then shut down gracefully (the ``lipsync serve`` entry point)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda s=sig: self._on_signal(s))
+            loop.add_signal_handler(sig, self._on_signal, sig)
         await self.start()
         await self.wait_stopped()
 

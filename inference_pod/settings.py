@@ -138,6 +138,8 @@ class Settings:
                 kwargs["type"] = str.upper if f.name == "log_level" else str
             if "nargs" in meta:
                 kwargs.update(nargs=meta.pop("nargs"), action="extend")
+            elif isinstance(f.default, bool):  # a switch: --flag alone is true; --flag false also works
+                kwargs.update(nargs="?", const="true", metavar="BOOL")
             else:
                 kwargs["metavar"] = f.name.upper()
             kwargs.setdefault("type", meta.pop("type", None) or _converter(f))
