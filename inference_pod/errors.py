@@ -81,11 +81,6 @@ class Unauthenticated(LipSyncError):
     http_status = 401
 
 
-# HTTP statuses of the gRPC codes, for the codes a front door produces without an exception in hand.
-HTTP_STATUS = {cls.grpc_status: cls.http_status for cls in (
-    InvalidInput, Unauthenticated, ModelNotFound, FailedPrecondition, Overloaded, Unavailable, LipSyncError)}
-
-
 def clip(text: str) -> str:
     """``text`` cut to ECHO_CHARS: error messages name what the client sent without repeating 100,000
     characters of it back (which would also overflow gRPC's metadata limit)."""
