@@ -267,7 +267,7 @@ class HttpGateway:
 
     @endpoint("Status", scoped=False)  # answers while draining too: that is one of the things it reports
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response({"success": True, **self.pod.status()})
+        return web.json_response({"success": True, **(await self.pod.status())})
 
     @endpoint("GetStats")
     async def stats(self, request: web.Request) -> web.Response:
@@ -275,7 +275,7 @@ class HttpGateway:
 
     @endpoint("ListModels")
     async def list_models(self, request: web.Request) -> web.Response:
-        models = [message_dict(info) for info in self.pod.models()]
+        models = [message_dict(info) for info in await self.pod.models()]
         return web.json_response({
             "success": True, "models": models,
             "loaded_models": [m["name"] for m in models if m["state"] == "loaded"],

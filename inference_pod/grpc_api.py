@@ -283,7 +283,7 @@ class LipSyncServicer:
 
     @_unary
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=self.pod.models())
+        return pb.ListModelsResponse(models=await self.pod.models())
 
     @_unary
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:

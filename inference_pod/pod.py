@@ -152,7 +152,7 @@ class Pod:
             self.cpu_pool.shutdown(wait=False)
             raise
         self._watch_device_memory()
-        for name in self.store.local_packages():
+        for name in await asyncio.to_thread(self.store.local_packages):
             await self.grpc.set_serving(name, False)
         await self.grpc.set_serving("", False)
         await self.preload()
@@ -298,11 +298,13 @@ class Pod:
     def is_resident(self, name: str) -> bool:
         return any(m.name == name for m in self.store.resident)
 
-    def models(self) -> list[pb.ModelInfo]:
-        """Resident models (state loaded) and, for the others, the newest local package (state available)."""
+    async def models(self) -> list[pb.ModelInfo]:
+        """Resident models (state loaded) and, for the others, the newest local package (state available).
+        The models directory is scanned in a thread: a slow disk must not stall other requests."""
+        catalog = await asyncio.to_thread(self.store.local_packages)
         resident = {m.name: m for m in self.store.resident}
         infos = [loaded_info(m) for m in resident.values()]
-        for name, versions in self.store.local_packages().items():
+        for name, versions in catalog.items():
             if name in resident:
                 continue
             pkg = versions[0]
@@ -338,10 +340,10 @@ class Pod:
             models_resident=len(models), memory_budget_bytes=s.memory_budget_bytes,
             models_memory_bytes=self.store.resident_bytes)
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         """HTTP /status: the pod's state, settings and ports. Model lists are ``models()``'s states."""
         s = self.settings
-        models = self.models()
+        models = await self.models()
         return {
             "status": self.state(), "server_version": __version__,
             "uptime_seconds": time.monotonic() - self.started_at, "draining": self.draining,
