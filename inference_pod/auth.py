@@ -3,6 +3,10 @@
 A key comes in the ``x-api-key`` metadata or as ``authorization: Bearer <key>``. The file holds one key per
 line (``#`` comments and blank lines ignored) and is re-read when it changes, so a rotated Kubernetes
 Secret takes effect without a restart. Keys are compared as SHA-256 digests in constant time.
+
+An empty file means what it says: no key is accepted. At start that is refused (one line: the pod would
+serve nobody); a file emptied while running is logged as an error and every call is refused until keys are
+back (fail closed). A file that cannot be read while running (a Secret mid-rotation) keeps the last keys.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 # Probes and tooling must work without a key.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 RELOAD_CHECK_S = 2.0
+MISSING_KEY = "an API key is required: send x-api-key metadata or authorization: Bearer <key>"
 
 
 def _digest(key: str) -> bytes:
@@ -51,7 +56,14 @@ class ApiKeys:
     def enabled(self) -> bool:
         return self.path is not None or bool(self._digests)
 
+    @property
+    def has_keys(self) -> bool:
+        """False when enabled with an emptied file: then every call is refused."""
+        return bool(self._digests)
+
     def _reload(self, force: bool = False) -> None:
+        if self.path is None:  # a fixed list
+            return
         try:
             st = os.stat(self.path)
         except OSError as exc:
@@ -62,15 +74,22 @@ class ApiKeys:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._stamp and not force:
             return
-        keys = parse_keys(self.path.read_text())
-        if not keys:
+        try:
+            keys = parse_keys(self.path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
             if force:
-                raise InvalidInput(f"API keys file {self.path} holds no keys")
-            log.error("API keys file %s is now empty; keeping the previous keys", self.path)
+                raise InvalidInput(f"API keys file {self.path} cannot be read: {exc}") from None
+            log.error("API keys file %s cannot be read (%s); keeping the previous keys", self.path, exc)
             return
+        if not keys and force:
+            raise InvalidInput(f"API keys file {self.path} holds no keys: add one key per line, or leave "
+                               "--api-keys-file unset to serve without keys")
         self._digests = [_digest(k) for k in keys]
         self._stamp = stamp
-        log.info("loaded %d API key(s) from %s", len(keys), self.path)
+        if keys:
+            log.info("loaded %d API key(s) from %s", len(keys), self.path)
+        else:
+            log.error("API keys file %s is now empty: every call is refused until keys are added", self.path)
 
     def check(self, key: str | None) -> None:
         """Raise Unauthenticated unless ``key`` is accepted (always accepted when keys are not enabled)."""
@@ -80,8 +99,11 @@ class ApiKeys:
             with self._lock:
                 self._checked = time.monotonic()
                 self._reload()
+        if not self._digests:
+            raise Unauthenticated("the server's API keys file holds no keys: every call is refused until an "
+                                  "operator adds keys")
         if not key:
-            raise Unauthenticated("an API key is required: send x-api-key metadata or authorization: Bearer")
+            raise Unauthenticated(MISSING_KEY)
         candidate = _digest(key)
         # Compare with every key (no early exit), so timing does not tell how many keys were tried.
         accepted = False
@@ -125,9 +147,12 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.Rpc
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: ApiKeys, on_reject: Callable[[str], None] | None = None):
+    """Checks the key of every call but health checks and reflection with ``authenticate(key, method)``
+    (the pod's, which also counts rejections), and answers UNAUTHENTICATED without running the method."""
+
+    def __init__(self, keys: ApiKeys, authenticate: Callable[[str | None, str], None]):
         self.keys = keys
-        self._on_reject = on_reject
+        self._authenticate = authenticate
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -135,9 +160,8 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not self.keys.enabled or method.startswith(OPEN_PREFIXES):
             return handler
         try:
-            self.keys.check(key_from_metadata(handler_call_details.invocation_metadata))
+            self._authenticate(key_from_metadata(handler_call_details.invocation_metadata),
+                               method.rsplit("/", 1)[-1])
         except Unauthenticated as exc:
-            if self._on_reject is not None:
-                self._on_reject(method)
             return _rejecting_handler(handler, str(exc))
         return handler

@@ -1,12 +1,12 @@
 """The HTTP gateway (``--http-port``): the replaced service's REST API and WebSocket streaming, with aiohttp.
 
-A second front door to the same ``LipSyncServer`` as gRPC, on the same event loop: frames come from
-``server.pipeline``, models from ``server.store``, keys are checked by ``server.authenticate``, and every
-call runs in ``server.request_scope`` under the gRPC method it corresponds to (GenerateFrame, GenerateBatch,
-ListModels, ...). So draining, in-flight accounting, queue limits, latency metrics and error codes are the
-gRPC service's. Errors are JSON ``{"success": false, "error": message, "code": GRPC_STATUS}`` with the HTTP
-status ``errors.HTTP_STATUS`` gives that code. The protocol of /ws lives in ``gateway_ws``, the OpenAPI
-document in ``openapi``; docs/HTTP_API.md describes both for clients.
+A second front door to the same ``Pod`` as gRPC, on the same event loop, and only a converter: frames come
+from ``pod.pipeline`` and ``pod.batch``, models, stats and the registry listing from the Pod's views, keys
+are checked by ``pod.authenticate``, and every call runs in ``pod.request_scope`` under the gRPC method it
+corresponds to (GenerateFrame, GenerateBatch, ListModels, ...). So draining, in-flight accounting, queue
+limits, latency metrics and error codes are the gRPC service's. Errors are JSON ``{"success": false,
+"error": message, "code": GRPC_STATUS}`` with the HTTP status the error class carries. The protocol of /ws
+lives in ``gateway_ws``, the OpenAPI document in ``openapi``; docs/HTTP_API.md describes both for clients.
 """
 
 from __future__ import annotations
@@ -18,14 +18,20 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from inference_pod import __version__
-from inference_pod.errors import HTTP_STATUS, InvalidInput, LipSyncError, Unauthenticated, Unavailable
+from inference_pod.errors import (
+    InvalidInput,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    reply_for,
+)
 from inference_pod.gateway_json import (
-    FrameRequest,
     error_json,
     field,
     frame_json,
@@ -35,16 +41,11 @@ from inference_pod.gateway_json import (
     reject_unknown,
 )
 from inference_pod.gateway_ws import WebSocketSession
-from inference_pod.model_store import check_model_name
 from inference_pod.openapi import openapi_document
-from inference_pod.server import (
-    MAX_BATCH_ITEMS,
-    LipSyncServer,
-    batch_concurrency,
-    loaded_info,
-    model_infos,
-    stats_message,
-)
+from inference_pod.pipeline import FrameRequest, FrameResult
+
+if TYPE_CHECKING:
+    from inference_pod.pod import Pod
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,6 @@ CORS_HEADERS = {"Access-Control-Allow-Origin": "*",
 MISSING_KEY = "an API key is required: send an X-API-Key header or Authorization: Bearer <key>"
 
 
-class BodyTooLarge(LipSyncError):
-    """A body or message over --max-message-mb: what gRPC answers RESOURCE_EXHAUSTED, as HTTP 413."""
-
-    grpc_status = "RESOURCE_EXHAUSTED"
-    http_status = 413
-
-
 def request_api_key(request: web.Request, allow_query: bool = False) -> str | None:
     key = request.headers.get("X-API-Key")
     if key:
@@ -83,20 +77,19 @@ def request_api_key(request: web.Request, allow_query: bool = False) -> str | No
     return None
 
 
-def error_response(code: str, message: str, status: int | None = None,
+def error_response(code: str, message: str, status: int,
                    headers: dict[str, str] | None = None) -> web.Response:
     headers = dict(headers or {})
     if code == "UNAUTHENTICATED":
         headers["WWW-Authenticate"] = 'Bearer realm="lipsync"'
-    return web.json_response(error_json(code, message), status=status or HTTP_STATUS.get(code, 500),
-                             headers=headers)
+    return web.json_response(error_json(code, message), status=status, headers=headers)
 
 
 Handler = Callable[["HttpGateway", web.Request], Awaitable[web.StreamResponse]]
 
 
 def endpoint(method: str, *, scoped: bool = True) -> Callable[[Handler], Handler]:
-    """An API route: the caller's key is checked, then (``scoped``) the call runs in the server's request
+    """An API route: the caller's key is checked, then (``scoped``) the call runs in the pod's request
     scope as gRPC ``method``: refused while draining, counted in flight, timed by outcome."""
 
     def wrap(handler: Handler) -> Handler:
@@ -105,7 +98,7 @@ def endpoint(method: str, *, scoped: bool = True) -> Callable[[Handler], Handler
             self.authenticate(request_api_key(request), method)
             if not scoped:
                 return await handler(self, request)
-            async with self.server.request_scope(method):
+            async with self.pod.request_scope(method):
                 return await handler(self, request)
 
         return run
@@ -113,18 +106,43 @@ def endpoint(method: str, *, scoped: bool = True) -> Callable[[Handler], Handler
     return wrap
 
 
-class HttpGateway:
-    """Build with the server, ``await start()``; the server stops it after its in-flight calls are done."""
+class LingeringWebSocket(web.WebSocketResponse):
+    """A WebSocket whose close 1009 (a message over --max-message-mb) reaches a peer still sending.
 
-    def __init__(self, server: LipSyncServer):
-        self.server = server
-        self.pipeline = server.pipeline
-        self.store = server.store
-        self.max_body_bytes = server.settings.max_message_mb << 20  # one limit for gRPC, HTTP and WebSocket
+    aiohttp refuses the message from its header, sends the close frame and closes the TCP connection at
+    once; the peer, still writing the rest of its message, then gets a reset instead of the close frame. Here
+    the connection stays open (the rest of the message is read and dropped: the protocol stops parsing after
+    the error) until the peer closes it or WS_CLOSE_TIMEOUT_S passes. Uses aiohttp's private close hook, so
+    tests/test_gateway.py checks it against the installed aiohttp.
+    """
+
+    def _set_code_close_transport(self, code: WSCloseCode) -> None:
+        if self._close_code != WSCloseCode.MESSAGE_TOO_BIG:
+            super()._set_code_close_transport(code)
+
+    async def linger(self, request: web.Request) -> None:
+        """After a 1009: wait for the peer to close the connection (bounded), then close it ourselves."""
+        if self.close_code != WSCloseCode.MESSAGE_TOO_BIG or request.transport is None:
+            return
+        transport = request.transport
+        deadline = time.monotonic() + WS_CLOSE_TIMEOUT_S
+        while not transport.is_closing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        transport.close()
+
+
+class HttpGateway:
+    """Built and started by the Pod, which stops it after its in-flight calls are done."""
+
+    def __init__(self, pod: Pod):
+        self.pod = pod
+        self.pipeline = pod.pipeline
+        self.max_body_bytes = pod.settings.max_message_mb << 20  # one limit for gRPC, HTTP and WebSocket
         self.port: int | None = None
         self.sockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
-        self._openapi = openapi_document(__version__, MAX_BATCH_ITEMS)
+        # The document describes the pod as it runs: API-key security only when keys are configured.
+        self._openapi = openapi_document(__version__, pod.max_batch_items, keys_required=pod.api_keys.enabled)
         self.app = web.Application(client_max_size=self.max_body_bytes,
                                    middlewares=[self._cors_middleware, self._error_middleware])
         self.app.add_routes([
@@ -144,7 +162,7 @@ class HttpGateway:
     # -------------------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> HttpGateway:
-        s = self.server.settings
+        s = self.pod.settings
         ssl_context = None
         if s.tls_cert is not None:  # the gRPC port's certificate serves HTTPS and WSS too
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -160,7 +178,7 @@ class HttpGateway:
         except OSError as exc:
             await self._runner.cleanup()
             self._runner = None
-            raise Unavailable(f"cannot listen on {s.host}:{s.http_port} (HTTP gateway): {exc}") from None
+            raise Unavailable(f"cannot listen on {s.host}:{s.http_port} (HTTP gateway, --http-port): {exc}") from None
         self.port = self._runner.addresses[0][1]
         log.info("HTTP gateway on %s://%s:%d", "https" if ssl_context else "http", s.host, self.port)
         return self
@@ -178,25 +196,14 @@ class HttpGateway:
     # -------------------------------------------------------------------------------------- shared plumbing
 
     def authenticate(self, key: str | None, method: str) -> None:
+        """The pod's check (which counts a rejection), with the HTTP way of sending a key in the message."""
         try:
-            self.server.authenticate(key)
+            self.pod.authenticate(key, method)
         except Unauthenticated as exc:
-            self.count_rejected(method)
-            raise Unauthenticated(MISSING_KEY if not key else str(exc)) from None
-
-    def count_rejected(self, method: str) -> None:
-        self.server.metrics.request_duration.labels(method=method, code="UNAUTHENTICATED").observe(0)
-
-    def state(self) -> str:
-        if self.server.draining:
-            return "draining"
-        return "healthy" if self.server.ready else "starting"
-
-    def is_resident(self, name: str) -> bool:
-        return any(m.name == name for m in self.store.resident)
+            raise Unauthenticated(MISSING_KEY if not key and self.pod.api_keys.has_keys else str(exc)) from None
 
     async def in_cpu_pool(self, function, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.server.cpu_pool, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.pod.cpu_pool, function, *args)
 
     async def read_body(self, request: web.Request, parse: Callable[[bytes], object]):
         """The body, parsed by ``parse`` (in the CPU pool when it is large). The size limit is checked on
@@ -204,11 +211,11 @@ class HttpGateway:
         declared = request.content_length
         limit = f"the limit is {self.max_body_bytes} bytes (--max-message-mb)"
         if declared is not None and declared > self.max_body_bytes:
-            raise BodyTooLarge(f"the request body is {declared} bytes; {limit}")
+            raise TooLarge(f"the request body is {declared} bytes; {limit}")
         try:
             data = await request.read()
         except web.HTTPRequestEntityTooLarge:  # chunked uploads declare no length
-            raise BodyTooLarge(f"the request body is too large; {limit}") from None
+            raise TooLarge(f"the request body is too large; {limit}") from None
         if not data.strip():
             raise InvalidInput("the request body is empty: send a JSON object")
         if len(data) > OFFLOAD_BYTES:
@@ -220,8 +227,6 @@ class HttpGateway:
         """Every failure becomes a JSON error; nothing a client sends reaches the client as a traceback."""
         try:
             return await handler(request)
-        except LipSyncError as exc:
-            return error_response(exc.grpc_status, str(exc), getattr(exc, "http_status", None))
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -231,8 +236,8 @@ class HttpGateway:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("%s %s failed", request.method, request.path)
-            return error_response("INTERNAL", f"internal error: {type(exc).__name__}: {exc}")
+            reply = reply_for(exc, f"{request.method} {request.path}")
+            return error_response(reply.code, reply.message, reply.http_status)
 
     @web.middleware
     async def _cors_middleware(self, request: web.Request, handler) -> web.StreamResponse:
@@ -247,12 +252,12 @@ class HttpGateway:
 
     async def health(self, request: web.Request) -> web.Response:
         """For probes and load balancers: 200 only while the pod takes requests."""
-        state = self.state()
+        state = self.pod.state()
         return web.json_response({"status": state}, status=200 if state == "healthy" else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         """The same registry the metrics port serves, for scrapers that only reach this port."""
-        return web.Response(body=self.server.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=self.pod.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, request: web.Request) -> web.Response:
         """Open like gRPC reflection: it describes the API and holds no data."""
@@ -262,26 +267,15 @@ class HttpGateway:
 
     @endpoint("Status", scoped=False)  # answers while draining too: that is one of the things it reports
     async def status(self, request: web.Request) -> web.Response:
-        server, s = self.server, self.server.settings
-        return web.json_response({
-            "success": True, "status": self.state(), "server_version": __version__,
-            "uptime_seconds": time.monotonic() - server.started_at, "draining": server.draining,
-            "device": s.device, "precision": s.precision, "max_batch": s.max_batch,
-            "inflight_requests": server.inflight,
-            "models_resident": sorted(m.name for m in self.store.resident),
-            "models_available": sorted(self.store.local_packages()),
-            "cache_backend": server.cache.backend, "registry_url": server.registry.url if server.registry else None,
-            "api_keys_required": server.api_keys.enabled, "websocket_connections": len(self.sockets),
-            "ports": {"grpc": server.port, "http": self.port, "metrics": s.metrics_port or None},
-        })
+        return web.json_response({"success": True, **(await self.pod.status())})
 
     @endpoint("GetStats")
     async def stats(self, request: web.Request) -> web.Response:
-        return web.json_response({"success": True, **message_dict(stats_message(self.server))})
+        return web.json_response({"success": True, **message_dict(self.pod.stats())})
 
     @endpoint("ListModels")
     async def list_models(self, request: web.Request) -> web.Response:
-        models = [message_dict(info) for info in model_infos(self.store)]
+        models = [message_dict(info) for info in await self.pod.models()]
         return web.json_response({
             "success": True, "models": models,
             "loaded_models": [m["name"] for m in models if m["state"] == "loaded"],
@@ -289,35 +283,24 @@ class HttpGateway:
 
     @endpoint("ListRegistry")
     async def list_registry(self, request: web.Request) -> web.Response:
-        registry = self._registry()
-        entries = await asyncio.to_thread(registry.list, True)
-        return web.json_response({"success": True, "registry_url": registry.url, "packages": [
-            {"name": e.name, "version": e.version, "size": e.size, "sha256": e.sha256,
-             "url": registry.package_url(e)} for e in entries]})
+        return web.json_response({"success": True, **message_dict(await self.pod.registry_listing())})
 
     @endpoint("LoadModel")
     async def download_model(self, request: web.Request) -> web.Response:
-        """The registry's newest (or the given) version of a model, made resident. A version already on
-        local disk is not downloaded again: ``source`` says where it came from."""
+        """The registry's newest (or the given) version of a model, made resident."""
+        reject_unknown(dict(request.query), frozenset({"model_name", "version"}), "the query")
         name = request.query.get("model_name")
         if not name:
             raise InvalidInput("model_name is required: POST /models/download?model_name=NAME[&version=VERSION]")
-        check_model_name(name)
-        version = request.query.get("version") or None
-        if version:
-            check_model_name(version, "model version")
-        registry = self._registry()
-        entry = await asyncio.to_thread(registry.resolve, name, version)
-        model, source, seconds = await self.store.load(name, entry.version)
+        version = request.query.get("version")
+        if version is not None and not version:
+            raise InvalidInput("version is empty: give a version, or leave it out for the registry's newest")
+        loaded = await self.pod.download(name, version)
+        model = loaded.model
         return web.json_response({
-            "success": True, "model_name": model.name, "version": model.version, "source": source,
-            "downloaded": source == "registry", "load_time_ms": seconds * 1e3,
-            "model": message_dict(loaded_info(model))})
-
-    def _registry(self):
-        if self.server.registry is None:
-            raise Unavailable("no model registry is configured on this server (--registry-url)")
-        return self.server.registry
+            "success": True, "model_name": model.name, "version": model.version, "source": loaded.source,
+            "downloaded": loaded.source == "registry", "load_time_ms": loaded.load_ms,
+            "model": message_dict(model)})
 
     # -------------------------------------------------------------------------------------- frames
 
@@ -325,38 +308,32 @@ class HttpGateway:
     async def generate_frame(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         item: FrameRequest = await self.read_body(request, lambda data: frame_request(parse_json(data)))
-        auto_loaded = not self.is_resident(item.model_name)
-        result = await self.pipeline.frame(item.model_name, item.frame_id, item.audio, item.output)
+        auto_loaded = not self.pod.is_resident(item.model)
+        result = await self.pipeline.frame(item.model, item.frame_id, item.audio, item.output)
         return web.json_response(frame_json(result, processing_ms=(time.perf_counter() - started) * 1e3,
                                             auto_loaded=auto_loaded))
 
     @endpoint("GenerateBatch")
     async def generate_batch(self, request: web.Request) -> web.Response:
+        """Items are checked first (a malformed item fails the request: 400 naming it); then each item is
+        rendered and fails alone (unknown model, frame past the track, audio that does not decode)."""
         started = time.perf_counter()
-        raw_items, items = await self.read_body(request, _batch_items)
-        resident_before = {m.name for m in self.store.resident}
-        limit = asyncio.Semaphore(batch_concurrency(self.server.settings))
-
-        async def one(index: int, item: FrameRequest | LipSyncError) -> dict:
-            if isinstance(item, LipSyncError):
-                return _item_error(index, raw_items[index], item.grpc_status, str(item))
-            async with limit:
-                try:
-                    result = await self.pipeline.frame(item.model_name, item.frame_id, item.audio, item.output)
-                except Exception as exc:  # each item fails alone
-                    code = exc.grpc_status if isinstance(exc, LipSyncError) else "INTERNAL"
-                    if code == "INTERNAL":
-                        log.exception("batch item %d failed", index)
-                    return _item_error(index, raw_items[index], code, str(exc))
-            return {**frame_json(result, processing_ms=result.timings.total_s * 1e3,
-                                 auto_loaded=item.model_name not in resident_before), "index": index}
-
-        outcomes = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+        limit = self.pod.max_batch_items
+        items: list[FrameRequest] = await self.read_body(request, lambda data: batch_items(data, limit))
+        resident_before = {m.name for m in self.pod.store.resident}
+        outcomes = []
+        for index, (item, outcome) in enumerate(zip(items, await self.pod.batch(items), strict=True)):
+            if isinstance(outcome, FrameResult):
+                outcomes.append({**frame_json(outcome, processing_ms=outcome.timings.total_s * 1e3,
+                                              auto_loaded=item.model not in resident_before), "index": index})
+            else:
+                outcomes.append(error_json(outcome.code, outcome.message, index=index, model_name=item.model,
+                                           frame_id=item.frame_id))
         processed = [o for o in outcomes if o["success"]]
         auto_loaded = sorted({o["model_name"] for o in processed if o["auto_loaded"]})
         body = {
             "success": len(processed) == len(outcomes),
-            "results": dict(zip(batch_keys(raw_items), outcomes, strict=True)),
+            "results": dict(zip(batch_keys(items), outcomes, strict=True)),
             "total_requests": len(outcomes), "processed_count": len(processed),
             "cached_count": sum(o["from_cache"] for o in processed), "failed_count": len(outcomes) - len(processed),
             "auto_loaded_models": auto_loaded, "processing_time_ms": (time.perf_counter() - started) * 1e3}
@@ -370,17 +347,18 @@ class HttpGateway:
         in the request scope like an HTTP call (see gateway_ws)."""
         key = request_api_key(request, allow_query=True)
         self.authenticate(key, "WebSocket")
-        if self.server.draining:
+        if self.pod.draining:
             raise Unavailable("the server is shutting down; retry on another replica")
         # No per-message compression: frames are JPEG/PNG already, and deflate would cost loop time per frame.
-        ws = web.WebSocketResponse(max_msg_size=self.max_body_bytes, heartbeat=WS_HEARTBEAT_S,
-                                   timeout=WS_CLOSE_TIMEOUT_S, compress=False)
+        ws = LingeringWebSocket(max_msg_size=self.max_body_bytes, heartbeat=WS_HEARTBEAT_S,
+                                timeout=WS_CLOSE_TIMEOUT_S, compress=False)
         if not ws.can_prepare(request).ok:
             raise InvalidInput("/ws is a WebSocket endpoint: connect with a WebSocket client (ws:// or wss://)")
         await ws.prepare(request)
         self.sockets.add(ws)
         try:
             await WebSocketSession(self, ws, key).run()
+            await ws.linger(request)
         finally:
             self.sockets.discard(ws)
         return ws
@@ -397,39 +375,32 @@ def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
     return exc.text or exc.reason
 
 
-def _batch_items(data: bytes) -> tuple[list, list[FrameRequest | LipSyncError]]:
-    """The raw items (for result keys) and each one parsed, or the error that item alone fails with."""
+def batch_items(data: bytes, limit: int) -> list[FrameRequest]:
+    """The batch's items, each checked as a frame request; the first malformed one fails the request."""
     obj = parse_json(data)
     reject_unknown(obj, frozenset({"requests"}), "a batch request")
     raw_items = field(obj, "requests", list)
-    if len(raw_items) > MAX_BATCH_ITEMS:
-        raise InvalidInput(f"a batch holds at most {MAX_BATCH_ITEMS} requests, got {len(raw_items)}")
-    items: list[FrameRequest | LipSyncError] = []
+    if len(raw_items) > limit:
+        raise InvalidInput(f"a batch holds at most {limit} requests, got {len(raw_items)}")
+    items = []
     for index, raw in enumerate(raw_items):
+        what = f"requests[{index}]"
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"{what} must be a JSON object")
         try:
-            if not isinstance(raw, dict):
-                raise InvalidInput(f"requests[{index}] must be a JSON object")
-            items.append(frame_request(raw, what=f"requests[{index}]"))
-        except LipSyncError as exc:
-            items.append(exc)
-    return raw_items, items
+            items.append(frame_request(raw, what=what))
+        except InvalidInput as exc:
+            raise InvalidInput(f"{what}: {exc}") from None
+    return items
 
 
-def batch_keys(raw_items: list) -> list[str]:
-    """``{model}_{frame}`` per item, as the replaced service keyed them; an item without a usable model name
-    and frame id is ``item_{index}``; repeats get ``#2``, ``#3``... (``#`` is never in a model name)."""
-    keys, seen = [], {}
-    for index, raw in enumerate(raw_items):
-        model = raw.get("model_name") if isinstance(raw, dict) else None
-        frame = raw.get("frame_id") if isinstance(raw, dict) else None
-        base = f"{model}_{frame}" if isinstance(model, str) and type(frame) is int else f"item_{index}"
+def batch_keys(items: list[FrameRequest]) -> list[str]:
+    """``{model}_{frame}`` per item, as the replaced service keyed them; repeats get ``#2``, ``#3``...
+    (``#`` is never in a model name)."""
+    keys: list[str] = []
+    seen: dict[str, int] = {}
+    for item in items:
+        base = f"{item.model}_{item.frame_id}"
         seen[base] = seen.get(base, 0) + 1
         keys.append(base if seen[base] == 1 else f"{base}#{seen[base]}")
     return keys
-
-
-def _item_error(index: int, raw, code: str, message: str) -> dict:
-    model = raw.get("model_name") if isinstance(raw, dict) else None
-    frame = raw.get("frame_id") if isinstance(raw, dict) else None
-    return error_json(code, message, index=index, model_name=model if isinstance(model, str) else None,
-                      frame_id=frame if type(frame) is int else None)

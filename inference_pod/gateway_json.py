@@ -12,15 +12,14 @@ import base64
 import binascii
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from inference_pod.encoding import DEFAULT_JPEG_QUALITY, OutputSpec
-from inference_pod.errors import InvalidInput
-from inference_pod.pipeline import AudioInput, FrameResult
+from inference_pod.errors import InvalidInput, clip
+from inference_pod.pipeline import AudioInput, FrameRequest, FrameResult
 
 OUTPUT_FIELDS = frozenset({"format", "region", "jpeg_quality"})
 FRAME_FIELDS = frozenset({"model_name", "frame_id", "audio_override"}) | OUTPUT_FIELDS
@@ -70,7 +69,8 @@ def reject_unknown(obj: dict, allowed: frozenset[str], what: str) -> None:
     ignored silently and the request served with the wrong input."""
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise InvalidInput(f"unknown field(s) in {what}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        names = ", ".join(clip(name) for name in unknown[:5]) + (", …" if len(unknown) > 5 else "")
+        raise InvalidInput(f"unknown field(s) in {what}: {names}; allowed: {', '.join(sorted(allowed))}")
 
 
 def decode_base64(text: str, name: str) -> bytes:
@@ -93,21 +93,24 @@ def audio_override(obj: dict) -> AudioInput | None:
     text = field(obj, "audio_override", str, None)
     if text is None:
         return None
+    if not text:
+        raise InvalidInput("'audio_override' is empty: send an audio file as base64, or leave it out (or null) "
+                           "for the model's default track")
     return AudioInput(decode_base64(text, "audio_override"), "file")
 
 
-@dataclass(frozen=True)
-class FrameRequest:
-    model_name: str
-    frame_id: int
-    audio: AudioInput | None
-    output: OutputSpec
+def frame_id(obj: dict, name: str = "frame_id", default: Any = _REQUIRED) -> Any:
+    value = field(obj, name, int, default)
+    if value is not None and value < 0:
+        raise InvalidInput(f"{name!r} must be 0 or more (a frame id), got {value}")
+    return value
 
 
 def frame_request(obj: dict, extra: frozenset[str] = frozenset(), what: str = "a frame request") -> FrameRequest:
-    """POST /generate/frame's body, one /generate/batch item, or a WebSocket "frame" message."""
+    """POST /generate/frame's body, one /generate/batch item, or a WebSocket "frame" message: everything
+    its schema says is checked here, so a request the schema refuses is refused (400) before any work."""
     reject_unknown(obj, FRAME_FIELDS | extra, what)
-    return FrameRequest(model_name=field(obj, "model_name", str), frame_id=field(obj, "frame_id", int),
+    return FrameRequest(model=field(obj, "model_name", str), frame_id=field(obj, "frame_id", int),
                         audio=audio_override(obj), output=output_spec(obj))
 
 

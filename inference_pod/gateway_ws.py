@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
-from inference_pod.errors import InvalidInput, LipSyncError
+from inference_pod.errors import InvalidInput, echo, reply_for
 from inference_pod.gateway_json import (
     FRAME_FIELDS,
     OUTPUT_FIELDS,
     audio_override,
     field,
+    frame_id,
     frame_json,
     frame_request,
     output_spec,
@@ -80,7 +81,7 @@ class LiveAudio:
 class WebSocketSession:
     def __init__(self, gateway: HttpGateway, ws: web.WebSocketResponse, api_key: str | None):
         self.gateway = gateway
-        self.server = gateway.server
+        self.pod = gateway.pod
         self.pipeline = gateway.pipeline
         self.ws = ws
         self.api_key = api_key
@@ -130,9 +131,9 @@ class WebSocketSession:
                 await self._send_error("INVALID_ARGUMENT", "an audio session is already open: send audio_end "
                                        "before starting another", request_id)
                 return
-            live = self._audio = LiveAudio()  # replaces a failed session whose audio_end never came
-            await self._spawn(functools.partial(self._live, message, live, request_id), kind, request_id,
-                              on_error=live.fail)
+            started = self._audio = LiveAudio()  # replaces a failed session whose audio_end never came
+            await self._spawn(functools.partial(self._live, message, started, request_id), kind, request_id,
+                              on_error=started.fail)
         elif kind == "audio_end":
             live, self._audio = self._audio, None
             if live is None:
@@ -140,7 +141,7 @@ class WebSocketSession:
             elif not live.failed:
                 await live.queue.put(None)
         else:
-            await self._send_error("INVALID_ARGUMENT", f"unknown message type {kind!r}: expected frame, stream, "
+            await self._send_error("INVALID_ARGUMENT", f"unknown message type {echo(kind)}: expected frame, stream, "
                                    "audio_start, audio_end or ping", request_id)
 
     async def _on_binary(self, data: bytes) -> None:
@@ -166,7 +167,7 @@ class WebSocketSession:
         """One operation, in the request scope; its failure is an error message, never the socket's end."""
         try:
             self.gateway.authenticate(self.api_key, method)  # a key revoked while the socket stays open
-            async with self.server.request_scope(method):
+            async with self.pod.request_scope(method):
                 await operation()
         except asyncio.CancelledError:
             raise
@@ -175,29 +176,26 @@ class WebSocketSession:
         except Exception as exc:
             if on_error is not None:
                 on_error()
-            if isinstance(exc, LipSyncError):
-                await self._send_error(exc.grpc_status, str(exc), request_id)
-            else:
-                log.exception("WebSocket %s failed", method)
-                await self._send_error("INTERNAL", f"internal error: {type(exc).__name__}: {exc}", request_id)
+            reply = reply_for(exc, f"WebSocket {method}")
+            await self._send_error(reply.code, reply.message, request_id)
 
     # -------------------------------------------------------------------------------------- operations
 
     async def _frame(self, message: dict, request_id) -> None:
         started = time.perf_counter()
         item = frame_request(message, COMMON_FIELDS, "a frame message")
-        auto_loaded = not self.gateway.is_resident(item.model_name)
-        result = await self.pipeline.frame(item.model_name, item.frame_id, item.audio, item.output)
+        auto_loaded = not self.pod.is_resident(item.model)
+        result = await self.pipeline.frame(item.model, item.frame_id, item.audio, item.output)
         await self._send(frame_json(result, processing_ms=(time.perf_counter() - started) * 1e3,
                                     auto_loaded=auto_loaded), request_id, "frame")
 
     async def _stream(self, message: dict, request_id) -> None:
         reject_unknown(message, STREAM_FIELDS, "a stream message")
-        model = field(message, "model_name", str)
-        first, last = field(message, "first", int, 0), field(message, "last", int, None)
+        model = check_model_name(field(message, "model_name", str))
+        first, last = frame_id(message, "first", 0), frame_id(message, "last", None)
         realtime, fps = field(message, "realtime", bool, False), field(message, "fps", (int, float), 0.0)
         audio, output = audio_override(message), output_spec(message)
-        auto_loaded = not self.gateway.is_resident(model)
+        auto_loaded = not self.pod.is_resident(model)
         frames = 0
         async for result in self.pipeline.stream(model, first, last, audio, output, realtime=realtime,
                                                  fps=float(fps)):
@@ -211,7 +209,7 @@ class WebSocketSession:
         model = check_model_name(field(message, "model_name", str))
         sample_rate, channels = field(message, "sample_rate", int, 16000), field(message, "channels", int, 1)
         output = output_spec(message)
-        auto_loaded = not self.gateway.is_resident(model)
+        auto_loaded = not self.pod.is_resident(model)
         frames = 0
         async for result in self.pipeline.live(model, sample_rate, channels, live.chunks(), output):
             await self._send(frame_json(result, processing_ms=result.timings.total_s * 1e3,

@@ -20,6 +20,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from inference_pod.errors import Unavailable
+
 log = logging.getLogger(__name__)
 disable_created_metrics()  # the *_created series double the exposition and no dashboard reads them
 
@@ -89,7 +91,10 @@ class MetricsHttpServer:
     """The /metrics endpoint on its own port (prometheus_client's threaded WSGI server)."""
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        except OSError as exc:  # e.g. [Errno 98] Address already in use
+            raise Unavailable(f"cannot listen on {host}:{port} (metrics port, --metrics-port): {exc}") from None
         self.port = self._server.server_port
         log.info("metrics on http://%s:%d/metrics", host, self.port)
 

@@ -15,8 +15,10 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from inference_pod.errors import InvalidInput, LipSyncError, ModelNotFound, PackageError, Unavailable
+from inference_pod.errors import InvalidInput, LipSyncError, ModelNotFound, PackageError, Unavailable, echo
+from inference_pod.interfaces import FrameBatcher, InferenceEngine
 from inference_pod.metrics import Metrics
 from inference_pod.package import (
     AUDIO_ENCODER,
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 def check_model_name(name: str, what: str = "model name") -> str:
     """Names reach file paths and cache keys: only package identifiers are accepted."""
     if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
-        raise InvalidInput(f"{what} {name!r} is not valid: 1-63 characters of a-z, 0-9, '.', '_', '-'")
+        raise InvalidInput(f"{what} {echo(name)} is not valid: 1-63 characters of a-z, 0-9, '.', '_', '-'")
     return name
 
 
@@ -61,8 +63,8 @@ class LoadedModel:
 
     name: str
     version: str
-    engine: object
-    batcher: object
+    engine: InferenceEngine
+    batcher: FrameBatcher
     manifest: Manifest
     source: str
     memory_bytes: int
@@ -94,8 +96,8 @@ class LoadedModel:
         await self._idle.wait()
 
 
-EngineFactory = Callable[[object], object]  # CharacterPackage -> Engine (blocking; runs in a thread)
-BatcherFactory = Callable[[str, object], object]  # (model name, engine) -> Batcher (in the event loop)
+EngineFactory = Callable[[Any], InferenceEngine]  # CharacterPackage -> Engine (blocking; runs in a thread)
+BatcherFactory = Callable[[str, InferenceEngine], FrameBatcher]  # (model name, engine) -> Batcher (event loop)
 
 
 class ModelStore:

@@ -10,17 +10,25 @@ from __future__ import annotations
 from typing import Any
 
 from inference_pod.encoding import FORMATS, REGIONS
+from inference_pod.package import IDENTIFIER
 
-ERROR_CODES = ["INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
-               "UNIMPLEMENTED", "INTERNAL"]
+ERROR_CODES = ["INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
+               "UNAVAILABLE", "UNIMPLEMENTED", "INTERNAL"]
+# Model names and versions: the validator's own pattern (package.IDENTIFIER), so the schema accepts exactly
+# what the server does. ECMA-262's ``$`` matches only at the very end, as ``fullmatch`` does.
+NAME = {"type": "string", "pattern": f"^{IDENTIFIER.pattern}$", "minLength": 1, "maxLength": 63}
+# Standard base64, or a data: URL of it; never empty (leave the field out instead). The server also accepts
+# line breaks inside (what MIME encoders write); the schema states the canonical form.
+BASE64_TEXT = r"^(data:[^,]*;base64,)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 ERROR_STATUSES = {
     "400": "Bad input: JSON, field types, model name, frame id, audio, output options (code INVALID_ARGUMENT)",
     "401": "No valid API key (code UNAUTHENTICATED)",
     "404": "Unknown model (code NOT_FOUND)",
+    "409": "The server is not set up for this: no model registry is configured (code FAILED_PRECONDITION)",
     "413": "Body over --max-message-mb (code RESOURCE_EXHAUSTED)",
     "429": "The model's queue is full: back off and retry (code RESOURCE_EXHAUSTED)",
     "500": "A bug (code INTERNAL)",
-    "503": "Draining, or the registry cannot be reached / is not configured (code UNAVAILABLE)",
+    "503": "Draining, or the registry cannot be reached (code UNAVAILABLE)",
 }
 OPEN: list = []  # security requirement of the routes that need no key
 
@@ -40,6 +48,7 @@ def obj(properties: dict, required: list[str] | None = None, *, closed: bool = F
 
 
 def _int(description: str = "", **extra) -> dict:
+    """An integer; request fields that may be left out also take null (JSON null counts as absent)."""
     return {"type": "integer", **({"description": description} if description else {}), **extra}
 
 
@@ -53,21 +62,22 @@ def _str(description: str = "", **extra) -> dict:
 
 BOOL = {"type": "boolean"}
 BASE64 = {"type": "string", "contentEncoding": "base64"}
+AUDIO_BASE64 = {**BASE64, "minLength": 4, "pattern": BASE64_TEXT}
 
 
 def _schemas(max_batch_items: int) -> dict[str, Any]:
     output_fields = {
-        "format": {"type": "string", "enum": list(FORMATS), "default": "jpeg",
+        "format": {"type": ["string", "null"], "enum": [*FORMATS, None], "default": "jpeg",
                    "description": "raw: BGR uint8, row-major, height x width x 3, no header"},
-        "region": {"type": "string", "enum": list(REGIONS), "default": "full",
+        "region": {"type": ["string", "null"], "enum": [*REGIONS, None], "default": "full",
                    "description": "full: the template frame with the mouth pasted in; prediction: the "
                                   "network's 320x320 output (paste it at crop_box yourself)"},
-        "jpeg_quality": _int("1..100", minimum=1, maximum=100, default=90),
+        "jpeg_quality": _int("1..100", minimum=1, maximum=100, default=90, type=["integer", "null"]),
     }
-    audio_override = {**BASE64, "description": "an audio file's bytes (WAV, FLAC, OGG, MP3 ...), base64 or a "
+    audio_override = {**AUDIO_BASE64, "description": "an audio file's bytes (WAV, FLAC, OGG, MP3 ...), base64 or a "
                                                "data: URL; omitted or null: the model's default track"}
     frame_request_fields = {
-        "model_name": _str("character model", pattern="^[a-z0-9][a-z0-9._-]{0,62}$"),
+        "model_name": {**NAME, "description": "character model"},
         "frame_id": _int("frame of the audio track (25 fps), from 0", minimum=0),
         "audio_override": {"anyOf": [audio_override, {"type": "null"}]},
         **output_fields,
@@ -90,12 +100,16 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
         "name": _str(), "version": _str(),
         "state": {"type": "string", "enum": ["loaded", "available", "unspecified"]},
         "location": _str("memory, store or zip"), "audio_mode": _str(), "fps": _int(),
-        "frame_count": _int("template frames"), "default_track_frames": _int(), "memory_bytes": _int(),
+        "frame_count": _int("template frames in the package: the video loop the mouth is painted on (played "
+                            "ping-pong, so any frame_id has a template)"),
+        "default_track_frames": _int("frames of the model's default audio track: without audio_override, valid "
+                                     "frame_ids are 0..default_track_frames-1 (0 until the model is loaded)"),
+        "memory_bytes": _int(),
         "queue_depth": _int(), "idle_seconds": _num()})
     error = obj({"success": {"const": False}, "error": _str("what went wrong"),
                  "code": {"type": "string", "enum": ERROR_CODES, "description": "the gRPC status name"}})
     nullable_int = {"type": ["integer", "null"]}
-    ws_common = {"request_id": {"type": ["string", "integer"], "description": "echoed on every reply"}}
+    ws_common = {"request_id": {"type": ["string", "integer", "null"], "description": "echoed on every reply"}}
     return {
         "Error": error,
         "Health": obj({"status": {"type": "string", "enum": ["healthy", "starting", "draining"]}}),
@@ -107,14 +121,16 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
             "models_available": {"type": "array", "items": _str(), "description": "packages on local disk"},
             "cache_backend": {"type": "string", "enum": ["memory", "redis"]},
             "registry_url": {"type": ["string", "null"]}, "api_keys_required": BOOL,
+            "health_requires_key": {"type": "boolean", "description": "per-model gRPC health needs a key"},
             "websocket_connections": _int(),
-            "ports": obj({"grpc": _int(), "http": _int(), "metrics": nullable_int})}),
+            "ports": obj({"grpc": _int(), "http": nullable_int, "metrics": nullable_int})}),
         "Stats": obj({
             "success": BOOL, "server_version": _str(), "uptime_seconds": _num(), "inflight_requests": _int(),
             "draining": BOOL, "device": _str(), "precision": _str(), "max_batch": _int(),
             "models": {"type": "array", "items": obj({
-                "name": _str(), "version": _str(), "queue_depth": _int(), "frames_generated": _int(),
-                "frames_from_cache": _int(), "batches": _int(), "mean_batch_size": _num()})},
+                "name": _str(), "version": _str(), "queue_depth": _int(), "frames_generated": _int("by the model, since it was loaded"),
+                "frames_from_cache": _int("since it was loaded"), "batches": _int("since it was loaded"),
+                "mean_batch_size": _num()})},
             "cache": obj({"backend": _str(), "hits": _int(), "misses": _int(), "errors": _int(),
                           "bypassed": _int()}),
             "models_resident": _int(), "memory_budget_bytes": _int("0: unlimited"),
@@ -152,17 +168,19 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
                               ["type", "model_name", "frame_id"], closed=True),
         "WsStreamRequest": obj({
             "type": {"const": "stream"}, **ws_common, "model_name": frame_request_fields["model_name"],
-            "first": _int("first frame", minimum=0, default=0),
-            "last": {"type": ["integer", "null"], "description": "last frame, inclusive; null: end of track"},
-            "realtime": {"type": "boolean", "default": False, "description": "pace frames at fps"},
-            "fps": {"type": "number", "minimum": 0, "default": 0, "description": "0: the model's fps"},
+            "first": _int("first frame", minimum=0, default=0, type=["integer", "null"]),
+            "last": {"type": ["integer", "null"], "minimum": 0, "description": "last frame, inclusive; null: end of track"},
+            "realtime": {"type": ["boolean", "null"], "default": False, "description": "pace frames at fps"},
+            "fps": {"type": ["number", "null"], "minimum": 0, "default": 0, "description": "0: the model's fps"},
             "audio_override": frame_request_fields["audio_override"], **output_fields},
             ["type", "model_name"], closed=True),
         "WsAudioStart": obj({
             "type": {"const": "audio_start"}, **ws_common, "model_name": frame_request_fields["model_name"],
             "sample_rate": _int("of the binary PCM16 messages that follow", minimum=8000, maximum=192000,
+                                type=["integer", "null"],
                                 default=16000),
-            "channels": _int("interleaved", minimum=1, maximum=8, default=1), **output_fields},
+            "channels": _int("interleaved", minimum=1, maximum=8, default=1, type=["integer", "null"]),
+            **output_fields},
             ["type", "model_name"], closed=True,
             description="then binary messages of 16-bit little-endian PCM, then audio_end"),
         "WsAudioEnd": obj({"type": {"const": "audio_end"}, **ws_common}, ["type"], closed=True),
@@ -193,11 +211,14 @@ def _operation(operation_id: str, summary: str, ok: dict, errors: tuple[str, ...
     return op
 
 
-def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
-    authed = ("401",)
-    scoped = ("401", "503")  # refused while draining
-    frame_errors = ("400", "401", "404", "413", "429", "500", "503")
-    return {
+def openapi_document(version: str, max_batch_items: int, *, keys_required: bool) -> dict[str, Any]:
+    """The document of a pod as it runs: with ``keys_required`` (--api-keys-file), every route but /health,
+    /metrics and /openapi.json declares API-key security and a 401; without, none does."""
+    authed = ("401",) if keys_required else ()
+    scoped = (*authed, "503")  # refused while draining
+    frame_errors = ("400", *authed, "404", "413", "429", "500", "503")
+    registry_errors = (*scoped, "409")
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "SyncTalk_2D lip-sync inference pod: HTTP gateway",
@@ -207,7 +228,6 @@ def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
                            "{success: false, error, code} where code is the gRPC status name.",
         },
         "servers": [{"url": "/"}],
-        "security": [{"ApiKeyHeader": []}, {"BearerAuth": []}],
         "paths": {
             "/health": {"get": {
                 "operationId": "health", "summary": "200 while serving, 503 while starting (preloading) or draining",
@@ -229,19 +249,20 @@ def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
                                           _json("Models", "models"), scoped)},
             "/models/registry": {"get": _operation(
                 "listRegistry", "the packages in the model registry", _json("Registry", "registry listing"),
-                scoped)},
+                registry_errors)},
             "/models/download": {"post": _operation(
                 "downloadModel", "make the registry's newest (or the given) version of a model resident",
-                _json("Download", "loaded"), ("400", "401", "404", "503"),
+                _json("Download", "loaded"), ("400", "404", *registry_errors),
                 parameters=[
-                    {"name": "model_name", "in": "query", "required": True, "schema": {"type": "string"}},
-                    {"name": "version", "in": "query", "required": False, "schema": {"type": "string"}}])},
+                    {"name": "model_name", "in": "query", "required": True, "schema": NAME},
+                    {"name": "version", "in": "query", "required": False, "schema": NAME,
+                     "description": "leave it out for the registry's newest version"}])},
             "/generate/frame": {"post": _operation(
                 "generateFrame", "one frame", _json("Frame", "the frame"), frame_errors,
                 requestBody={"required": True, "content": {"application/json": {"schema": ref("FrameRequest")}}})},
             "/generate/batch": {"post": _operation(
                 "generateBatch", "many frames; a failing item fails alone (its result holds the error)",
-                _json("BatchResponse", "one result per request"), ("400", "401", "413", "500", "503"),
+                _json("BatchResponse", "one result per request"), ("400", *authed, "413", "500", "503"),
                 requestBody={"required": True, "content": {"application/json": {"schema": ref("BatchRequest")}}})},
             "/ws": {"get": {
                 "operationId": "websocket",
@@ -250,8 +271,7 @@ def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
                                "audio session. Each operation answers frame messages and, for streams and "
                                "audio, an end message; a failed operation answers an error message and the "
                                "socket stays open. A message over --max-message-mb closes the socket (1009).",
-                "security": [{"ApiKeyHeader": []}, {"BearerAuth": []}, {"ApiKeyQuery": []}],
-                "responses": {"101": {"description": "switching protocols"}, **_errors("400", "401", "503")},
+                "responses": {"101": {"description": "switching protocols"}, **_errors("400", *authed, "503")},
                 "x-websocket-messages": {
                     "client": [ref(n) for n in ("WsFrameRequest", "WsStreamRequest", "WsAudioStart", "WsAudioEnd",
                                                 "WsPing")],
@@ -261,12 +281,16 @@ def openapi_document(version: str, max_batch_items: int) -> dict[str, Any]:
         "components": {
             "schemas": _schemas(max_batch_items),
             "responses": {f"E{status}": _json("Error", text) for status, text in ERROR_STATUSES.items()},
-            "securitySchemes": {
-                "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
-                                 "description": "needed only when the server runs with --api-keys-file"},
-                "BearerAuth": {"type": "http", "scheme": "bearer"},
-                "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key",
-                                "description": "/ws only: browsers cannot set headers on a WebSocket"},
-            },
         },
     }
+    if keys_required:
+        document["security"] = [{"ApiKeyHeader": []}, {"BearerAuth": []}]
+        document["paths"]["/ws"]["get"]["security"] = [{"ApiKeyHeader": []}, {"BearerAuth": []},
+                                                       {"ApiKeyQuery": []}]
+        document["components"]["securitySchemes"] = {
+            "ApiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "BearerAuth": {"type": "http", "scheme": "bearer"},
+            "ApiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key",
+                            "description": "/ws only: browsers cannot set headers on a WebSocket"},
+        }
+    return document

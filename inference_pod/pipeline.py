@@ -23,7 +23,7 @@ from inference_pod.cache import Cache, CachedFrame
 from inference_pod.encoding import OutputSpec, encode_image
 from inference_pod.errors import AudioError, InvalidInput
 from inference_pod.metrics import Metrics
-from inference_pod.model_store import LoadedModel, ModelStore
+from inference_pod.model_store import LoadedModel, ModelStore, check_model_name
 from inference_pod.streaming import LiveTrack
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,21 @@ class AudioInput:
         if self.kind == "pcm16":
             return audio.pcm16_to_float(self.data, self.sample_rate, self.channels)
         return audio.decode_audio(self.data)
+
+
+@dataclass(frozen=True)
+class FrameRequest:
+    """One frame asked for, as every front door reads it (GenerateFrame, a batch item, a /ws frame)."""
+
+    model: str
+    frame_id: int
+    audio: AudioInput | None
+    output: OutputSpec
+
+    def __post_init__(self):  # what any request can be told without loading anything
+        check_model_name(self.model)
+        if self.frame_id < 0:
+            raise InvalidInput(f"frame id {self.frame_id} is negative: frame ids count from 0")
 
 
 @dataclass
@@ -138,7 +153,7 @@ class FramePipeline:
     async def stream(self, model_name: str, first: int, last: int | None, audio_input: AudioInput | None,
                      output: OutputSpec, realtime: bool = False, fps: float = 0.0) -> AsyncIterator[FrameResult]:
         """Frames first..last (inclusive; None: to the end of the track), in order (StreamFrames)."""
-        if fps < 0 or fps > 1000:
+        if not 0 <= fps <= 1000:  # NaN too
             raise InvalidInput(f"fps must be 0..1000 (0: the model's), got {fps}")
         async with self.store.use(model_name) as model:
             track = await self.track(model, audio_input)

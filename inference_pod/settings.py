@@ -66,6 +66,9 @@ class Settings:
         "metavar": "NAME"})
     api_keys_file: Path | None = field(default=None, metadata={
         "help": "file of accepted API keys, one per line; unset: no authentication", "type": _path_or_none})
+    health_requires_key: bool = field(default=False, metadata={
+        "help": "with API keys, a model's gRPC health (Health.Check service=NAME) needs a key too; the pod's own "
+                "health (service \"\") stays open for probes"})
     tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM), for gRPC and HTTP", "type": _path_or_none})
     tls_key: Path | None = field(default=None, metadata={"help": "TLS private key (PEM)", "type": _path_or_none})
     max_message_mb: int = field(default=64, metadata={
@@ -152,6 +155,8 @@ class Settings:
                 del kwargs["metavar"]  # argparse shows the choices instead
             if "nargs" in meta:
                 kwargs.update(nargs=meta.pop("nargs"), action="extend")
+            elif isinstance(f.default, bool):  # a switch: --flag alone is true; --flag false also works
+                kwargs.update(nargs="?", const="true", metavar="BOOL")
             kwargs.setdefault("type", meta.pop("type", None) or _converter(f))
             parser.add_argument(f"--{_flag(f.name)}", **kwargs)
 

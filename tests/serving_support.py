@@ -166,15 +166,15 @@ class StaticRegistry:
 
 
 class ServerThread:
-    """A LipSyncServer on its own event loop in a thread, so blocking clients can call it from the test."""
+    """A Pod on its own event loop in a thread, so blocking clients can call it from the test."""
 
     def __init__(self, settings):
-        from inference_pod.server import LipSyncServer
+        from inference_pod.pod import Pod
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = self.call(self._start(LipSyncServer, settings))
+        self.server = self.call(self._start(Pod, settings))
 
     @staticmethod
     async def _start(cls, settings):

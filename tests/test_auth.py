@@ -33,7 +33,7 @@ def test_check_accepts_listed_keys_only(tmp_path):
         keys.check("alphabet")
 
 
-def test_rotated_file_is_picked_up_and_a_broken_one_is_not(tmp_path, monkeypatch):
+def test_rotated_file_is_picked_up_and_an_unreadable_one_is_not(tmp_path, monkeypatch):
     monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
     path = tmp_path / "keys"
     path.write_text("old\n")
@@ -43,11 +43,26 @@ def test_rotated_file_is_picked_up_and_a_broken_one_is_not(tmp_path, monkeypatch
     keys.check("new-key")
     with pytest.raises(Unauthenticated):
         keys.check("old")
+    path.unlink()  # a Secret mid-rotation: the last good keys stay
+    keys.check("new-key")
+
+
+def test_an_emptied_file_refuses_every_key_until_keys_are_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(auth, "RELOAD_CHECK_S", 0.0)
+    path = tmp_path / "keys"
+    path.write_text("good-key\n")
+    keys = ApiKeys(path)
     path.write_text("# emptied by mistake\n")
     os.utime(path, ns=(2, 2))
-    keys.check("new-key")  # the last good keys stay
-    path.unlink()
-    keys.check("new-key")
+    with caplog.at_level("ERROR", logger="inference_pod.auth"):
+        with pytest.raises(Unauthenticated, match="holds no keys"):
+            keys.check("good-key")  # fail closed: an empty file means no key is accepted
+    assert any("now empty" in r.message and r.levelname == "ERROR" for r in caplog.records)
+    with pytest.raises(Unauthenticated, match="holds no keys"):
+        keys.check(None)
+    path.write_text("good-key\n")
+    os.utime(path, ns=(3, 3))
+    keys.check("good-key")
 
 
 def test_missing_or_empty_file_fails_at_start(tmp_path):

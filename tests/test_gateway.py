@@ -39,9 +39,11 @@ from inference_pod import audio
 from inference_pod.encoding import decode_image
 from inference_pod.engine import Engine
 from inference_pod.errors import Unavailable
-from inference_pod.package import open_package
+from inference_pod.openapi import openapi_document
+from inference_pod.package import IDENTIFIER, open_package
+from inference_pod.pod import MAX_BATCH_ITEMS
+from inference_pod.pod import Pod as InferencePod
 from inference_pod.registry import publish
-from inference_pod.server import MAX_BATCH_ITEMS, LipSyncServer
 from inference_pod.settings import Settings
 from lipsync.v1 import lipsync_pb2 as pb
 from lipsync.v1 import lipsync_pb2_grpc as pb_grpc
@@ -63,7 +65,7 @@ def settings_for(models_dir: Path, **overrides) -> Settings:
 
 @dataclass
 class Pod:
-    server: LipSyncServer
+    server: InferencePod
     url: str  # http://127.0.0.1:PORT
     http: aiohttp.ClientSession  # sends the API key
     anon: aiohttp.ClientSession  # sends none
@@ -87,7 +89,7 @@ class Pod:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings):
-    server = await LipSyncServer(settings).start()
+    server = await InferencePod(settings).start()
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}",
                                         options=[("grpc.max_receive_message_length", 64 << 20)])
     http = aiohttp.ClientSession(headers={"X-API-Key": KEY})
@@ -287,7 +289,7 @@ BAD_FRAME_REQUESTS = [
     ({"model_name": "demo", "frame_id": 1, "audio": "UklGRg=="}, 400, "unknown field(s) in a frame request: audio"),
     ({"model_name": "demo", "frame_id": 1, "audio_override": "***"}, 400, "not valid base64"),
     ({"model_name": "demo", "frame_id": 1, "audio_override": 12}, 400, "'audio_override' must be a string"),
-    ({"model_name": "demo", "frame_id": 1, "audio_override": ""}, 400, "audio is empty"),
+    ({"model_name": "demo", "frame_id": 1, "audio_override": ""}, 400, "'audio_override' is empty"),
     ({"model_name": "demo", "frame_id": 1, "audio_override": b64(b"definitely not audio")}, 400, "audio"),
     ({"model_name": "demo", "frame_id": 0, "audio_override": b64(wav_bytes(b"\0\0" * 100))}, 400, "too short"),
     ({"model_name": "nobody", "frame_id": 0}, 404, "nobody"),
@@ -357,27 +359,25 @@ async def test_generate_batch(pod, spec):
     await pod.server.store.unload("twin")
     requests = [{"model_name": "demo", "frame_id": i, **RAW_PREDICTION} for i in range(11, 17)]
     requests[2:2] = [{"model_name": "nobody", "frame_id": 0}]
-    requests[4:4] = [{"model_name": "demo", "frame_id": -3}]
-    requests += [{"model_name": "twin", "frame_id": 1}, "not an object", {"model_name": "demo"},
-                 {"model_name": "demo", "frame_id": 11, **RAW_PREDICTION}]
+    requests[4:4] = [{"model_name": "demo", "frame_id": 10_000}]
+    requests += [{"model_name": "twin", "frame_id": 1}, {"model_name": "demo", "frame_id": 11, **RAW_PREDICTION}]
     status, reply = await pod.call("POST", "/generate/batch", json={"requests": requests})
     assert status == 200
     conforms(spec, "BatchResponse", reply)
     results = reply["results"]
-    assert list(results) == ["demo_11", "demo_12", "nobody_0", "demo_13", "demo_-3", "demo_14", "demo_15",
-                             "demo_16", "twin_1", "item_9", "item_10", "demo_11#2"]
+    assert list(results) == ["demo_11", "demo_12", "nobody_0", "demo_13", "demo_10000", "demo_14", "demo_15",
+                             "demo_16", "twin_1", "demo_11#2"]
     assert [r["index"] for r in results.values()] == list(range(len(requests)))
     assert [r["success"] for r in results.values()] == [True, True, False, True, False, True, True, True, True,
-                                                        False, False, True]
+                                                        True]
     assert results["nobody_0"]["code"] == "NOT_FOUND" and "nobody" in results["nobody_0"]["error"]
-    assert results["demo_-3"]["code"] == "INVALID_ARGUMENT" and results["demo_-3"]["frame_id"] == -3
-    assert "must be a JSON object" in results["item_9"]["error"]
-    assert "'frame_id' is required" in results["item_10"]["error"]
+    assert results["demo_10000"]["code"] == "INVALID_ARGUMENT" and results["demo_10000"]["frame_id"] == 10_000
+    assert "outside the track" in results["demo_10000"]["error"]
     frames = [r for r in results.values() if r["success"]]
     assert [f["frame_id"] for f in frames] == [11, 12, 13, 14, 15, 16, 1, 11]
     assert max(f["timings"]["batch_size"] for f in frames) > 1  # the items went to the device together
     assert results["twin_1"]["auto_loaded"] and not results["demo_12"]["auto_loaded"]
-    assert (reply["total_requests"], reply["processed_count"], reply["failed_count"]) == (12, 8, 4)
+    assert (reply["total_requests"], reply["processed_count"], reply["failed_count"]) == (10, 8, 2)
     assert reply["auto_loaded_models"] == ["twin"] and reply["success"] is False
     assert reply["cached_count"] == sum(f["from_cache"] for f in frames) >= 1  # demo_11#2 at least
     # The same frame through /generate/frame: the batch cached it.
@@ -394,6 +394,12 @@ async def test_generate_batch(pod, spec):
     ({"requests": {"model_name": "demo"}}, "'requests' must be an array"),
     ({}, "'requests' is required"),
     ({"requests": [], "format": "png"}, "unknown field(s) in a batch request: format"),
+    # Items the schema refuses fail the whole request, naming the item, before any work is done.
+    ({"requests": [{"model_name": "demo", "frame_id": 0}, "not an object"]}, "requests[1] must be a JSON object"),
+    ({"requests": [{"model_name": "demo"}]}, "requests[0]: 'frame_id' is required"),
+    ({"requests": [{"model_name": "demo", "frame_id": -3}]}, "requests[0]: frame id -3 is negative"),
+    ({"requests": [{"model_name": "demo", "frame_id": 0, "colour": 1}]}, "requests[0]: unknown field(s)"),
+    ({"requests": [{"model_name": "Demo!", "frame_id": 0}]}, "requests[0]: model name 'Demo!' is not valid"),
     ({"requests": [{}] * (MAX_BATCH_ITEMS + 1)}, f"at most {MAX_BATCH_ITEMS}"),
     (b"{", "not valid JSON"),
 ])
@@ -432,6 +438,29 @@ async def test_models_and_stats_are_the_grpc_numbers(pod, spec):
                                                                "http": pod.server.gateway.port, "metrics": None}
     assert "demo" in state["models_resident"] and state["api_keys_required"]
     assert state["registry_url"] == pod.server.registry.url
+    # One meaning of loaded and available on every route: /status's lists are /models' states.
+    assert (state["models_resident"], state["models_available"]) == (models["loaded_models"],
+                                                                     models["available_models"])
+
+
+async def test_per_model_stats_count_since_the_model_was_loaded(pod):
+    """frames_generated and batches start together at a load: after unload and load both are 0."""
+    await pod.frame(model_name="twin", frame_id=15, format="png", region="prediction")
+    await pod.server.store.unload("twin")
+    await pod.call("POST", "/generate/frame", json={"model_name": "twin", "frame_id": 16, "format": "png",
+                                                    "region": "prediction"})
+    await pod.server.store.unload("twin")
+    await pod.server.store.load("twin")
+    status, stats = await pod.call("GET", "/stats")
+    twin = next(m for m in stats["models"] if m["name"] == "twin")
+    assert (twin["frames_generated"], twin["frames_from_cache"], twin["batches"]) == (0, 0, 0)
+    frames = await asyncio.gather(*(pod.frame(model_name="twin", frame_id=i, format="png", region="prediction")
+                                    for i in (17, 18, 19)))
+    assert not any(f["from_cache"] for f in frames)
+    twin = next(m for m in (await pod.stub.GetStats(pb.GetStatsRequest(), metadata=GRPC_KEY)).models
+                if m.name == "twin")
+    assert twin.frames_generated == 3 and twin.batches >= 1
+    assert twin.mean_batch_size * twin.batches == pytest.approx(twin.frames_generated)
 
 
 async def test_registry_listing_and_download(pod, spec):
@@ -454,7 +483,10 @@ async def test_registry_listing_and_download(pod, spec):
 
     for query, code, match in [("model_name=nobody", 404, "not in the registry"),
                                ("model_name=other&version=9", 404, "other 9"),
-                               ("", 400, "model_name is required"), ("model_name=A/B", 400, "model name")]:
+                               ("", 400, "model_name is required"), ("model_name=A/B", 400, "model name"),
+                               ("model_name=other&version=", 400, "version is empty"),
+                               ("model_name=other&version=1/../2", 400, "model version"),
+                               ("model_name=other&colour=red", 400, "unknown field(s) in the query: colour")]:
         status, reply = await pod.call("POST", f"/models/download?{query}")
         assert status == code and match in reply["error"], reply
 
@@ -480,6 +512,17 @@ async def test_openapi_documents_every_route(pod, spec):
     assert routes == documented
     open_paths = {path for path, item in spec["paths"].items() if item.get("get", {}).get("security") == []}
     assert open_paths == {"/health", "/metrics", "/openapi.json"}
+    assert spec["security"] and "401" in spec["paths"]["/models"]["get"]["responses"]
+
+
+async def test_openapi_names_are_the_validators_pattern():
+    """The schema accepts exactly the names and versions the server does."""
+    document = openapi_document("0", 8, keys_required=False)
+    name = document["components"]["schemas"]["FrameRequest"]["properties"]["model_name"]["pattern"]
+    query = {p["name"]: p["schema"]["pattern"] for p in document["paths"]["/models/download"]["post"]["parameters"]}
+    assert name == query["model_name"] == query["version"] == f"^{IDENTIFIER.pattern}$"
+    audio = document["components"]["schemas"]["FrameRequest"]["properties"]["audio_override"]["anyOf"][0]
+    assert audio["minLength"] == 4
 
 
 # ------------------------------------------------------------------------------------------ WebSocket
@@ -591,6 +634,16 @@ async def test_ws_errors_leave_the_socket_usable(pod, spec):
         assert (reply["type"], reply["frame_id"], reply["request_id"]) == ("frame", 3, "ok")
 
 
+@pytest.mark.parametrize("size", [LIMIT_BYTES + 1, 5 * LIMIT_BYTES, 20 * LIMIT_BYTES])
+async def test_ws_oversized_message_is_closed_with_1009_however_large(pod, size):
+    """The peer is still sending when the server refuses the message from its header: it must still read the
+    close frame (1009), not a reset connection."""
+    async with pod.http.ws_connect(pod.ws_url) as ws:
+        await ws.send_bytes(b"\0" * size)
+        closing = await ws.receive()
+        assert (closing.type, closing.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.MESSAGE_TOO_BIG)
+
+
 async def test_ws_oversized_message_closes_only_that_socket(pod):
     async with pod.http.ws_connect(pod.ws_url) as big, pod.http.ws_connect(pod.ws_url) as other:
         await big.send_bytes(b"\0" * (LIMIT_BYTES + 1))
@@ -634,9 +687,30 @@ async def test_queue_limits_and_a_pod_without_registry(tmp_path):
         assert sorted(status for status, _ in outcomes) == [200, 200, 429, 429]
         rejected = [reply for status, reply in outcomes if status == 429]
         assert rejected[0]["code"] == "RESOURCE_EXHAUSTED" and "retry" in rejected[0]["error"]
+        # No registry configured: one answer on both front doors (not a server error: the pod's setup).
+        await expect_grpc(grpc.StatusCode.FAILED_PRECONDITION, pod.stub.ListRegistry(pb.ListRegistryRequest()),
+                          "--registry-url")
         for path, method in [("/models/registry", "GET"), ("/models/download?model_name=demo", "POST")]:
             status, reply = await pod.call(method, path)
-            assert (status, reply["code"]) == (503, "UNAVAILABLE") and "--registry-url" in reply["error"]
+            assert (status, reply["code"]) == (409, "FAILED_PRECONDITION") and "--registry-url" in reply["error"]
+
+
+async def test_a_pod_without_keys_documents_no_security(tmp_path):
+    """The OpenAPI document describes the pod as it runs: no keys configured, no security declared."""
+    async with running(settings_for(models_dir_with(tmp_path / "models", "demo-1"))) as pod:
+        status, document = await pod.call("GET", "/openapi.json", pod.anon)
+        assert status == 200 and "security" not in document
+        assert not any("security" in operation or "401" in operation["responses"]
+                       for item in document["paths"].values() for operation in item.values()
+                       if operation.get("security") != [])
+        status, models = await pod.call("GET", "/models", pod.anon)
+        assert status == 200 and models["available_models"] == ["demo"]
+
+
+async def expect_grpc(code: grpc.StatusCode, call, match: str = "") -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code and match in info.value.details(), info.value.details()
 
 
 async def test_unreachable_registry_is_unavailable(tmp_path):
@@ -698,7 +772,7 @@ async def test_tls(tmp_path):
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await LipSyncServer(settings_for(models, tls_cert=cert, tls_key=key)).start()
+    server = await InferencePod(settings_for(models, tls_cert=cert, tls_key=key)).start()
     trusted = ssl.create_default_context(cafile=str(cert))
     url = f"{LOOPBACK}:{server.gateway.port}"
     try:
@@ -718,7 +792,7 @@ async def test_tls(tmp_path):
 
 async def test_http_port_zero_disables_the_gateway_and_a_taken_port_is_an_error(tmp_path):
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await LipSyncServer(settings_for(models, http_port=0)).start()
+    server = await InferencePod(settings_for(models, http_port=0)).start()
     try:
         assert server.gateway is None
         async with grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}") as channel:
@@ -729,8 +803,8 @@ async def test_http_port_zero_disables_the_gateway_and_a_taken_port_is_an_error(
     with socket.socket() as taken:
         taken.bind((LOOPBACK, 0))
         taken.listen()
-        server = LipSyncServer(settings_for(models, http_port=taken.getsockname()[1]))
-        with pytest.raises(Unavailable, match=r"cannot listen on .*\(HTTP gateway\).*in use"):
+        server = InferencePod(settings_for(models, http_port=taken.getsockname()[1]))
+        with pytest.raises(Unavailable, match=r"cannot listen on .*\(HTTP gateway, --http-port\).*in use"):
             await server.start()
         await server.stop(grace_s=0)
 

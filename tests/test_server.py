@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -29,10 +32,11 @@ from serving_support import (
 from inference_pod import audio
 from inference_pod.encoding import decode_image
 from inference_pod.engine import Engine
+from inference_pod.errors import Unavailable
 from inference_pod.package import open_package
 from inference_pod.pipeline import AudioInput
+from inference_pod.pod import Pod
 from inference_pod.registry import publish
-from inference_pod.server import LipSyncServer
 from inference_pod.settings import Settings
 from lipsync.v1 import lipsync_pb2 as pb
 from lipsync.v1 import lipsync_pb2_grpc as pb_grpc
@@ -54,7 +58,7 @@ def settings_for(models_dir: Path, **overrides) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings):
-    server = await LipSyncServer(settings).start()
+    server = await Pod(settings).start()
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}", options=CHANNEL_OPTIONS)
     try:
         yield server, pb_grpc.LipSyncStub(channel), health_pb2_grpc.HealthStub(channel)
@@ -225,19 +229,25 @@ async def test_generate_batch_items_fail_alone(pod):
     _, stub, _ = pod
     items = [pb.GenerateFrameRequest(model="demo", frame_id=i, output=RAW_PREDICTION) for i in range(6)]
     items.insert(2, pb.GenerateFrameRequest(model="nobody", frame_id=0))
-    items.insert(4, pb.GenerateFrameRequest(model="demo", frame_id=-3))
+    items.insert(4, pb.GenerateFrameRequest(model="demo", frame_id=10**6))
     items.append(pb.GenerateFrameRequest(model="twin", frame_id=1))
     response = await stub.GenerateBatch(pb.GenerateBatchRequest(items=items))
     kinds = [r.WhichOneof("result") for r in response.results]
     assert kinds == ["frame", "frame", "error", "frame", "error", "frame", "frame", "frame", "frame"]
     assert response.results[2].error.code == "NOT_FOUND" and "nobody" in response.results[2].error.message
-    assert response.results[4].error.code == "INVALID_ARGUMENT"
+    assert response.results[4].error.code == "INVALID_ARGUMENT" and "outside" in response.results[4].error.message
     frames = [r.frame for r in response.results if r.HasField("frame")]
     assert [f.frame_id for f in frames] == [0, 1, 2, 3, 4, 5, 1]
     assert [f.model for f in frames][-1] == "twin"
     assert max(f.timings.batch_size for f in frames) > 1  # the items went to the device together
     empty = await stub.GenerateBatch(pb.GenerateBatchRequest())
     assert list(empty.results) == []
+    # A malformed item fails the whole request, naming it, as over HTTP; nothing is rendered.
+    for bad, match in [(pb.GenerateFrameRequest(model="demo", frame_id=-3), "items[1]: frame id -3 is negative"),
+                       (pb.GenerateFrameRequest(model="Demo!", frame_id=0), "items[1]: model name"),
+                       (pb.GenerateFrameRequest(model="demo", output=pb.OutputOptions(format=99)), "items[1]")]:
+        await expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda bad=bad: stub.GenerateBatch(
+            pb.GenerateBatchRequest(items=[items[0], bad])), match)
 
 
 async def test_concurrent_requests_are_batched(pod):
@@ -441,7 +451,7 @@ async def test_full_queues_are_resource_exhausted(tmp_path):
 
 async def test_graceful_shutdown(tmp_path):
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await LipSyncServer(settings_for(models, preload=["demo"])).start()
+    server = await Pod(settings_for(models, preload=["demo"])).start()
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}")
     stub, health = pb_grpc.LipSyncStub(channel), health_pb2_grpc.HealthStub(channel)
     stream = stub.StreamFrames(pb.StreamFramesRequest(model="demo", first_frame=0, last_frame=9, realtime=True,
@@ -581,7 +591,7 @@ async def test_tls_and_preload(tmp_path):
                     str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await LipSyncServer(settings_for(models, tls_cert=cert, tls_key=key, preload=["demo"])).start()
+    server = await Pod(settings_for(models, tls_cert=cert, tls_key=key, preload=["demo"])).start()
     try:
         assert [m.name for m in server.store.resident] == ["demo"]  # loaded before the first request
         credentials = grpc.ssl_channel_credentials(cert.read_bytes())
@@ -595,3 +605,114 @@ async def test_tls_and_preload(tmp_path):
                 await health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=2)
     finally:
         await server.stop(grace_s=1)
+
+
+# ------------------------------------------------------------------------------------------ hostile and mistaken input
+
+
+GARBAGE = [b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x08" + b"\x80" * 11]  # bad tag, length, varint
+
+
+async def test_malformed_request_bytes_are_the_clients_error(pod, caplog):
+    """Bytes that are not the method's message: INVALID_ARGUMENT, no traceback or ERROR in the pod's log,
+    counted under the method, and the pod stays SERVING."""
+    server, _, health = pod
+    before = server.metrics.sample("lipsync_request_duration_seconds_count",
+                                   {"method": "GenerateFrame", "code": "INVALID_ARGUMENT"})
+    async with grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}") as channel:
+        calls = {"GenerateFrame": channel.unary_unary, "GenerateBatch": channel.unary_unary,
+                 "StreamFrames": channel.unary_stream, "ListModels": channel.unary_unary,
+                 "LoadModel": channel.unary_unary, "GetStats": channel.unary_unary}
+        with caplog.at_level("INFO"):
+            for method, kind in calls.items():
+                for garbage in GARBAGE:
+                    call = kind(f"/lipsync.v1.LipSync/{method}", request_serializer=None,
+                                response_deserializer=None)
+                    await expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda c=call, g=garbage: c(g),
+                                        "not a valid lipsync.v1.")
+
+            async def garbage_stream():
+                yield GARBAGE[0]
+
+            audio = channel.stream_stream("/lipsync.v1.LipSync/StreamAudio", request_serializer=None,
+                                          response_deserializer=None)
+            await expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: audio(garbage_stream()), "StreamAudioRequest")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+    assert server.metrics.sample("lipsync_request_duration_seconds_count",
+                                 {"method": "GenerateFrame", "code": "INVALID_ARGUMENT"}) == before + len(GARBAGE)
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
+
+
+async def test_error_messages_echo_only_a_little_of_a_huge_value(pod):
+    """A 100,000-character name is refused as INVALID_ARGUMENT with a short message, not echoed whole until
+    gRPC's metadata limit turns it into RESOURCE_EXHAUSTED."""
+    _, stub, health = pod
+    name = "x" * 100_000
+    calls = [lambda: stub.GenerateFrame(pb.GenerateFrameRequest(model=name, frame_id=0)),
+             lambda: stub.LoadModel(pb.LoadModelRequest(name=name)),
+             lambda: stub.LoadModel(pb.LoadModelRequest(name="demo", version=name)),
+             lambda: stub.UnloadModel(pb.UnloadModelRequest(name=name)),
+             lambda: stub.StreamFrames(pb.StreamFramesRequest(model=name)),
+             lambda: stub.GenerateBatch(pb.GenerateBatchRequest(items=[pb.GenerateFrameRequest(model=name)])),
+             lambda: stub.StreamAudio(live_requests(name, b""))]
+    for call in calls:
+        details = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, call, "is not valid")
+        assert "xxxx…" in details and len(details) < 300, details
+    details = await expect_status(grpc.StatusCode.NOT_FOUND,
+                                  lambda: health.Check(health_pb2.HealthCheckRequest(service=name)), "no model named")
+    assert len(details) < 300
+
+
+async def test_model_health_needs_a_key_with_health_requires_key(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("health-key\n")
+    models = models_dir_with(tmp_path / "models", "demo-1")
+    key = (("x-api-key", "health-key"),)
+    async with running(settings_for(models, api_keys_file=keys, health_requires_key=True, preload=["demo"])) as (
+            server, _, health):
+        # The pod's own health stays open: kubelet probes carry no key.
+        for service in ("", "lipsync.v1.LipSync"):
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=service))).status == SERVING
+        for service in ("demo", "nobody"):  # without a key, which models exist is not told
+            await expect_status(grpc.StatusCode.UNAUTHENTICATED,
+                                lambda s=service: health.Check(health_pb2.HealthCheckRequest(service=s)),
+                                "--health-requires-key")
+        assert (await health.Check(health_pb2.HealthCheckRequest(service="demo"), metadata=key)).status == SERVING
+        await expect_status(grpc.StatusCode.NOT_FOUND, lambda: health.Check(
+            health_pb2.HealthCheckRequest(service="nobody"), metadata=key), "no model named 'nobody'")
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="demo"))
+        await expect_status(grpc.StatusCode.UNAUTHENTICATED, lambda: watch)
+        assert server.metrics.sample("lipsync_request_duration_seconds_count",
+                                     {"method": "Health.Check", "code": "UNAUTHENTICATED"}) == 2
+    # Without the setting a model's health is open, as documented in docs/API.md.
+    async with running(settings_for(models, api_keys_file=keys, preload=["demo"])) as (_, _, health):
+        assert (await health.Check(health_pb2.HealthCheckRequest(service="demo"))).status == SERVING
+
+
+@pytest.mark.parametrize("flag", ["port", "metrics_port", "http_port"])
+async def test_a_busy_port_is_one_clear_error_and_nothing_stays_bound(tmp_path, flag):
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        ports = {"port": free_port(), "metrics_port": free_port(), "http_port": free_port(),
+                 flag: taken.getsockname()[1]}
+        pod = Pod(settings_for(tmp_path, **ports))
+        with pytest.raises(Unavailable, match=f"cannot listen on {LOOPBACK}:{ports[flag]} .*--{flag.replace('_', '-')}"):
+            await pod.start()
+    for name, port in ports.items():  # whatever was bound before the failure was released
+        if name != flag:
+            with socket.socket() as probe:
+                probe.bind((LOOPBACK, port))
+
+
+async def test_serve_with_a_busy_metrics_port_prints_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "inference_pod.cli", "serve", "--host", LOOPBACK, "--port", "0", "--http-port", "0",
+             "--metrics-port", str(taken.getsockname()[1]), "--models-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lipsync: error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and "metrics port" in errors[0], result.stderr

@@ -22,7 +22,7 @@ ENV_VALUES = {
     "registry_token": ("s3cret", "s3cret"),
     "redis_url": ("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/0"), "frame_cache_ttl": ("60", 60.0),
     "feature_cache_ttl": ("120", 120.0), "memory_cache_mb": ("16", 16), "preload": ("a, b,c", ["a", "b", "c"]),
-    "api_keys_file": ("/keys", Path("/keys")), "tls_cert": ("/c.pem", Path("/c.pem")),
+    "api_keys_file": ("/keys", Path("/keys")), "health_requires_key": ("true", True), "tls_cert": ("/c.pem", Path("/c.pem")),
     "tls_key": ("/k.pem", Path("/k.pem")), "max_message_mb": ("8", 8), "max_audio_seconds": ("30", 30.0),
     "encode_threads": ("3", 3), "shutdown_grace_s": ("4", 4.0), "log_level": ("debug", "DEBUG"),
 }
@@ -96,3 +96,10 @@ def test_serve_command_exposes_every_flag_and_keeps_the_global_log_level():
     for f in dataclasses.fields(Settings):
         assert f"--{f.name.replace('_', '-')}" in help_text
         assert env_name(f.name) in help_text
+
+
+def test_a_boolean_setting_is_a_switch():
+    assert parse([], {}).health_requires_key is False
+    assert parse(["--health-requires-key"], {}).health_requires_key is True
+    assert parse(["--health-requires-key", "false"], {"LIPSYNC_HEALTH_REQUIRES_KEY": "1"}).health_requires_key is False
+    assert parse([], {"LIPSYNC_HEALTH_REQUIRES_KEY": "true"}).health_requires_key is True

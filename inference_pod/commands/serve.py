@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_args(args).check_paths()
     logging.getLogger().setLevel(settings.log_level)
-    from inference_pod.server import LipSyncServer
+    from inference_pod.pod import Pod
 
-    asyncio.run(LipSyncServer(settings).run())
+    asyncio.run(Pod(settings).run())
     return 0
