@@ -177,8 +177,9 @@ def test_cli_prints_integers_as_numbers(pod, capsys, tmp_path):
         assert code == 0 and _digit_strings(data) == [], action
     code, out, _ = cli(pod, capsys, "stats")
     demo = next(m for m in json.loads(out)["models"] if m["name"] == "demo")
-    assert isinstance(demo["frames_generated"], int) and demo["frames_generated"] >= 1
-    assert "frames_from_cache" in demo  # zero values are printed, not left out
+    # frame 3 may come from the cache when an earlier test asked for it: one of the two counters saw it
+    assert isinstance(demo["frames_generated"], int) and isinstance(demo["frames_from_cache"], int)
+    assert demo["frames_generated"] + demo["frames_from_cache"] >= 1  # zero values are printed, not left out
     code, out, _ = cli(pod, capsys, "frame", "demo", "7", "-o", str(tmp_path / "g.jpg"))
     assert json.loads(out)["frame_id"] == 7
 
