@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -142,6 +143,9 @@ class RedisStore:
         from redis.backoff import NoBackoff
 
         self.url = url
+        # what logs show: never the password a chart-made URL carries (redis://:PASSWORD@host:port/db)
+        parts = urlsplit(url)
+        self.display_url = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
         self.timeout_s = timeout_s
         self._client = aioredis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
@@ -314,7 +318,7 @@ class Cache:
     def _redis_failed(self, exc: BaseException) -> None:
         self.metrics.cache_bypass.inc()
         if self._redis_usable():
-            log.warning("Redis %s failed (%s: %s); bypassing the cache for %.1fs", self._redis.url,
+            log.warning("Redis %s failed (%s: %s); bypassing the cache for %.1fs", self._redis.display_url,
                         type(exc).__name__, exc, self.redis_cooldown_s)
         self._redis_down_until = time.monotonic() + self.redis_cooldown_s
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
+import socket
 
 import numpy as np
 import pytest
@@ -158,3 +160,16 @@ async def test_a_hung_redis_times_out_into_a_bypass(redis_server):
     await asyncio.sleep(0.15)
     assert await cache.get_frame(key) == frame(1)
     await cache.close()
+
+
+async def test_a_failing_redis_is_logged_without_its_password(caplog):
+    with socket.socket() as probe:  # a port nothing listens on: every call fails
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cache = Cache(Metrics(), redis_url=f"redis://:hunter2-secret@127.0.0.1:{port}/0", redis_timeout_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="inference_pod.cache"):
+        assert await cache.get_frame(cache.frame_key("demo", "1", "default", 1, "full.png")) is None
+    await cache.close()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"redis://127.0.0.1:{port}/0 failed" in logged
+    assert "hunter2" not in logged

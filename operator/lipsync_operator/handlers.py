@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit
 
 import kopf
 
@@ -45,8 +46,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
     settings.watching.client_timeout = 330
     config = OperatorConfig.from_env()
     memo.reconciler = Reconciler(KubeClient.from_environment(timeout_s=config.api_timeout_seconds), config)
-    logger.info("lipsync-operator: registry=%r image=%r redis=%r", config.registry_url or None,
-                config.inference_image, config.default_redis_url or None)
+    # the Redis host only: the chart's default URL carries the password
+    redis_host = urlsplit(config.default_redis_url).hostname if config.default_redis_url else None
+    logger.info("lipsync-operator: registry=%r image=%r redis host=%r", config.registry_url or None,
+                config.inference_image, redis_host)
 
 
 @kopf.on.cleanup()

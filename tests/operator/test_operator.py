@@ -8,6 +8,7 @@ the one under test, talking HTTP to the emulator exactly as it would to a cluste
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import kubernetes_validate
 import pytest
@@ -389,3 +390,13 @@ async def test_the_operator_restarts_at_any_moment_without_duplicates(cluster, r
     for resource in (DEPLOYMENTS, SERVICES, PDBS):
         assert cluster.creations(resource, "alice") == 1
     assert len(cluster.live(DEPLOYMENTS)) == 1
+
+
+async def test_the_start_line_names_the_redis_host_not_its_password(start_operator, monkeypatch, caplog):
+    monkeypatch.setenv("LIPSYNC_OPERATOR_DEFAULT_REDIS_URL", "redis://:hunter2-secret@lipsync-redis.ns.svc:6379/0")
+    with caplog.at_level(logging.INFO):
+        op = await start_operator()
+        await op.stop()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "redis host='lipsync-redis.ns.svc'" in logged
+    assert "hunter2" not in logged
