@@ -25,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -153,14 +154,15 @@ class RedisStore:
         )
 
     # Socket timeouts bound each read and connect; wait_for also bounds waiting for a pooled connection.
+    # Replies are bytes: the client is made without decode_responses (the stubs cannot know that).
     async def get(self, key: str) -> bytes | None:
-        return await asyncio.wait_for(self._client.get(key), self.timeout_s * 2)
+        return cast("bytes | None", await asyncio.wait_for(self._client.get(key), self.timeout_s * 2))
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         await asyncio.wait_for(self._client.set(key, value, px=max(1, int(ttl_s * 1000))), self.timeout_s * 2)
 
     async def get_set(self, key: str, value: str) -> bytes | None:
-        return await asyncio.wait_for(self._client.getset(key, value), self.timeout_s * 2)
+        return cast("bytes | None", await asyncio.wait_for(self._client.getset(key, value), self.timeout_s * 2))
 
     async def delete_matching(self, prefix: str, keep: str | None = None) -> int:
         """SCAN (never KEYS: it blocks Redis) and UNLINK in batches."""
@@ -268,13 +270,14 @@ class Cache:
         frames = f"{self.prefix}frame:{model}:"
         if self._memory is not None:
             return self._memory.delete_matching(frames, keep=f"{frames}{version}:")
-        if not self._redis_usable():
+        redis = self._usable_redis()
+        if redis is None:
             return 0
         try:
-            previous = await self._redis.get_set(marker, version)
+            previous = await redis.get_set(marker, version)
             if previous is None or previous.decode() == version:
                 return 0
-            deleted = await self._redis.delete_matching(frames, keep=f"{frames}{version}:")
+            deleted = await redis.delete_matching(frames, keep=f"{frames}{version}:")
         except Exception as exc:  # any Redis failure means: skip the cache
             self._redis_failed(exc)
             return 0
@@ -287,12 +290,12 @@ class Cache:
     async def _get(self, kind: str, key: str) -> bytes | None:
         if self._memory is not None:
             data = self._memory.get(key)
-        elif not self._redis_usable():
+        elif (redis := self._usable_redis()) is None:
             self.metrics.cache_bypass.inc()
             return None
         else:
             try:
-                data = await self._redis.get(key)
+                data = await redis.get(key)
             except Exception as exc:  # refused, timeout, protocol: all bypass
                 self._redis_failed(exc)
                 self.metrics.cache_requests.labels(kind=kind, result="error").inc()
@@ -304,21 +307,23 @@ class Cache:
         if self._memory is not None:
             self._memory.set(key, value, ttl_s)
             return
-        if not self._redis_usable():
+        redis = self._usable_redis()
+        if redis is None:
             self.metrics.cache_bypass.inc()
             return
         try:
-            await self._redis.set(key, value, ttl_s)
+            await redis.set(key, value, ttl_s)
         except Exception as exc:
             self._redis_failed(exc)
 
-    def _redis_usable(self) -> bool:
-        return time.monotonic() >= self._redis_down_until
+    def _usable_redis(self) -> RedisStore | None:
+        """The Redis store, unless there is none or it failed within the cool-down."""
+        return self._redis if time.monotonic() >= self._redis_down_until else None
 
     def _redis_failed(self, exc: BaseException) -> None:
         self.metrics.cache_bypass.inc()
-        if self._redis_usable():
-            log.warning("Redis %s failed (%s: %s); bypassing the cache for %.1fs", self._redis.display_url,
+        if (redis := self._usable_redis()) is not None:  # the first failure of a spell is logged
+            log.warning("Redis %s failed (%s: %s); bypassing the cache for %.1fs", redis.display_url,
                         type(exc).__name__, exc, self.redis_cooldown_s)
         self._redis_down_until = time.monotonic() + self.redis_cooldown_s
 

@@ -40,7 +40,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
             return text
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +104,7 @@ def _path_error(parser: argparse.ArgumentParser, args: argparse.Namespace, exc: 
     failed = Path(os.fsdecode(exc.filename))
     for label, given in _given_paths(parser, args):
         if failed == given or given in failed.parents:
-            what, fix = _OS_FIXES.get(exc.errno, (exc.strerror or str(exc), "check the path"))
+            what, fix = _OS_FIXES.get(exc.errno or 0, (exc.strerror or str(exc), "check the path"))
             where = f" ({failed})" if failed != given else ""
             return f"{label} {given}: {what}{where} — {fix}"
     return None
@@ -112,17 +112,18 @@ def _path_error(parser: argparse.ArgumentParser, args: argparse.Namespace, exc: 
 
 def _given_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[tuple[str, Path]]:
     """(how the user named it, path) for every path argument of the chosen command."""
-    while parser is not None:
+    current: argparse.ArgumentParser | None = parser
+    while current is not None:
         child = None
-        for action in parser._actions:
+        for action in current._actions:
             if isinstance(action, argparse._SubParsersAction):
-                child = action.choices.get(getattr(args, action.dest, None))
+                child = action.choices.get(getattr(args, action.dest, None) or "")
                 continue
             value = getattr(args, action.dest, None)
             for path in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(path, Path):
                     yield (action.option_strings[-1] if action.option_strings else action.dest.upper()), path
-        parser = child
+        current = child
 
 
 if __name__ == "__main__":

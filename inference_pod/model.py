@@ -129,6 +129,7 @@ class AudioConv(nn.Module):
         super().__init__()
         ch = _channels(base_width)
         in_ch = AUDIO_FEATURE_SHAPES[mode][0]
+        conv3_stride: int | tuple[int, int]
         if mode == "wenet":
             # At width 32 the input already has ch[3] = 256 channels and both blocks are residual; at other
             # widths the first block must change the channel count, so it cannot be.

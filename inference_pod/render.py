@@ -152,14 +152,15 @@ class _VideoEncoder:
         self._audio_path = audio_path
         self._fps = fps
         self._ffmpeg = ffmpeg
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     def write(self, frame: np.ndarray) -> None:
         if self._proc is None:
             self._proc = self._start(frame.shape[1], frame.shape[0])
+        assert self._proc.stdin is not None  # opened with stdin=PIPE
         self._proc.stdin.write(np.ascontiguousarray(frame).tobytes())
 
-    def _start(self, width: int, height: int) -> subprocess.Popen:
+    def _start(self, width: int, height: int) -> subprocess.Popen[bytes]:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [self._ffmpeg, "-y", "-v", "error", "-f", "rawvideo", "-pix_fmt", "bgr24",
                "-s", f"{width}x{height}", "-r", str(self._fps), "-i", "pipe:0"]
@@ -173,6 +174,7 @@ class _VideoEncoder:
     def close(self) -> None:
         if self._proc is None:
             return
+        assert self._proc.stdin is not None and self._proc.stderr is not None  # both PIPE
         self._proc.stdin.close()
         stderr = self._proc.stderr.read().decode(errors="replace")
         if self._proc.wait() != 0:

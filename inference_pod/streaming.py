@@ -100,6 +100,7 @@ class LiveTrack:
         count = audio.window_count(total_mel)  # raises a clear AudioError when the stream was too short
         if count > self._raw_count:
             self._add_raw(self._encode_range(self._raw_count, count, total_mel=total_mel))
+        assert self._last_raw is not None  # count >= 1 raw windows exist once window_count passed
         self._extend_padded(self._last_raw[None])  # SyncTalk_2D repeats the last feature
         return self._ready(count + 2 - 1)
 

@@ -133,7 +133,7 @@ def read_dataset(dataset_dir) -> SyncTalkDataset:
             raise PackageError(f"{FRAMES_DIR}/{i}.jpg is missing ({count} frames found, numbered up to {max(numbered)})")
     frame_paths = [numbered[i] for i in range(count)]
 
-    image_size = None
+    image_size: tuple[int, int] | None = None
     boxes = np.empty((count, 4), dtype=np.int32)
     for i, frame_path in enumerate(frame_paths):
         label = f"{FRAMES_DIR}/{i}.jpg"
@@ -148,6 +148,7 @@ def read_dataset(dataset_dir) -> SyncTalkDataset:
             raise PackageError(f"{label} is {size[0]}x{size[1]} but {FRAMES_DIR}/0.jpg is {image_size[0]}x{image_size[1]}")
         lms_label = f"{LANDMARKS_DIR}/{i}.lms"
         boxes[i] = crop_box(read_landmarks(root / LANDMARKS_DIR / f"{i}.lms", lms_label), size, lms_label)
+    assert image_size is not None  # there is at least one frame
     return SyncTalkDataset(root=root, frame_paths=frame_paths, crop_boxes=boxes, image_size=image_size)
 
 
@@ -240,7 +241,7 @@ def build_package(dataset_dir, checkpoint, audio_encoder, name: str, out, versio
     wav16k = audio.load_audio(str(dataset.audio_path)) if dataset.audio_path else None
     if features_path is not None:
         features = _read_features(features_path, mode)
-    elif mode == "ave" and wav16k is not None:
+    elif mode == "ave" and wav16k is not None and encoder_state is not None:  # ave always has one
         log.info("no %s; computing the default track's AVE features from %s", FEATURE_FILES[mode], AUDIO_FILE)
         encoder = AveAudioEncoder()
         load_strict(encoder, encoder_state, "audio encoder")
