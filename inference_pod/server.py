@@ -94,7 +94,8 @@ class LipSyncServer:
         from inference_pod.engine import Engine
 
         s = self.settings
-        return Engine.from_package(package, device=s.device, precision=s.precision, max_batch=s.max_batch)
+        return Engine.from_package(package, device=s.device, precision=s.precision, max_batch=s.max_batch,
+                                   identity_network=s.benchmark_identity_network)
 
     def _make_batcher(self, name: str, engine) -> Batcher:
         s = self.settings
@@ -154,6 +155,10 @@ class LipSyncServer:
 
             self.gateway = await HttpGateway(self).start()
         self._watch_device_memory()
+        if s.benchmark_identity_network:
+            self.metrics.benchmark_identity_network.set(1)
+            log.warning("BENCHMARK IDENTITY NETWORK: no U-Net runs; every frame is its template's own mouth "
+                        "region. For measuring the serving layer only, never for real traffic.")
         await self._grpc.start()
         for pkg in self._local_models():
             await self.health.set(pkg.name, health_pb2.HealthCheckResponse.NOT_SERVING)
