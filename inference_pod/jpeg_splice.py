@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import cv2
 import numpy as np
@@ -87,30 +87,30 @@ class FrameGrid:
     height: int
     subsampling: str = DEFAULT_SUBSAMPLING
 
-    @property
+    @cached_property  # every frame asks: computed once per grid
     def mcu(self) -> tuple[int, int]:
         _, w, h = SUBSAMPLINGS[self.subsampling]
         return w, h
 
-    @property
+    @cached_property
     def mcu_cols(self) -> int:
         return -(-self.width // self.mcu[0])
 
-    @property
+    @cached_property
     def mcu_rows(self) -> int:
         return -(-self.height // self.mcu[1])
 
-    @property
+    @cached_property
     def restart_mcus(self) -> int:
         """The fewest MCUs, dividing a row's, that span MIN_SEGMENT_PX: segments then tile each MCU row."""
         cols, mcu_w = self.mcu_cols, self.mcu[0]
         return next(d for d in range(1, cols + 1) if cols % d == 0 and (d * mcu_w >= MIN_SEGMENT_PX or d == cols))
 
-    @property
+    @cached_property
     def segments_per_row(self) -> int:
         return self.mcu_cols // self.restart_mcus
 
-    @property
+    @cached_property
     def segments(self) -> int:
         return self.mcu_rows * self.segments_per_row
 

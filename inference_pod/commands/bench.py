@@ -49,11 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = bench.add_parser("engine", help="batched engine vs SyncTalk_2D's per-frame loop, in one run")
     p.add_argument("--package", type=Path, help="character package; default: a generated demo of --width")
     p.add_argument("--width", type=int, default=32, help="U-Net base width of the generated demo (32 = SyncTalk_2D)")
+    p.add_argument("--frame-size", type=_size, default=(256, 256), help="frame size WxH of the generated demo "
+                                                                        "(default 256x256; e.g. 1280x720, 1920x1080)")
+    p.add_argument("--identity-network", action="store_true",
+                   help="BENCHMARKS ONLY: an identity instead of the U-Net (returns each template's region), to "
+                        "measure the CPU side alone; named in the results")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     p.add_argument("--batch-sizes", type=_int_list, default="1,2,4,8,16,32,64")
     p.add_argument("--frames", type=int, default=64, help="frames per batch-size run")
-    p.add_argument("--naive-frames", type=int, default=16, help="frames through the naive loop")
+    p.add_argument("--naive-frames", type=int, default=16, help="frames through the naive loop (0: skip it)")
+    p.add_argument("--output-batch", type=_positive, default=16, help="batch of the region-vs-full-frame rows")
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"))
     p.set_defaults(func=run_engine)
 
@@ -97,9 +103,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_engine(args: argparse.Namespace) -> int:
     from inference_pod.bench.engine_bench import EngineBenchConfig, run
 
-    cfg = EngineBenchConfig(package=args.package, width=args.width, device=args.device, precision=args.precision,
+    cfg = EngineBenchConfig(package=args.package, width=args.width, frame_size=args.frame_size,
+                            identity_network=args.identity_network, device=args.device, precision=args.precision,
                             batch_sizes=args.batch_sizes, frames=args.frames, naive_frames=args.naive_frames,
-                            out=args.out)
+                            output_batch=args.output_batch, out=args.out)
     result = run(cfg)
     print(result["markdown"])
     print(f"\nJSON: {args.out}")
