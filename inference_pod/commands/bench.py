@@ -90,6 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--scenarios", type=_names, help=f"comma-separated subset of: {','.join(SERVICE_SCENARIOS)}")
     s.add_argument("--torch-threads", type=int, help="torch threads per process (default 1 on CPU: the client "
                                                      "and the server share the cores; 0: torch's default)")
+    s.add_argument("--identity-network", action="store_true", default=None,
+                   help="BENCHMARKS ONLY: the server it starts runs an identity instead of the U-Net (each "
+                        "template's own region), to measure the serving layer alone; named in the results")
     s.add_argument("--server-args", type=shlex.split, help="more `lipsync serve` flags for the server it starts, "
                                                            "e.g. '--max-batch 4' (it always binds 127.0.0.1)")
     s.add_argument("--max-scenario-s", type=float, help="a scenario stops sending after this long (default 300)")
@@ -122,7 +125,7 @@ def run_service(args: argparse.Namespace) -> int:
         frames=args.frames, clients=args.clients, streams=args.streams, stream_seconds=args.stream_seconds,
         chunk_ms=args.chunk_ms, budget_ms=args.budget_ms, stress_sizes=args.stress_sizes,
         cache_pairs=args.cache_pairs, scenarios=args.scenarios, torch_threads=args.torch_threads,
-        server_args=args.server_args,
+        server_args=args.server_args, identity_network=args.identity_network,
         max_scenario_s=args.max_scenario_s, seed=args.seed, out_dir=args.out_dir, progress=not args.no_progress)
     result = run(cfg)
     print()
