@@ -199,33 +199,48 @@ def splice(template: ScanSegments, region_jpeg: bytes, grid: FrameGrid, region: 
 
 
 class TemplateScans:
-    """Bounded LRU of parsed template encodings, keyed by (template, quality), within a byte budget."""
+    """Parsed template encodings, keyed by (template, quality), within a byte budget.
+
+    Frames walk the templates in a cycle, so plain least-recently-used eviction would miss on every frame
+    once the templates outgrow the budget. Instead a full cache admits a newcomer only in place of an entry
+    left unused for STALE_ROUNDS times as many lookups as it holds entries (a quality no longer asked for,
+    a model's templates beyond the budget); otherwise it keeps the set it has, which keeps hitting.
+    """
+
+    STALE_ROUNDS = 8
 
     def __init__(self, budget_bytes: int):
         self.budget_bytes = budget_bytes
-        self._items: OrderedDict[tuple[int, int], ScanSegments] = OrderedDict()
+        self._items: OrderedDict[tuple[int, int], ScanSegments] = OrderedDict()  # least recently used first
+        self._last_used: dict[tuple[int, int], int] = {}
+        self._lookups = 0
         self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key: tuple[int, int]) -> ScanSegments | None:
         with self._lock:
+            self._lookups += 1
             item = self._items.get(key)
             if item is not None:
                 self._items.move_to_end(key)
+                self._last_used[key] = self._lookups
             return item
 
     def put(self, key: tuple[int, int], scans: ScanSegments) -> None:
         if scans.nbytes > self.budget_bytes:
             return
         with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
+            if key in self._items:
+                return
+            while self._bytes + scans.nbytes > self.budget_bytes:
+                oldest = next(iter(self._items))
+                if self._lookups - self._last_used[oldest] <= self.STALE_ROUNDS * len(self._items):
+                    return  # everything here is still in use: keep it
+                self._bytes -= self._items.pop(oldest).nbytes
+                del self._last_used[oldest]
             self._items[key] = scans
+            self._last_used[key] = self._lookups
             self._bytes += scans.nbytes
-            while self._bytes > self.budget_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.nbytes
 
     def __len__(self) -> int:
         return len(self._items)

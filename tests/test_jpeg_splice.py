@@ -131,14 +131,29 @@ def test_scan_segments_rejects_what_it_cannot_cut():
         ScanSegments(no_restarts, grid.segments)
 
 
-def test_template_scans_stay_within_their_budget_least_recently_used_first():
+def test_template_scans_stay_within_their_budget_and_keep_hitting_when_templates_outgrow_it():
     grid = FrameGrid(64, 64)
-    scans = [ScanSegments(encode_jpeg(_picture(64, 64, i), grid.settings(90)), grid.segments) for i in range(4)]
-    cache = TemplateScans(budget_bytes=scans[0].nbytes + scans[1].nbytes + scans[2].nbytes // 2)
-    cache.put((0, 90), scans[0])
-    cache.put((1, 90), scans[1])
-    assert cache.get((0, 90)) is scans[0]  # now 1 is the least recently used
-    cache.put((2, 90), scans[2])
-    assert cache.get((1, 90)) is None and cache.get((0, 90)) is scans[0] and cache.get((2, 90)) is scans[2]
-    assert cache.nbytes <= cache.budget_bytes and len(cache) == 2
-    TemplateScans(budget_bytes=10).put((3, 90), scans[3])  # larger than the whole budget: not kept
+    scans = [ScanSegments(encode_jpeg(_picture(64, 64, i), grid.settings(90)), grid.segments) for i in range(12)]
+    largest = max(s.nbytes for s in scans)
+    cache = TemplateScans(budget_bytes=4 * largest)
+    hits = 0
+    for _ in range(20):  # frames cycle through 12 templates; about 4 fit
+        for t, scan in enumerate(scans):
+            if cache.get((t, 90)) is scan:
+                hits += 1
+            else:
+                cache.put((t, 90), scan)
+            assert cache.nbytes <= cache.budget_bytes
+    assert cache.nbytes == sum(scans[t].nbytes for t in range(12) if cache.get((t, 90)) is not None)
+    assert hits > 20 * 12 // 10  # least-recently-used eviction would never hit here
+    assert hits >= 19 * 3  # a stable set of those that fit hits on every round after the first
+    stale = TemplateScans(budget_bytes=2 * largest)  # a set nobody asks for any more makes way
+    stale.put((0, 50), scans[0])
+    stale.put((1, 50), scans[1])
+    for _ in range(TemplateScans.STALE_ROUNDS * 2 + 1):
+        stale.get((2, 90))
+    stale.put((2, 90), scans[2])
+    assert stale.get((2, 90)) is scans[2] and stale.nbytes <= stale.budget_bytes
+    small = TemplateScans(budget_bytes=10)
+    small.put((3, 90), scans[3])  # larger than the whole budget: not kept
+    assert len(small) == 0 and small.nbytes == 0
