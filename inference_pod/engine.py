@@ -362,18 +362,21 @@ class Engine:
                 outputs.append(step(index, chunk).cpu())
         return torch.cat(outputs).numpy()
 
-    def _pasted(self, template_id: int, prediction: np.ndarray) -> np.ndarray:
-        """The crop box's new pixels: the prediction pasted into its 328 crop, resized back (bicubic)."""
+    def _paste(self, template_id: int, prediction: np.ndarray, dst: np.ndarray) -> None:
+        """Write the crop box's new pixels into ``dst`` (the box's view of a frame or region): the
+        prediction pasted into its 328 crop, resized back (bicubic) straight into place."""
         box = self._boxes[template_id]
         crop = self._crops[template_id].copy()
         crop[INNER, INNER] = prediction
-        return cv2.resize(crop, (box.x2 - box.x1, box.y2 - box.y1), interpolation=cv2.INTER_CUBIC)
+        out = cv2.resize(crop, (box.x2 - box.x1, box.y2 - box.y1), dst=dst, interpolation=cv2.INTER_CUBIC)
+        if out is not dst:  # a layout OpenCV could not write into: copy
+            dst[...] = out
 
     def composite(self, template_id: int, prediction: np.ndarray) -> np.ndarray:
         """The full frame: a copy of the template frame with the prediction pasted into its crop box."""
         box = self._boxes[template_id]
         frame = self._frames.get(template_id).copy()
-        frame[box.y1 : box.y2, box.x1 : box.x2] = self._pasted(template_id, prediction)
+        self._paste(template_id, prediction, frame[box.y1 : box.y2, box.x1 : box.x2])
         return frame
 
     def full_frame_jpeg(self, template_id: int, prediction: np.ndarray, quality: int) -> FullFrameJpeg:
@@ -393,8 +396,8 @@ class Engine:
         template = self._template_scans.get(key) if region is not None else None
         if template is not None:
             part = frame[region.y0 : region.y1, region.x0 : region.x1].copy()
-            part[box.y1 - region.y0 : box.y2 - region.y0, box.x1 - region.x0 : box.x2 - region.x0] = self._pasted(
-                template_id, prediction)
+            self._paste(template_id, prediction,
+                        part[box.y1 - region.y0 : box.y2 - region.y0, box.x1 - region.x0 : box.x2 - region.x0])
             return FullFrameJpeg(splice(template, encode_jpeg(part, settings), grid, region), width, height, "spliced")
         data = encode_jpeg(self.composite(template_id, prediction), settings)
         if region is not None:
