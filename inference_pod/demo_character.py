@@ -100,10 +100,11 @@ def draw_frame(index: int, size: tuple[int, int], style: _Style) -> tuple[np.nda
     it), 61-68 and 69-76 eyes, 77-96 outer lips, 97-104 inner lips, 105-106 pupils, 107-109 forehead.
     """
     w, h = size
+    s = min(w, h)  # the head scales with the short side: a 16:9 frame shows a face and more background
     t = index / DEMO_FPS
-    cx = w * 0.5 + 0.025 * w * np.sin(2 * np.pi * 0.31 * t + style.phases[0])
+    cx = w * 0.5 + 0.025 * s * np.sin(2 * np.pi * 0.31 * t + style.phases[0])
     cy = h * 0.46 + 0.015 * h * np.sin(2 * np.pi * 0.23 * t + style.phases[1])
-    rx, ry = 0.26 * w, 0.33 * h
+    rx, ry = 0.26 * s, 0.33 * s
     opening = mouth_opening(index, style)
     blink = np.sin(2 * np.pi * 0.35 * t + style.phases[4]) > 0.97  # a short blink every few seconds
 
@@ -131,7 +132,7 @@ def draw_frame(index: int, size: tuple[int, int], style: _Style) -> tuple[np.nda
         eyes.append(_on_ellipse(ex, eye_y, eye_rx, eye_ry, np.linspace(0, 2 * np.pi, 8, endpoint=False)))
         pupils.append((ex, eye_y))
         brow = _on_ellipse(ex, eye_y - 0.06 * ry, 1.2 * eye_rx, 0.18 * ry, np.linspace(1.15 * np.pi, 1.85 * np.pi, 9))
-        cv2.polylines(img, [np.array([_pt(*p) for p in brow])], False, style.hair, max(1, w // 90), cv2.LINE_AA, SHIFT)
+        cv2.polylines(img, [np.array([_pt(*p) for p in brow])], False, style.hair, max(1, s // 90), cv2.LINE_AA, SHIFT)
         brows.append(brow)
 
     nose_top, nose_tip = cy - 0.06 * ry, cy + 0.2 * ry
@@ -140,7 +141,7 @@ def draw_frame(index: int, size: tuple[int, int], style: _Style) -> tuple[np.nda
          [cx, nose_tip], [cx - 0.14 * rx, cy + 0.22 * ry], [cx - 0.07 * rx, cy + 0.25 * ry],
          [cx + 0.07 * rx, cy + 0.25 * ry], [cx + 0.14 * rx, cy + 0.22 * ry], [cx + 0.05 * rx, cy + 0.12 * ry]]
     )  # fmt: skip
-    cv2.polylines(img, [np.array([_pt(*p) for p in nose[1:9]])], False, tuple(0.65 * c for c in skin), max(1, w // 128), cv2.LINE_AA, SHIFT)
+    cv2.polylines(img, [np.array([_pt(*p) for p in nose[1:9]])], False, tuple(0.65 * c for c in skin), max(1, s // 128), cv2.LINE_AA, SHIFT)
 
     mouth_y = cy + 0.5 * ry
     lip_rx, lip_ry = 0.36 * rx, (0.06 + 0.16 * opening) * ry

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 
 from inference_pod.errors import InvalidInput
+from inference_pod.jpeg_splice import encode_jpeg, jpeg_settings
 
 FORMATS = ("jpeg", "png", "raw")
 REGIONS = ("full", "prediction")
@@ -41,13 +42,16 @@ class OutputSpec:
 
 
 def encode_image(bgr: np.ndarray, spec: OutputSpec) -> bytes:
-    """Encode an (H, W, 3) uint8 BGR image. Raw is the pixels as they are: row-major BGR."""
+    """Encode an (H, W, 3) uint8 BGR image. Raw is the pixels as they are: row-major BGR.
+
+    Every JPEG has restart markers (see jpeg_splice): they change no pixel, and they let a full frame be
+    made by encoding only its mouth region, with these very bytes.
+    """
     if spec.format == "raw":
         return np.ascontiguousarray(bgr).tobytes()
     if spec.format == "jpeg":
-        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, spec.jpeg_quality])
-    else:
-        ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+        return encode_jpeg(bgr, jpeg_settings(bgr.shape[1], bgr.shape[0], spec.jpeg_quality))
+    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
     if not ok:
         raise RuntimeError(f"OpenCV could not encode a {bgr.shape} image as {spec.format}")
     return buf.tobytes()

@@ -28,6 +28,7 @@ from torch import nn
 
 from inference_pod import audio
 from inference_pod.errors import AudioError, InvalidInput, PackageError
+from inference_pod.jpeg_splice import ScanSegments, TemplateScans, encode_jpeg, frame_grid, splice
 from inference_pod.model import (
     AUDIO_FEATURE_SHAPES,
     CROP_SIZE,
@@ -43,6 +44,8 @@ INNER = slice(4, 4 + MODEL_INPUT_SIZE)  # the 320x320 region inside the 328 crop
 MASK_RECT = (5, 5, 310, 305)  # OpenCV (x, y, w, h) of the mouth mask drawn on the 320 region
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ENCODER_BATCH = 256
+# Template encodings kept for splicing full-frame JPEGs: about 200 KB per 1080p template and quality.
+DEFAULT_JPEG_CACHE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,14 @@ class CropBox:
     x2: int
     y2: int
     size: int
+
+
+@dataclass(frozen=True)
+class FullFrameJpeg:
+    data: bytes
+    width: int
+    height: int
+    path: str  # "spliced" or "plain": see Engine.full_frame_jpeg
 
 
 def pingpong_index(frame_id: int, n_templates: int) -> int:
@@ -191,6 +202,8 @@ class Engine:
         cuda_graphs: bool | None = None,
         device_batch: int | None = None,
         frame_budget_bytes: int = 1 << 30,
+        jpeg_cache_bytes: int = DEFAULT_JPEG_CACHE_BYTES,
+        identity_network: bool = False,
     ):
         if precision not in PRECISIONS:
             raise InvalidInput(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -216,6 +229,12 @@ class Engine:
         # a 320x320 U-Net overflow the caches past one frame, so per-frame calls are fastest there
         # (measured: width 32, 2 cores, 6.3 FPS at 1 frame a call against 4.1 at 16).
         self.device_batch = min(max_batch, device_batch or (max_batch if on_cuda else 1))
+        # Benchmark only: "predictions" are the templates' own regions, so a benchmark measures everything
+        # but the network (what a pod carries once the network runs at GPU speed). Never a default.
+        self.identity_network = identity_network
+        if identity_network:
+            log.warning("BENCHMARK IDENTITY NETWORK for model %r: frames are the templates' own mouth regions, "
+                        "not lip-sync predictions", self.name)
 
         net = LipSyncUNet(self.mode, manifest.model_width)
         load_strict(net, package.unet_state(), "U-Net")
@@ -234,6 +253,7 @@ class Engine:
             self.encoder = encoder.eval().to(self.device)  # fp32: cheap, and features feed every model
 
         self._load_templates(package, frame_budget_bytes)
+        self._template_scans = TemplateScans(jpeg_cache_bytes)
         defaults = package.default_features()
         self.default_features = audio.pad_features(defaults.astype(np.float32)) if defaults is not None else None
 
@@ -330,6 +350,8 @@ class Engine:
         ids = torch.as_tensor(template_ids, dtype=torch.long)
         if int(ids.min()) < 0 or int(ids.max()) >= self.num_templates:
             raise InvalidInput(f"template index out of range 0..{self.num_templates - 1}")
+        if self.identity_network:  # benchmark only: no device work at all, the templates' own regions
+            return np.ascontiguousarray(self._crops[ids.numpy()][:, INNER, INNER])
         outputs = []
         step_size = self.device_batch
         with self._predict_lock, torch.inference_mode():
@@ -340,27 +362,60 @@ class Engine:
                 outputs.append(step(index, chunk).cpu())
         return torch.cat(outputs).numpy()
 
-    def composite(self, template_id: int, prediction: np.ndarray) -> np.ndarray:
-        """Paste a prediction into its 328 crop, resize back (bicubic) and into a copy of the full frame."""
+    def _paste(self, template_id: int, prediction: np.ndarray, dst: np.ndarray) -> None:
+        """Write the crop box's new pixels into ``dst`` (the box's view of a frame or region): the
+        prediction pasted into its 328 crop, resized back (bicubic) straight into place."""
         box = self._boxes[template_id]
         crop = self._crops[template_id].copy()
         crop[INNER, INNER] = prediction
+        out = cv2.resize(crop, (box.x2 - box.x1, box.y2 - box.y1), dst=dst, interpolation=cv2.INTER_CUBIC)
+        if out is not dst:  # a layout OpenCV could not write into: copy
+            dst[...] = out
+
+    def composite(self, template_id: int, prediction: np.ndarray) -> np.ndarray:
+        """The full frame: a copy of the template frame with the prediction pasted into its crop box."""
+        box = self._boxes[template_id]
         frame = self._frames.get(template_id).copy()
-        frame[box.y1 : box.y2, box.x1 : box.x2] = cv2.resize(
-            crop, (box.x2 - box.x1, box.y2 - box.y1), interpolation=cv2.INTER_CUBIC
-        )
+        self._paste(template_id, prediction, frame[box.y1 : box.y2, box.x1 : box.x2])
         return frame
+
+    def full_frame_jpeg(self, template_id: int, prediction: np.ndarray, quality: int) -> FullFrameJpeg:
+        """``encode_image(composite(template_id, prediction))`` as JPEG, byte for byte, and how it was made.
+
+        "spliced": only the restart-aligned region around the crop box was composited and encoded, the
+        rest of the bytes are the template's (see jpeg_splice). "plain": the whole frame was; that encoding
+        is then kept as the template's, since outside the region the frame is its template.
+        """
+        box = self._boxes[template_id]
+        frame = self._frames.get(template_id)
+        height, width = frame.shape[:2]
+        grid = frame_grid(width, height)
+        settings = grid.settings(quality)
+        region = grid.region(box.x1, box.y1, box.x2, box.y2)
+        key = (template_id, quality)
+        template = self._template_scans.get(key) if region is not None else None
+        if template is not None:
+            part = frame[region.y0 : region.y1, region.x0 : region.x1].copy()
+            self._paste(template_id, prediction,
+                        part[box.y1 - region.y0 : box.y2 - region.y0, box.x1 - region.x0 : box.x2 - region.x0])
+            return FullFrameJpeg(splice(template, encode_jpeg(part, settings), grid, region), width, height, "spliced")
+        data = encode_jpeg(self.composite(template_id, prediction), settings)
+        if region is not None:
+            self._template_scans.put(key, ScanSegments(data, grid.segments))
+        return FullFrameJpeg(data, width, height, "plain")
 
     def template_crop(self, template_id: int) -> np.ndarray:
         """The template's inner 320x320 region (BGR), for side-by-side checks."""
         return self._crops[template_id][INNER, INNER]
 
     def memory_bytes(self) -> int:
-        """Bytes this engine holds (weights, resident templates, decoded frames): for the memory budget."""
+        """Bytes this engine holds (weights, resident templates, decoded frames, template JPEGs): for the
+        memory budget."""
         params = sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
         if self.encoder is not None:
             params += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
-        return params + self._templates.numel() + self._crops.nbytes + self._frames.nbytes()
+        return (params + self._templates.numel() + self._crops.nbytes + self._frames.nbytes()
+                + self._template_scans.nbytes)
 
     def close(self) -> None:
         """Release device memory now rather than at garbage collection."""

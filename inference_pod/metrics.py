@@ -68,6 +68,13 @@ class Metrics:
             "lipsync_device_memory_bytes",
             "Memory by kind: models (estimated, resident models), allocated/reserved/total (CUDA device)",
             ["kind"], registry=r)
+        self.full_frame_jpegs = Counter(
+            "lipsync_full_frame_jpegs", "Full-frame JPEGs by how they were made: spliced (only the mouth region "
+            "encoded, the rest from the template's encoding) or plain (the whole frame encoded)",
+            ["model", "path"], registry=r)
+        self.benchmark_identity_network = Gauge(
+            "lipsync_benchmark_identity_network", "1: a benchmark-only identity network replaces every model's "
+            "U-Net (frames are the templates' own regions, not lip-sync)", registry=r)
         # Labels are created up front so dashboards see zeros rather than absent series.
         for kind in ("frame", "features"):
             for result in ("hit", "miss", "error"):

@@ -252,8 +252,10 @@ class FramePipeline:
             window = engine.windows(track.features, [frame_id])[0]
         batch = await model.batcher.submit(template_id, window)
         encode_started = time.perf_counter()
-        image, width, height = await asyncio.get_running_loop().run_in_executor(
+        image, width, height, jpeg_path = await asyncio.get_running_loop().run_in_executor(
             self.cpu_pool, _finish_image, engine, template_id, batch.prediction, output)
+        if jpeg_path is not None:
+            self.metrics.full_frame_jpegs.labels(model=model.name, path=jpeg_path).inc()
         box = engine.crop_box(template_id)
         crop_box = (box.x1, box.y1, box.x2, box.y2, box.size)
         if key is not None:
@@ -321,11 +323,16 @@ def check_frame_id(frame_id: int, track: Track) -> None:
         raise InvalidInput(f"frame id {frame_id} is outside the track: valid ids are 0..{track.frames - 1}")
 
 
-def _finish_image(engine, template_id: int, prediction: np.ndarray, output: OutputSpec) -> tuple[bytes, int, int]:
-    """CPU pool: paste into the full frame if asked, then encode."""
+def _finish_image(engine, template_id: int, prediction: np.ndarray,
+                  output: OutputSpec) -> tuple[bytes, int, int, str | None]:
+    """CPU pool: paste into the full frame if asked, then encode. Full-frame JPEGs are spliced where they
+    can be (the same bytes, for the cost of the mouth region); the last item says how ("spliced", "plain")."""
+    if output.region == "full" and output.format == "jpeg":
+        jpeg = engine.full_frame_jpeg(template_id, prediction, output.jpeg_quality)
+        return jpeg.data, jpeg.width, jpeg.height, jpeg.path
     image = engine.composite(template_id, prediction) if output.region == "full" else prediction
     height, width = image.shape[:2]
-    return encode_image(image, output), width, height
+    return encode_image(image, output), width, height, None
 
 
 __all__ = ["AudioInput", "FramePipeline", "FrameResult", "Timings", "Track", "check_frame_id"]

@@ -99,7 +99,8 @@ class Pod:
         from inference_pod.engine import Engine
 
         s = self.settings
-        return Engine.from_package(package, device=s.device, precision=s.precision, max_batch=s.max_batch)
+        return Engine.from_package(package, device=s.device, precision=s.precision, max_batch=s.max_batch,
+                                   identity_network=s.benchmark_identity_network)
 
     def _make_batcher(self, name: str, engine: InferenceEngine) -> Batcher:
         s = self.settings
@@ -152,6 +153,10 @@ class Pod:
             self.cpu_pool.shutdown(wait=False)
             raise
         self._watch_device_memory()
+        if s.benchmark_identity_network:
+            self.metrics.benchmark_identity_network.set(1)
+            log.warning("BENCHMARK IDENTITY NETWORK: no U-Net runs; every frame is its template's own mouth "
+                        "region. For measuring the serving layer only, never for real traffic.")
         for name in await asyncio.to_thread(self.store.local_packages):
             await self.grpc.set_serving(name, False)
         await self.grpc.set_serving("", False)

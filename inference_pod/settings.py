@@ -79,6 +79,9 @@ class Settings:
     shutdown_grace_s: float = field(default=30.0, metadata={
         "help": "on SIGTERM, how long in-flight calls get to finish"})
     log_level: str = field(default="INFO", metadata={"help": "log level", "choices": LOG_LEVELS})
+    benchmark_identity_network: bool = field(default=False, metadata={
+        "help": "BENCHMARKS ONLY: replace every model's U-Net by an identity that returns the template's own "
+                "mouth region, to measure what the serving layer carries without the network"})
 
     def __post_init__(self):
         # Accept plain strings from Python callers too, the same way flags and env vars are read.

@@ -49,3 +49,17 @@ def test_bad_bytes_are_invalid_input():
         decode_image(b"not an image", "jpeg")
     with pytest.raises(InvalidInput):
         decode_image(b"\x00" * 10, "raw", 2, 2)
+
+
+def test_jpeg_restart_markers_change_no_pixel():
+    """Every JPEG carries restart markers (for splicing); they decode to what OpenCV's plain JPEG does."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    image = np.clip(np.linspace(0, 255, 200 * 333 * 3).reshape(200, 333, 3) + rng.normal(0, 20, (200, 333, 3)),
+                    0, 255).astype(np.uint8)
+    for quality in (1, 37, 90, 100):
+        ours = encode_image(image, OutputSpec(jpeg_quality=quality))
+        plain = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+        assert b"\xff\xdd" in ours[: ours.index(b"\xff\xda")] and ours != plain  # a restart interval is declared
+        assert np.array_equal(decode_image(ours, "jpeg"), decode_image(plain, "jpeg"))

@@ -145,3 +145,49 @@ def test_reduced_precision_on_gpu_matches_fp32(demo_character_package, precision
     assert np.percentile(diff, 99) <= 4 and diff.mean() < 1.0, (diff.max(), diff.mean())
     # odd batch sizes replay a padded CUDA graph: results must not depend on the padding
     np.testing.assert_array_equal(gpu.predict(templates[:5], w[:5]), gpu.predict(templates, w)[:5])
+
+
+@pytest.fixture(scope="module")
+def wide_engine(tmp_path_factory) -> Engine:
+    """A 320x240 character: its crop box is a small part of the frame, so full frames are spliced."""
+    from inference_pod.demo_character import build_demo_package
+
+    out = tmp_path_factory.mktemp("wide") / "wide.zip"
+    build_demo_package("wide", out, width=4, frames=4, seed=1, size=(320, 240), audio_seconds=1.0)
+    return Engine.from_package(extract_package(out, tmp_path_factory.mktemp("wide-x") / "wide"), max_batch=4)
+
+
+def test_full_frame_jpeg_is_the_encoded_composite_byte_for_byte(wide_engine):
+    from inference_pod.encoding import OutputSpec, decode_image, encode_image
+
+    engine = wide_engine
+    ids = list(range(4))
+    templates = [engine.template_index(i) for i in ids]
+    predictions = engine.predict(templates, engine.windows(engine.default_features, ids))
+    before = engine.memory_bytes()
+    for quality in (1, 55, 90, 100):
+        for t, prediction in zip(templates, predictions, strict=True):
+            expected = encode_image(engine.composite(t, prediction), OutputSpec(jpeg_quality=quality))
+            first = engine.full_frame_jpeg(t, prediction, quality)
+            again = engine.full_frame_jpeg(t, prediction[::-1].copy(), quality)  # another frame, same template
+            assert first.data == expected and (first.width, first.height) == (320, 240)
+            assert again.data == encode_image(engine.composite(t, prediction[::-1]), OutputSpec(jpeg_quality=quality))
+            assert np.array_equal(decode_image(again.data, "jpeg"), decode_image(
+                encode_image(engine.composite(t, prediction[::-1]), OutputSpec(jpeg_quality=quality)), "jpeg"))
+            assert (first.path, again.path) in {("plain", "spliced"), ("spliced", "spliced")}
+    assert engine.full_frame_jpeg(templates[0], predictions[0], 90).path == "spliced"
+    assert engine.memory_bytes() > before  # the template encodings are counted
+
+
+def test_a_crop_box_covering_most_of_the_frame_takes_the_plain_path(engine):
+    prediction = engine.template_crop(1)
+    for _ in range(2):
+        assert engine.full_frame_jpeg(1, prediction, 90).path == "plain"  # 64x64 frames: the box is most of it
+
+
+def test_identity_network_returns_each_templates_own_region(demo_character_package):
+    identity = Engine.from_package(demo_character_package, max_batch=4, identity_network=True)
+    templates = [3, 0, 7]
+    out = identity.predict(templates, identity.windows(identity.default_features, [0, 1, 2]))
+    for t, frame in zip(templates, out, strict=True):
+        assert np.array_equal(frame, identity.template_crop(t))

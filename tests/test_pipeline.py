@@ -93,3 +93,35 @@ async def test_audio_limits_and_frame_ranges(setup):
         await pipeline.frame("demo", 10_000, None, OutputSpec())
     frames = [r.frame_id async for r in pipeline.stream("demo", 3, 5, None, OutputSpec(format="png"))]
     assert frames == [3, 4, 5]
+
+
+async def test_full_frame_jpegs_are_spliced_after_each_templates_first_and_counted(tmp_path):
+    from inference_pod.demo_character import build_demo_package
+    from inference_pod.encoding import encode_image
+
+    models = tmp_path / "models"
+    models.mkdir()
+    build_demo_package("wide", models / "wide-1.zip", width=4, frames=3, seed=2, size=(320, 240), audio_seconds=1.0)
+    metrics = Metrics()
+    store = ModelStore(models_dir=models, extract_dir=models / ".store", metrics=metrics,
+                       engine_factory=lambda package: Engine.from_package(package, max_batch=4),
+                       batcher_factory=lambda name, engine: Batcher(name, engine, metrics, max_batch=4))
+    pool = ThreadPoolExecutor(2)
+    try:
+        pipeline = FramePipeline(store, Cache(metrics), metrics, pool)
+        results = [r async for r in pipeline.stream("wide", 0, 7, None, OutputSpec(jpeg_quality=75))]
+        async with store.use("wide") as model:
+            engine = model.engine
+            windows = engine.windows(engine.default_features, list(range(8)))
+            for r in results:  # what the plain path gives for the same prediction, byte for byte
+                prediction = engine.predict([r.template_id], windows[r.frame_id : r.frame_id + 1])[0]
+                assert r.image == encode_image(engine.composite(r.template_id, prediction), OutputSpec(jpeg_quality=75))
+                assert (r.width, r.height) == (320, 240)
+        plain = metrics.sample("lipsync_full_frame_jpegs_total", {"model": "wide", "path": "plain"})
+        spliced = metrics.sample("lipsync_full_frame_jpegs_total", {"model": "wide", "path": "spliced"})
+        assert plain + spliced == 8 and spliced >= 8 - 3  # 3 templates: at most one plain frame each
+        await pipeline.frame("wide", 0, None, OutputSpec(region="prediction"))
+        assert metrics.sample("lipsync_full_frame_jpegs_total", {"model": "wide", "path": "plain"}) == plain
+    finally:
+        await store.close()
+        pool.shutdown()

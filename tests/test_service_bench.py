@@ -53,7 +53,8 @@ def rows_by_scenario(result: dict) -> dict[str, list[dict]]:
 def test_every_scenario_ran_and_every_frame_came_back(quick_run):
     cfg, result = quick_run
     by = rows_by_scenario(result)
-    assert set(by) == {*GENERATION, "cache", "engine-sequential", "engine-batch50"}
+    assert set(by) == {*GENERATION, "cache", "engine-sequential", "engine-batch50", "outputs-prediction",
+                       "outputs-full"}
     assert result["live"]["levels"] and not result["skipped"]
     for row in result["scenarios"]:
         assert row["success_rate"] == 1.0, row
@@ -76,11 +77,34 @@ def test_every_scenario_ran_and_every_frame_came_back(quick_run):
 def test_generation_is_measured_not_the_cache(quick_run):
     _, result = quick_run
     by = rows_by_scenario(result)
-    for name in GENERATION:
+    for name in (*GENERATION, "outputs-prediction", "outputs-full"):
         assert all(r["cache_hits"] == 0 for r in by[name]), name
     cache = by["cache"][0]
     assert cache["first_request_cache_hits"] == 0
     assert cache["cache_hits"] == cache["ok_frames"] == 3 and cache["hit_rate"] == 1.0
+
+
+def test_region_and_full_frames_side_by_side_with_the_pods_cpu_time(quick_run):
+    _, result = quick_run
+    by = rows_by_scenario(result)
+    region, full = by["outputs-prediction"][0], by["outputs-full"][0]
+    assert (region["output_region"], full["output_region"]) == ("prediction", "full")
+    assert region["ok_frames"] == full["ok_frames"] == 5
+    assert full["fps_vs_region"] == pytest.approx(full["fps"] / region["fps"])
+    for row in (region, full):  # the benchmark started the pod, so it can read the pod's CPU time
+        assert row["pod_cpu_ms_per_frame"] is None or row["pod_cpu_ms_per_frame"] > 0  # clock ticks: may read 0
+    assert result["identity_network"] is False and "IDENTITY" not in result["label"]
+
+
+def test_identity_network_only_when_asked_and_named_in_the_results(tmp_path):
+    cfg = ServiceBenchConfig.preset(quick=True, models=1, width=4, frame_size=(48, 48), frames=4, clients=1,
+                                    scenarios=("outputs",), identity_network=True, torch_threads=1,
+                                    out_dir=tmp_path, progress=False)
+    result = run(cfg, log=lambda *_: None)
+    assert result["identity_network"] is True and "BENCHMARK IDENTITY NETWORK" in result["label"]
+    assert json.loads((tmp_path / "service.json").read_text())["config"]["identity_network"] is True
+    assert "BENCHMARK IDENTITY NETWORK" in (tmp_path / "service.md").read_text()
+    assert all(r["success_rate"] == 1.0 for r in result["scenarios"])
 
 
 def test_in_process_engine_runs_the_same_frames(quick_run):
@@ -248,3 +272,24 @@ def test_presets():
         ServiceBenchConfig.preset(scenarios=("sequential", "warp"))
     with pytest.raises(SystemExit):
         main(["bench", "service", "--scenarios", "warp"])
+
+
+def test_pod_with_the_identity_network_says_so_in_its_metrics_and_serves_template_regions(pod, tmp_path, caplog):
+    from inference_pod.client import LipSyncClient
+    from inference_pod.encoding import decode_image
+    from inference_pod.package import open_package
+
+    assert pod.server.metrics.sample("lipsync_benchmark_identity_network") == 0  # never a default
+    settings = Settings(host="127.0.0.1", port=0, metrics_port=0, http_port=0, benchmark_identity_network=True,
+                        models_dir=models_dir_with(tmp_path / "models", "demo-1"), preload=["demo"])
+    with caplog.at_level("WARNING"):
+        identity = ServerThread(settings)
+    try:
+        assert identity.server.metrics.sample("lipsync_benchmark_identity_network") == 1
+        assert "BENCHMARK IDENTITY NETWORK" in caplog.text
+        engine = Engine.from_package(open_package(package("demo-1")), max_batch=1)
+        with LipSyncClient(identity.target) as client:
+            frame = client.generate_frame("demo", 0, format="png", region="prediction")
+        assert (decode_image(frame.image, "png") == engine.template_crop(frame.template_id)).all()
+    finally:
+        identity.close()

@@ -25,6 +25,7 @@ ENV_VALUES = {
     "api_keys_file": ("/keys", Path("/keys")), "health_requires_key": ("true", True), "tls_cert": ("/c.pem", Path("/c.pem")),
     "tls_key": ("/k.pem", Path("/k.pem")), "max_message_mb": ("8", 8), "max_audio_seconds": ("30", 30.0),
     "encode_threads": ("3", 3), "shutdown_grace_s": ("4", 4.0), "log_level": ("debug", "DEBUG"),
+    "benchmark_identity_network": ("true", True),
 }
 
 
@@ -45,8 +46,9 @@ def test_every_field_reads_its_environment_variable():
 
 def test_every_field_has_a_flag_and_flags_beat_the_environment():
     argv = []
-    for name, (raw, _) in ENV_VALUES.items():
-        argv += [f"--{name.replace('_', '-')}", raw.replace(" ", "")]
+    for name, (raw, expected) in ENV_VALUES.items():
+        flag = f"--{name.replace('_', '-')}"
+        argv += [flag] if expected is True else [flag, raw.replace(" ", "")]  # a switch takes no value
     env = {env_name("port"): "1234", env_name("redis_url"): "redis://elsewhere:1/0"}
     settings = parse(argv, env)
     for name, (_, expected) in ENV_VALUES.items():
@@ -61,6 +63,7 @@ def test_defaults_then_environment_then_flag():
     assert (defaults.metrics_port, defaults.http_port, defaults.max_batch, defaults.max_batch_delay_ms) == (
         9090, 8080, 32, 5.0)
     assert defaults.extract_dir == Path("models/.store")
+    assert defaults.benchmark_identity_network is False  # benchmarks only: never on unless asked
 
 
 def test_preload_accepts_repeats_lists_and_commas():

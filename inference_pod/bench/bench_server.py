@@ -112,6 +112,14 @@ class BenchServer:
                 time.sleep(0.2)
         raise RuntimeError(f"the benchmark's server was not SERVING after {START_TIMEOUT_S:.0f} s:\n{self.log_tail()}")
 
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds the server process has used (user + system, all threads); None off Linux."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, AttributeError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -3,12 +3,18 @@
 Both sides get the same package, the same audio features and the same device; the naive loop reads
 its templates from disk per frame as SyncTalk_2D does, the engine uses its resident templates. Ratios
 within one run are what the README quotes, so machine load affects both sides alike.
+
+It also puts the two outputs side by side at the run's frame size: the 320x320 prediction region and the
+full frame, each as the JPEG a request gets, with the process's CPU time per frame. With
+``identity_network`` the U-Net is replaced by the benchmark-only identity (the naive loop is then left
+out), which leaves what the CPU side costs: the ceiling a pod reaches once its network runs at GPU speed.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +24,7 @@ import torch
 
 from inference_pod.bench import naive
 from inference_pod.bench.report import latency_summary, machine_info, markdown_table, write_json
+from inference_pod.encoding import DEFAULT_JPEG_QUALITY, OutputSpec, encode_image
 from inference_pod.engine import Engine
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -27,6 +34,9 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 class EngineBenchConfig:
     package: Path | None = None  # None: a demo character of `width` is generated
     width: int = 32
+    frame_size: tuple[int, int] = (256, 256)  # of the generated demo
+    identity_network: bool = False  # benchmark-only identity instead of the U-Net
+    output_batch: int = 16  # batch of the region-vs-full rows
     device: str = "cpu"
     precision: str = "fp32"
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
@@ -98,6 +108,55 @@ def _bench_batched(engine: Engine, features: np.ndarray, batch: int, cfg: Engine
     }
 
 
+def _prediction_jpeg(engine: Engine, template: int, prediction: np.ndarray) -> bytes:
+    return encode_image(prediction, OutputSpec(region="prediction"))
+
+
+def _full_jpeg(engine: Engine, template: int, prediction: np.ndarray) -> bytes:
+    return engine.full_frame_jpeg(template, prediction, DEFAULT_JPEG_QUALITY).data
+
+
+def _full_jpeg_whole(engine: Engine, template: int, prediction: np.ndarray) -> bytes:
+    return encode_image(engine.composite(template, prediction), OutputSpec())  # the same bytes, never spliced
+
+
+OUTPUTS: dict[str, Callable[[Engine, int, np.ndarray], bytes]] = {
+    "prediction region": _prediction_jpeg, "full frame": _full_jpeg, "full frame, whole-frame encode": _full_jpeg_whole}
+
+
+def _bench_outputs(engine: Engine, features: np.ndarray, cfg: EngineBenchConfig, pool) -> list[dict]:
+    """Each output as a request gets it (default JPEG), batches predicted then encoded in the pool, overlapped
+    as in the pod. Every template's first full frame (its encoding is kept for splicing) is made before the
+    clock starts: the steady state of a pod that has served the model a while. Any prediction will do for
+    that (outside the crop box a frame is its template), so the template's own region stands in for one."""
+    for t in range(engine.num_templates):
+        _full_jpeg(engine, t, engine.template_crop(t))
+    n_tracks = len(features)
+    ids = [i % n_tracks for i in range(max(cfg.frames, cfg.output_batch))]
+    rows = []
+    for label, encode in OUTPUTS.items():
+        warm = ids[: cfg.output_batch]  # untimed: the pool's threads and buffers, as for the other rows
+        chosen = [engine.template_index(i) for i in warm]
+        for f in [pool.submit(encode, engine, t, p) for t, p in
+                  zip(chosen, engine.predict(chosen, engine.windows(features, warm)), strict=True)]:
+            f.result()
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        futures, size = [], 0
+        for start in range(0, len(ids), cfg.output_batch):
+            chunk = ids[start : start + cfg.output_batch]
+            chosen = [engine.template_index(i) for i in chunk]
+            predictions = engine.predict(chosen, engine.windows(features, chunk))
+            futures.extend(pool.submit(encode, engine, t, p) for t, p in zip(chosen, predictions, strict=True))
+        size = sum(len(f.result()) for f in futures)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        rows.append({"output": label, "frames": len(ids), "fps": len(ids) / wall,
+                     "cpu_ms_per_frame": 1000 * cpu / len(ids), "fps_per_core": len(ids) / cpu if cpu else None,
+                     "kb_per_frame": size / len(ids) / 1000})
+    for row in rows[1:]:
+        row["fps_vs_region"] = row["fps"] / rows[0]["fps"]
+    return rows
+
+
 def run(cfg: EngineBenchConfig, log=print) -> dict:
     from inference_pod.package import open_package
 
@@ -108,39 +167,57 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
             from inference_pod.demo_character import build_demo_package
 
             source = workdir / "bench-demo.zip"
-            build_demo_package("bench-demo", source, width=cfg.width, seed=cfg.seed)
+            build_demo_package("bench-demo", source, width=cfg.width, seed=cfg.seed, size=cfg.frame_size)
         package = open_package(source)
-        engine = Engine.from_package(package, device=cfg.device, precision=cfg.precision, max_batch=max(cfg.batch_sizes))
+        engine = Engine.from_package(package, device=cfg.device, precision=cfg.precision, max_batch=max(cfg.batch_sizes),
+                                     identity_network=cfg.identity_network)
         features = engine.default_features
         if features is None:
             features = np.random.default_rng(cfg.seed).standard_normal((cfg.frames + 16, 512)).astype(np.float32)
-        log(f"naive SyncTalk_2D loop, {cfg.naive_frames} frames ...")
-        baseline = _bench_naive(package, engine, features, cfg, workdir)
-        log(f"  {baseline['fps']:.2f} frames/s")
+        baseline = None
+        if cfg.identity_network:
+            log("BENCHMARK IDENTITY NETWORK: no U-Net runs; the naive loop is left out")
+        elif cfg.naive_frames > 0:
+            log(f"naive SyncTalk_2D loop, {cfg.naive_frames} frames ...")
+            baseline = _bench_naive(package, engine, features, cfg, workdir)
+            log(f"  {baseline['fps']:.2f} frames/s")
         rows = []
         with ThreadPoolExecutor(max_workers=cfg.composite_workers) as pool:
             for batch in cfg.batch_sizes:
                 row = _bench_batched(engine, features, batch, cfg, pool)
-                row["speedup_end_to_end"] = row["end_to_end_fps"] / baseline["fps"]
+                row["speedup_end_to_end"] = row["end_to_end_fps"] / baseline["fps"] if baseline else None
                 rows.append(row)
-                log(f"  batch {batch:3d}: model {row['model_fps']:8.1f} fps, end to end {row['end_to_end_fps']:8.1f} fps "
-                    f"({row['speedup_end_to_end']:.1f}x naive)")
+                log(f"  batch {batch:3d}: model {row['model_fps']:8.1f} fps, end to end {row['end_to_end_fps']:8.1f} fps")
+            outputs = _bench_outputs(engine, features, cfg, pool)
+        for row in outputs:
+            log(f"  {row['output']:<17}: {row['fps']:8.1f} fps, {row['cpu_ms_per_frame']:.2f} ms CPU a frame "
+                f"({row['fps_per_core']:.0f} frames/s per core)")
         result = {
             "benchmark": "engine",
             "machine": machine_info(cfg.device),
+            "identity_network": cfg.identity_network,
             "config": {"package": package.manifest.name, "model_width": package.manifest.model_width,
                        "templates": engine.num_templates, "image_size": list(package.manifest.image_size),
-                       "precision": cfg.precision, "frames_per_run": cfg.frames, **cfg.extra},
+                       "precision": cfg.precision, "frames_per_run": cfg.frames,
+                       "identity_network": cfg.identity_network, **cfg.extra},
             "naive_loop": baseline,
             "batched": rows,
+            "outputs": outputs,
         }
         engine.close()
-    result["markdown"] = markdown_table(
-        [{"batch": "naive loop", "model_fps": None, "end_to_end_fps": baseline["fps"], "batch_p50_ms": baseline["p50_ms"],
-          "speedup_end_to_end": 1.0}] + rows,
+    naive_row = [{"batch": "naive loop", "model_fps": None, "end_to_end_fps": baseline["fps"],
+                  "batch_p50_ms": baseline["p50_ms"], "speedup_end_to_end": 1.0}] if baseline else []
+    width, height = result["config"]["image_size"]
+    title = f"{width}x{height} frames, model width {result['config']['model_width']}" + (
+        ", BENCHMARK IDENTITY NETWORK (no U-Net)" if cfg.identity_network else "")
+    result["markdown"] = title + "\n\n" + markdown_table(
+        naive_row + rows,
         [("batch", "batch"), ("model_fps", "model FPS"), ("end_to_end_fps", "end-to-end FPS"),
          ("batch_p50_ms", "batch p50 ms"), ("batch_p95_ms", "batch p95 ms"), ("speedup_end_to_end", "x naive")],
-    )
+    ) + "\n\n" + markdown_table(outputs, [
+        ("output", f"output (JPEG q{DEFAULT_JPEG_QUALITY}, batch {cfg.output_batch})"), ("fps", "frames/s"),
+        ("fps_vs_region", "vs region"), ("cpu_ms_per_frame", "CPU ms a frame"),
+        ("fps_per_core", "frames/s per core"), ("kb_per_frame", "kB a frame")])
     if cfg.out is not None:
         write_json(cfg.out, result)
     return result

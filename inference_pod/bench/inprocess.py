@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from inference_pod.bench.report import latency_summary
-from inference_pod.encoding import OutputSpec, encode_image
+from inference_pod.encoding import OutputSpec
 from inference_pod.engine import Engine
 
 OUTPUT = OutputSpec()  # what a request without output options gets
@@ -26,7 +26,8 @@ WARMUP_FRAMES = 2
 def _frames(engine: Engine, features, ids: Sequence[int]) -> list[bytes]:
     templates = [engine.template_index(i) for i in ids]
     predictions = engine.predict(templates, engine.windows(features, ids))
-    return [encode_image(engine.composite(t, p), OUTPUT) for t, p in zip(templates, predictions, strict=True)]
+    return [engine.full_frame_jpeg(t, p, OUTPUT.jpeg_quality).data  # what the pipeline does for OUTPUT
+            for t, p in zip(templates, predictions, strict=True)]
 
 
 def _row(scenario: str, label: str, frames: int, latencies: list[float], wall: float, batch: int) -> dict:

@@ -29,14 +29,15 @@ class Job:
 
     items: tuple[tuple[str, int], ...]  # (model, frame id)
     batch: bool = False
+    region: str = "full"  # output region: "full" (the default a client gets) or "prediction"
 
 
-def single(model: str, frame_id: int) -> Job:
-    return Job(((model, frame_id),))
+def single(model: str, frame_id: int, region: str = "full") -> Job:
+    return Job(((model, frame_id),), region=region)
 
 
-def batch(items: Sequence[tuple[str, int]]) -> Job:
-    return Job(tuple(items), batch=True)
+def batch(items: Sequence[tuple[str, int]], region: str = "full") -> Job:
+    return Job(tuple(items), batch=True, region=region)
 
 
 class FrameIds:
@@ -123,13 +124,13 @@ def execute(client: LipSyncClient, job: Job) -> tuple[int, int, list[str]]:
     model and frame id that was asked for and carries an image."""
     try:
         if job.batch:
-            results = client.generate_batch([frame_request(m, f) for m, f in job.items])
+            results = client.generate_batch([frame_request(m, f, region=job.region) for m, f in job.items])
             frames = [(r.frame if r.HasField("frame") else None, r.error.code) for r in results]
             if len(frames) != len(job.items):
                 return 0, 0, ["WRONG_RESULT_COUNT"] * len(job.items)
         else:
             model, frame_id = job.items[0]
-            frames = [(client.generate_frame(model, frame_id), "")]
+            frames = [(client.generate_frame(model, frame_id, region=job.region), "")]
     except grpc.RpcError as exc:
         return 0, 0, [exc.code().name] * len(job.items)
     ok = cached = 0

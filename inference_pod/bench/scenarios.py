@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from inference_pod.bench.bench_server import DEMO_TEMPLATES
 from inference_pod.bench.report import latency_summary
 from inference_pod.bench.request_driver import (
     FrameIds,
@@ -29,6 +30,8 @@ from inference_pod.bench.request_driver import (
 )
 
 MIXED_BATCH = 5  # items of the mixed scenario's batches
+OUTPUTS_BATCH = 8  # items of the outputs scenario's batches
+OUTPUTS_WARMUP_MAX = 1000  # most frames the outputs scenario spends on one frame of each template
 
 
 @dataclass
@@ -46,6 +49,8 @@ class ScenarioContext:
     progress: bool = True
     seed: int = 0
     frame_ids: dict[str, list[int]] = field(default_factory=dict)  # ids each scenario used, for the engine
+    templates: dict[str, int] = field(default_factory=dict)  # template frames of each model
+    pod_cpu_seconds: Callable[[], float | None] = lambda: None  # the pod process's CPU time, when known
 
     @property
     def model(self) -> str:
@@ -165,6 +170,38 @@ def cache_hit(ctx: ScenarioContext) -> list[dict]:
     return [row]
 
 
+def outputs(ctx: ScenarioContext) -> list[dict]:
+    """The prediction region, then full frames: ``clients`` clients sending batches of OUTPUTS_BATCH, with
+    the pod's CPU time per frame. First one full frame of every template, untimed: a pod that has served a
+    model for a while keeps each template's JPEG for splicing, and that steady state is what is measured."""
+    warm = warmup_frames(ctx.templates.get(ctx.model, 0))
+    if warm:
+        ids = ctx.ids.take(ctx.model, warm)
+        jobs = [batch([(ctx.model, i) for i in ids[s : s + OUTPUTS_BATCH]]) for s in range(0, warm, OUTPUTS_BATCH)]
+        ctx.drive(split_round_robin(jobs, ctx.clients), "outputs warm-up")
+    rows = []
+    for region, label in (("prediction", "prediction region (320x320)"), ("full", "full frames")):
+        ids = ctx.ids.take(ctx.model, ctx.frames)
+        jobs = [batch([(ctx.model, i) for i in ids[s : s + OUTPUTS_BATCH]], region=region)
+                for s in range(0, len(ids), OUTPUTS_BATCH)]
+        cpu0 = ctx.pod_cpu_seconds()
+        tally = ctx.drive(split_round_robin(jobs, ctx.clients), label)
+        cpu1 = ctx.pod_cpu_seconds()
+        cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None and tally.ok_frames else None
+        rows.append(tally.row(f"outputs-{region}", f"{label}, {ctx.clients} clients", clients=ctx.clients,
+                              batch=OUTPUTS_BATCH, output_region=region,
+                              pod_cpu_ms_per_frame=1000 * cpu / tally.ok_frames if cpu else None,
+                              fps_per_pod_core=tally.ok_frames / cpu if cpu else None))
+    if rows[0]["fps"] and rows[1]["fps"]:
+        rows[1]["fps_vs_region"] = rows[1]["fps"] / rows[0]["fps"]
+    return rows
+
+
+def warmup_frames(templates: int) -> int:
+    """Consecutive frames that use every template once at least: one period of the ping-pong walk."""
+    return min(OUTPUTS_WARMUP_MAX, max(1, 2 * (templates - 1)))
+
+
 def _timed(client, job: Job) -> tuple[int, int, list[str], float]:
     started = time.perf_counter()
     ok, cached, errors = execute(client, job)
@@ -181,6 +218,7 @@ SCENARIOS: dict[str, Callable[[ScenarioContext], list[dict]]] = {
     "multi-mixed": multi_mixed,
     "stress": stress,
     "cache": cache_hit,
+    "outputs": outputs,
 }
 
 
@@ -197,4 +235,5 @@ def frames_needed(name: str, ctx_frames: int, n_models: int, stress_sizes, cache
         "multi-mixed": (ctx_frames + MIXED_BATCH, ctx_frames + MIXED_BATCH),  # random models: any may get all
         "stress": (sum(stress_sizes), 0),
         "cache": (cache_pairs, 0),
+        "outputs": (2 * ctx_frames + warmup_frames(DEMO_TEMPLATES), 0),
     }.get(name, (0, 0))

@@ -35,7 +35,7 @@ REFERENCE = {
     "overhead_pct": [5.0, 6.0],  # "5-6 % network overhead"
 }
 SCENARIOS = ("sequential", "batch5", "batch50", "engine", "concurrent", "multi-sequential", "multi-concurrent",
-             "multi-mixed", "stress", "cache", "live")
+             "multi-mixed", "stress", "cache", "outputs", "live")
 WARMUP_BATCH = 8
 TRACK_MARGIN_FRAMES = 25  # demo tracks get this many frames more than the run asks for
 
@@ -61,6 +61,7 @@ class ServiceBenchConfig:
     scenarios: tuple[str, ...] = SCENARIOS
     torch_threads: int = 1  # per process; 0: torch's default
     server_args: tuple[str, ...] = ()  # more `lipsync serve` flags for the server it starts
+    identity_network: bool = False  # the server it starts runs the benchmark-only identity, not the U-Net
     max_scenario_s: float = 300.0
     timeout_s: float = 60.0
     seed: int = 0
@@ -115,15 +116,17 @@ def run(cfg: ServiceBenchConfig, log=print) -> dict:
             log(f"building {cfg.models} demo packages (width {cfg.width}, {cfg.frame_size[0]}x{cfg.frame_size[1]}) ...")
             paths = build_demo_models(workdir / "models", cfg.models, width=cfg.width, frame_size=cfg.frame_size,
                                       audio_seconds=seconds, seed=cfg.seed, progress=cfg.progress)
-            log("starting lipsync serve on 127.0.0.1 ...")
+            identity = ("--benchmark-identity-network",) if cfg.identity_network else ()
+            log("starting lipsync serve on 127.0.0.1" + (" with the BENCHMARK IDENTITY NETWORK (no U-Net)"
+                                                          if identity else "") + " ...")
             server = stack.enter_context(BenchServer(workdir / "models", names, log_path=workdir / "server.log",
                                                      device=cfg.device, precision=cfg.precision,
                                                      torch_threads=cfg.torch_threads,
-                                                     extra_args=tuple(cfg.server_args)))
-            target, package = server.target, paths[0]
+                                                     extra_args=tuple(cfg.server_args) + identity))
+            target, package, pod_cpu = server.target, paths[0], server.cpu_seconds
         else:
-            target, package, names = cfg.target, cfg.package, None
-        result = _run_against(target, names, package, cfg, workdir, log)
+            target, package, names, pod_cpu = cfg.target, cfg.package, None, None
+        result = _run_against(target, names, package, cfg, workdir, log, pod_cpu)
     result["markdown"] = render_markdown(result)
     out = cfg.out_dir
     result["files"] = {"json": str(out / "service.json"), "markdown": str(out / "service.md"),
@@ -137,23 +140,25 @@ def run(cfg: ServiceBenchConfig, log=print) -> dict:
     return result
 
 
-def _models_and_tracks(target: str, names: list[str] | None, cfg: ServiceBenchConfig) -> tuple[list[str], dict, dict]:
+def _models_and_tracks(target: str, names: list[str] | None,
+                       cfg: ServiceBenchConfig) -> tuple[list[str], dict, dict, dict]:
     """Load the models (load time is not what is measured) and read their default tracks' lengths."""
     with connect(target, cfg.api_key, cfg.timeout_s) as client:
         if names is None:  # an existing pod: its first models by name, resident or not
             names = [m.name for m in client.list_models()][: cfg.models]
             if not names:
                 raise RuntimeError(f"the server at {target} has no models")
-        tracks = {}
+        tracks, templates = {}, {}
         for name in names:
             info = client.load_model(name).model
             if info.default_track_frames <= 0:
                 raise RuntimeError(f"model {name!r} has no default audio track to request frames of")
             tracks[name] = int(info.default_track_frames)
+            templates[name] = int(info.frame_count)
         stats = client.get_stats()
     server = {"device": stats.device, "precision": stats.precision, "max_batch": stats.max_batch,
               "version": stats.server_version, "cache_backend": stats.cache.backend}
-    return names, tracks, server
+    return names, tracks, templates, server
 
 
 def _warm_up(ctx: sc.ScenarioContext) -> None:
@@ -178,12 +183,13 @@ def _torch_threads(n: int):
 
 
 def _run_against(target: str, names: list[str] | None, package: Path | None, cfg: ServiceBenchConfig,
-                 workdir: Path, log) -> dict:
-    names, tracks, server = _models_and_tracks(target, names, cfg)
+                 workdir: Path, log, pod_cpu_seconds=None) -> dict:
+    names, tracks, templates, server = _models_and_tracks(target, names, cfg)
     ctx = sc.ScenarioContext(target=target, models=names, ids=FrameIds(tracks), frames=cfg.frames,
                              clients=cfg.clients, stress_sizes=cfg.stress_sizes, cache_pairs=cfg.cache_pairs,
                              max_seconds=cfg.max_scenario_s, timeout_s=cfg.timeout_s, api_key=cfg.api_key,
-                             progress=cfg.progress, seed=cfg.seed)
+                             progress=cfg.progress, seed=cfg.seed, templates=templates,
+                             pod_cpu_seconds=pod_cpu_seconds or (lambda: None))
     _warm_up(ctx)
     rows: list[dict] = []
     live: dict = {}
@@ -218,10 +224,14 @@ def _run_against(target: str, names: list[str] | None, package: Path | None, cfg
         rows.extend(new)
     machine = machine_info(server["device"] or cfg.device)
     own = cfg.target is None
-    label = _machine_label(machine, server) + (f", demo width {cfg.width}" if own else f", target {target}")
+    label = _machine_label(machine, server) + (
+        f", demo width {cfg.width}, {cfg.frame_size[0]}x{cfg.frame_size[1]}" if own else f", target {target}")
+    if cfg.identity_network:
+        label += ", BENCHMARK IDENTITY NETWORK (no U-Net)"
     return {
         "benchmark": "service",
         "label": label,
+        "identity_network": cfg.identity_network,
         "machine": machine,
         "server": {**server, "target": target, "started_by_benchmark": own, "models": names,
                    "default_track_frames": tracks},
@@ -302,6 +312,13 @@ def render_markdown(result: dict) -> str:
             ("label", "scenario"), ("requests", "requests"), ("frames", "frames ok/sent"), ("fps", "FPS"),
             ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("p99_ms", "p99 ms"), ("success", "success"),
             ("cache_hits", "cache hits"), ("reference", "replaced service")]))
+    outputs = [r for r in result["scenarios"] if r.get("output_region")]
+    if outputs:
+        parts += ["", "Prediction region against full frames (default JPEG q90) at the same load; pod CPU is the "
+                      "server process's CPU seconds over the frames it returned", ""]
+        parts.append(markdown_table(outputs, [
+            ("label", "output"), ("fps", "FPS"), ("fps_vs_region", "vs region"), ("p50_ms", "p50 ms"),
+            ("pod_cpu_ms_per_frame", "pod CPU ms a frame"), ("fps_per_pod_core", "FPS per pod core")]))
     live = result.get("live") or {}
     if live.get("levels"):
         parts += ["", f"Live audio streams, 25 fps each, {live['chunk_ms']:.0f} ms chunks at real time, "

@@ -49,12 +49,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = bench.add_parser("engine", help="batched engine vs SyncTalk_2D's per-frame loop, in one run")
     p.add_argument("--package", type=Path, help="character package; default: a generated demo of --width")
     p.add_argument("--width", type=int, default=32, help="U-Net base width of the generated demo (32 = SyncTalk_2D)")
+    p.add_argument("--frame-size", type=_size, default=(256, 256), help="frame size WxH of the generated demo "
+                                                                        "(default 256x256; e.g. 1280x720, 1920x1080)")
+    p.add_argument("--identity-network", action="store_true",
+                   help="BENCHMARKS ONLY: an identity instead of the U-Net (returns each template's region), to "
+                        "measure the CPU side alone; named in the results")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="fp16 and bf16 are for CUDA")
     p.add_argument("--batch-sizes", type=_int_list, default="1,2,4,8,16,32,64", help="comma-separated batch sizes")
     p.add_argument("--frames", type=int, default=64, help="frames per batch-size run")
-    p.add_argument("--naive-frames", type=int, default=16, help="frames through the naive loop")
+    p.add_argument("--naive-frames", type=int, default=16, help="frames through the naive loop (0: skip it)")
+    p.add_argument("--output-batch", type=_positive, default=16, help="batch of the region-vs-full-frame rows")
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"), help="JSON results file")
     p.set_defaults(func=run_engine)
 
@@ -85,7 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--scenarios", type=_names, help=f"comma-separated subset of: {','.join(SERVICE_SCENARIOS)}")
     s.add_argument("--torch-threads", type=int, help="torch threads per process (default 1 on CPU: the client "
                                                      "and the server share the cores; 0: torch's default)")
-    s.add_argument("--server-args", type=shlex.split, help="more lipsync serve flags for the server it starts, "
+    s.add_argument("--identity-network", action="store_true", default=None,
+                   help="BENCHMARKS ONLY: the server it starts runs an identity instead of the U-Net (each "
+                        "template's own region), to measure the serving layer alone; named in the results")
+    s.add_argument("--server-args", type=shlex.split, help="more `lipsync serve` flags for the server it starts, "
                                                            "e.g. '--max-batch 4' (it always binds 127.0.0.1)")
     s.add_argument("--max-scenario-s", type=float, help="a scenario stops sending after this long (default 300)")
     s.add_argument("--seed", type=int, help="seed for audio and frame choices (default: a fixed one)")
@@ -99,9 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_engine(args: argparse.Namespace) -> int:
     from inference_pod.bench.engine_bench import EngineBenchConfig, run
 
-    cfg = EngineBenchConfig(package=args.package, width=args.width, device=args.device, precision=args.precision,
+    cfg = EngineBenchConfig(package=args.package, width=args.width, frame_size=args.frame_size,
+                            identity_network=args.identity_network, device=args.device, precision=args.precision,
                             batch_sizes=args.batch_sizes, frames=args.frames, naive_frames=args.naive_frames,
-                            out=args.out)
+                            output_batch=args.output_batch, out=args.out)
     result = run(cfg)
     print(result["markdown"])
     print(f"\nJSON: {args.out}")
@@ -117,7 +127,7 @@ def run_service(args: argparse.Namespace) -> int:
         frames=args.frames, clients=args.clients, streams=args.streams, stream_seconds=args.stream_seconds,
         chunk_ms=args.chunk_ms, budget_ms=args.budget_ms, stress_sizes=args.stress_sizes,
         cache_pairs=args.cache_pairs, scenarios=args.scenarios, torch_threads=args.torch_threads,
-        server_args=args.server_args,
+        server_args=args.server_args, identity_network=args.identity_network,
         max_scenario_s=args.max_scenario_s, seed=args.seed, out_dir=args.out_dir, progress=not args.no_progress)
     result = run(cfg)
     print()
