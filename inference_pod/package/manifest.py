@@ -16,6 +16,10 @@ from inference_pod.audio import FEATURE_CONTEXT
 from inference_pod.errors import PackageError
 from inference_pod.model import AUDIO_FEATURE_SHAPES, MODE_FPS
 
+# Names and versions become Kubernetes-style identifiers, registry paths and Redis keys: one rule (IDENTIFIER),
+# shared with the registry index and so with the operator.
+from inference_pod.registry_index import IDENTIFIER, IDENTIFIER_RULE
+
 FORMAT_NAME = "lipsync-character"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -28,8 +32,6 @@ FRAME_EXTS = ("jpg", "png")
 # Directory entries some zip tools add; harmless, and skipped on extraction.
 LAYOUT_DIRS = frozenset({"weights/", "frames/", "audio/"})
 
-# Names and versions become Kubernetes-style identifiers, registry paths and Redis keys.
-IDENTIFIER = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -45,8 +47,7 @@ def feature_dim(mode: str) -> int:
 def validate_identifier(value: Any, what: str) -> str:
     if not isinstance(value, str) or not IDENTIFIER.fullmatch(value):
         raise PackageError(
-            f"{what} {value!r} is not valid: use 1-63 characters of a-z, 0-9, '.', '_', '-', "
-            "starting with a letter or digit"
+            f"{what} {value!r} is not valid: use {IDENTIFIER_RULE}"
         )
     return value
 
