@@ -34,7 +34,7 @@ from inference_pod.model import (
     MODEL_INPUT_SIZE,
     AveAudioEncoder,
     LipSyncUNet,
-    load_strict,
+    build_strict,
 )
 
 log = logging.getLogger(__name__)
@@ -217,8 +217,8 @@ class Engine:
         # (measured: width 32, 2 cores, 6.3 FPS at 1 frame a call against 4.1 at 16).
         self.device_batch = min(max_batch, device_batch or (max_batch if on_cuda else 1))
 
-        net = LipSyncUNet(self.mode, manifest.model_width)
-        load_strict(net, package.unet_state(), "U-Net")
+        # Shapes checked before anything is built: the manifest's width is a claim, the tensors are what is there.
+        net = build_strict(lambda: LipSyncUNet(self.mode, manifest.model_width), package.unet_state(), "U-Net")
         net.eval()
         if fold_bn:
             net = fold_batchnorm(net)
@@ -229,8 +229,7 @@ class Engine:
         self.encoder: AveAudioEncoder | None = None
         encoder_state = package.audio_encoder_state()
         if encoder_state is not None:
-            encoder = AveAudioEncoder()
-            load_strict(encoder, encoder_state, "audio encoder")
+            encoder = build_strict(AveAudioEncoder, encoder_state, "audio encoder")
             self.encoder = encoder.eval().to(self.device)  # fp32: cheap, and features feed every model
 
         self._load_templates(package, frame_budget_bytes)

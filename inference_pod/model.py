@@ -12,13 +12,16 @@ tests and demos. The audio input channels are fixed by the feature shape, whatev
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from inference_pod.errors import CheckpointError
+
+M = TypeVar("M", bound=nn.Module)
 
 # Audio window tensor per output frame, by mode: the 16 per-frame feature vectors reshaped.
 AUDIO_FEATURE_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -230,6 +233,26 @@ class AveAudioEncoder(nn.Sequential):
         return super().forward(mel).flatten(1)
 
 
+def load_tensors(path, what: str, rule: str = "packages may hold only tensors") -> object:
+    """``torch.load(weights_only=True)``: no code from the file runs. A refusal says what was refused, never
+    torch's advice to load with weights_only=False, which would run the file's code."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        culprit = f" ({found[1]})" if found else ""
+        raise CheckpointError(f"{what} contains pickled Python objects other than tensors{culprit}; {rule}") from None
+    except Exception as exc:  # zip and storage errors: not a checkpoint at all
+        raise CheckpointError(f"{what} is not a loadable PyTorch checkpoint: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def normalize_state_dict(state: Mapping[str, torch.Tensor], strip_prefixes=("module.",)) -> dict[str, torch.Tensor]:
     """Accept a raw state_dict, a ``{"state_dict": ...}`` wrapper, or DataParallel's ``module.`` keys."""
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
@@ -244,7 +267,24 @@ def normalize_state_dict(state: Mapping[str, torch.Tensor], strip_prefixes=("mod
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names missing, unexpected and mis-shaped keys."""
     state = normalize_state_dict(state)
-    own = module.state_dict()
+    check_fits(module.state_dict(), state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def build_strict(factory: Callable[[], M], state: Mapping[str, torch.Tensor], what: str) -> M:
+    """``factory()`` loaded with ``state``; the state's keys and shapes are checked first against the module
+    built on the meta device (shapes, no storage). A width a manifest merely claims therefore costs nothing:
+    only a state dict whose real tensors fit gets a module built, and that module is the size of the tensors."""
+    state = normalize_state_dict(state)
+    with torch.device("meta"):
+        shapes = factory().state_dict()
+    check_fits(shapes, state, what)
+    module = factory()
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def check_fits(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(
@@ -259,7 +299,6 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
                 shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
                 parts.append(f"{label}: {shown}")
         raise CheckpointError(f"{what} checkpoint does not fit: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
 
 
 def infer_unet_config(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:

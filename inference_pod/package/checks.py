@@ -13,7 +13,14 @@ import torch
 
 from inference_pod.audio import SAMPLE_RATE
 from inference_pod.errors import CheckpointError, PackageError
-from inference_pod.model import AveAudioEncoder, LipSyncUNet, load_strict, normalize_state_dict
+from inference_pod.model import (
+    AveAudioEncoder,
+    LipSyncUNet,
+    build_strict,
+    infer_unet_config,
+    load_tensors,
+    normalize_state_dict,
+)
 from inference_pod.package.images import check_decodes, image_dimensions
 from inference_pod.package.manifest import (
     AUDIO_ENCODER,
@@ -28,10 +35,7 @@ from inference_pod.package.manifest import (
 
 
 def load_state(path: Path, member: str) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling, zip and storage errors all mean "not a usable checkpoint"
-        raise CheckpointError(f"{member} is not a loadable state_dict: {exc}") from None
+    state = load_tensors(path, member)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{member} must hold a plain state_dict (a dict of name -> tensor)")
     return state
@@ -91,12 +95,18 @@ def check_default_audio(data: bytes) -> None:
 
 def check_unet_state(state: Mapping[str, torch.Tensor], mode: str, width: int, what: str = UNET) -> None:
     _check_finite(state, what)
-    load_strict(LipSyncUNet(mode, width), state, what)
+    try:
+        _, actual = infer_unet_config(state)
+    except CheckpointError:
+        actual = width  # not a U-Net at all: build_strict names what is missing
+    if actual != width:
+        raise CheckpointError(f"{what} checkpoint does not fit: it holds a width-{actual} U-Net, not model_width {width}")
+    build_strict(lambda: LipSyncUNet(mode, width), state, what)  # shapes first: the width is only a claim
 
 
 def check_audio_encoder_state(state: Mapping[str, torch.Tensor], what: str = AUDIO_ENCODER) -> None:
     _check_finite(state, what)
-    load_strict(AveAudioEncoder(), state, what)
+    build_strict(AveAudioEncoder, state, what)
 
 
 def _check_finite(state: Mapping[str, torch.Tensor], what: str) -> None:

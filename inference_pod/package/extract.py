@@ -34,6 +34,7 @@ class PackageLimits:
     max_member_bytes: int = 1 << 30
     max_total_bytes: int = 16 << 30
     max_members: int = 200_000
+    max_manifest_bytes: int = 64 << 20  # a manifest of max_members frames is about 25 MB of JSON
 
 
 def read_manifest(path, limits: PackageLimits = PackageLimits()) -> Manifest:
@@ -41,7 +42,7 @@ def read_manifest(path, limits: PackageLimits = PackageLimits()) -> Manifest:
     path = Path(path)
     with error_context(str(path)):
         if path.is_dir():
-            return Manifest.from_json(_read_file_limited(path / MANIFEST, limits.max_member_bytes))
+            return Manifest.from_json(_read_file_limited(path / MANIFEST, limits.max_manifest_bytes))
         return _zip_manifest(path, limits)[1]
 
 
@@ -134,9 +135,13 @@ def _open_zip(path: Path) -> Iterator[zipfile.ZipFile]:
 
 
 def _zip_manifest(path: Path, limits: PackageLimits) -> tuple[bytes, Manifest]:
+    """The manifest, bounded by what the zip holds: its members are the zip's, each its declared size."""
     with _open_zip(path) as zf:
-        data = _read_zip_manifest(zf, _checked_entries(zf, limits), limits)
-    return data, Manifest.from_json(data)
+        entries = _checked_entries(zf, limits)
+        data = _read_zip_manifest(zf, entries, limits)
+    manifest = Manifest.from_json(data)
+    _check_entries_match(entries, manifest)
+    return data, manifest
 
 
 def _checked_entries(zf: zipfile.ZipFile, limits: PackageLimits) -> dict[str, zipfile.ZipInfo]:
@@ -189,7 +194,7 @@ def _read_zip_manifest(zf: zipfile.ZipFile, entries: Mapping[str, zipfile.ZipInf
     if MANIFEST not in entries:
         raise PackageError(f"missing member {MANIFEST}")
     buf = io.BytesIO()
-    _copy_member(zf, entries[MANIFEST], buf, limits.max_member_bytes)
+    _copy_member(zf, entries[MANIFEST], buf, min(limits.max_member_bytes, limits.max_manifest_bytes))
     return buf.getvalue()
 
 

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 
 from inference_pod.errors import PackageError
+from inference_pod.package.manifest import MAX_IMAGE_SIDE
 
 
 def image_dimensions(fh: BinaryIO, ext: str) -> tuple[int, int]:
@@ -23,6 +24,8 @@ def image_dimensions(fh: BinaryIO, ext: str) -> tuple[int, int]:
         width, height = _jpeg_dimensions(fh)
     if width == 0 or height == 0:
         raise PackageError(f"image header declares an empty {width}x{height} image")
+    if width > MAX_IMAGE_SIDE or height > MAX_IMAGE_SIDE:
+        raise PackageError(f"image header declares {width}x{height}; frames may be at most {MAX_IMAGE_SIDE} a side")
     return int(width), int(height)
 
 

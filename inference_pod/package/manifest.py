@@ -32,6 +32,8 @@ FRAME_EXTS = ("jpg", "png")
 # Directory entries some zip tools add; harmless, and skipped on extraction.
 LAYOUT_DIRS = frozenset({"weights/", "frames/", "audio/"})
 
+# Frames are decoded whole (verify, the engine): a header's claim must not size a 65535x65535 buffer.
+MAX_IMAGE_SIDE = 8192
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -105,7 +107,11 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, obj: Any) -> Manifest:
-        """Parse and check every field and the member layout; unknown extra fields are ignored."""
+        """Parse and check every field and the member layout; unknown extra fields are ignored.
+
+        Numbers are claims, bounded by what is there before anything costs in proportion to them: ``frame_count``
+        by the members listed (which readers then match, one for one, against the zip's entries or the files).
+        """
         if not isinstance(obj, dict):
             raise PackageError(f"{MANIFEST} must hold a JSON object")
         fmt = _field(obj, "format", str)
@@ -127,8 +133,9 @@ class Manifest:
         if frame_count < 1:
             raise PackageError(f"{MANIFEST}: frame_count must be >= 1, got {frame_count}")
         size = _field(obj, "image_size", list)
-        if len(size) != 2 or not all(is_int(v) and v > 0 for v in size):
-            raise PackageError(f"{MANIFEST}: image_size must be [width, height] of positive integers, got {size!r}")
+        if len(size) != 2 or not all(is_int(v) and 0 < v <= MAX_IMAGE_SIDE for v in size):
+            raise PackageError(f"{MANIFEST}: image_size must be [width, height], each 1..{MAX_IMAGE_SIDE}, "
+                               f"got {_short(size)}")
         frame_ext = _field(obj, "frame_ext", str)
         if frame_ext not in FRAME_EXTS:
             raise PackageError(f"{MANIFEST}: frame_ext {frame_ext!r} is not one of {list(FRAME_EXTS)}")
@@ -137,6 +144,10 @@ class Manifest:
             datetime.fromisoformat(created.replace("Z", "+00:00"))
         except ValueError:
             raise PackageError(f"{MANIFEST}: created {created!r} is not an ISO 8601 time") from None
+        raw_members = _field(obj, "members", dict)
+        if frame_count > len(raw_members):  # before the layout check builds a name for every frame
+            raise PackageError(f"{MANIFEST}: frame_count {frame_count} is more than the {len(raw_members)} "
+                               "members it lists")
         manifest = cls(
             name=validate_identifier(_field(obj, "name", str), f"{MANIFEST}: name"),
             version=validate_identifier(_field(obj, "version", str), f"{MANIFEST}: version"),
@@ -147,7 +158,7 @@ class Manifest:
             image_size=(int(size[0]), int(size[1])),
             frame_ext=frame_ext,
             has_default_audio=_field(obj, "has_default_audio", bool),
-            members=_parse_members(_field(obj, "members", dict)),
+            members=_parse_members(raw_members),
             created=created,
         )
         _check_layout(manifest)
@@ -214,3 +225,9 @@ def error_context(what: str) -> Iterator[None]:
         if str(exc).startswith(what):
             raise
         raise type(exc)(f"{what}: {exc}") from None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for an error message: what came in, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
