@@ -33,8 +33,8 @@ from inference_pod.model import (
     CROP_SIZE,
     MODEL_INPUT_SIZE,
     AveAudioEncoder,
-    LipSyncUNet,
     build_strict,
+    build_unet,
 )
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class Engine:
         self.device_batch = min(max_batch, device_batch or (max_batch if on_cuda else 1))
 
         # Shapes checked before anything is built: the manifest's width is a claim, the tensors are what is there.
-        net = build_strict(lambda: LipSyncUNet(self.mode, manifest.model_width), package.unet_state(), "U-Net")
+        net = build_unet(self.mode, manifest.model_width, package.unet_state())
         net.eval()
         if fold_bn:
             net = fold_batchnorm(net)

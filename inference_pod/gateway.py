@@ -269,7 +269,7 @@ class HttpGateway:
             "device": s.device, "precision": s.precision, "max_batch": s.max_batch,
             "inflight_requests": server.inflight,
             "models_resident": sorted(m.name for m in self.store.resident),
-            "models_available": sorted(self.store.local_packages()),
+            "models_available": sorted(await self.store.catalog()),
             "cache_backend": server.cache.backend, "registry_url": server.registry.url if server.registry else None,
             "api_keys_required": server.api_keys.enabled, "websocket_connections": len(self.sockets),
             "ports": {"grpc": server.port, "http": self.port, "metrics": s.metrics_port or None},
@@ -281,7 +281,7 @@ class HttpGateway:
 
     @endpoint("ListModels")
     async def list_models(self, request: web.Request) -> web.Response:
-        models = [message_dict(info) for info in model_infos(self.store)]
+        models = [message_dict(info) for info in await model_infos(self.store)]
         return web.json_response({
             "success": True, "models": models,
             "loaded_models": [m["name"] for m in models if m["state"] == "loaded"],

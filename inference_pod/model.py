@@ -284,6 +284,19 @@ def build_strict(factory: Callable[[], M], state: Mapping[str, torch.Tensor], wh
     return module
 
 
+def build_unet(mode: str, width: int, state: Mapping[str, torch.Tensor], what: str = "U-Net") -> LipSyncUNet:
+    """The U-Net a package's manifest describes, loaded with its weights. The width is the manifest's claim and
+    the weights are what is there: a width they do not have is refused by name, before anything is built."""
+    state = normalize_state_dict(state)
+    try:
+        _, actual = infer_unet_config(state)
+    except CheckpointError:
+        actual = width  # not a U-Net at all: build_strict names what is missing
+    if actual != width:
+        raise CheckpointError(f"{what} checkpoint does not fit: it holds a width-{actual} U-Net, not model_width {width}")
+    return build_strict(lambda: LipSyncUNet(mode, width), state, what)
+
+
 def check_fits(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -155,7 +155,7 @@ class LipSyncServer:
             self.gateway = await HttpGateway(self).start()
         self._watch_device_memory()
         await self._grpc.start()
-        for pkg in self._local_models():
+        for pkg in await self._local_models():
             await self.health.set(pkg.name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -175,8 +175,8 @@ class LipSyncServer:
             except LipSyncError as exc:
                 log.error("preloading %s failed: %s", name, exc)
 
-    def _local_models(self) -> list[LocalPackage]:
-        return [versions[0] for versions in self.store.local_packages().values()]
+    async def _local_models(self) -> list[LocalPackage]:
+        return [versions[0] for versions in (await self.store.catalog()).values()]
 
     async def drain(self) -> None:
         """Health turns NOT_SERVING and new calls get UNAVAILABLE; in-flight calls carry on."""
@@ -423,7 +423,7 @@ class LipSyncServicer(pb_grpc.LipSyncServicer):
 
     @_unary
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=model_infos(self.store))
+        return pb.ListModelsResponse(models=await model_infos(self.store))
 
     @_unary
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.LoadModelResponse:
@@ -459,10 +459,10 @@ def loaded_info(model: LoadedModel) -> pb.ModelInfo:
         queue_depth=model.batcher.queue_depth, idle_seconds=max(0.0, time.monotonic() - model.last_used))
 
 
-def model_infos(store: ModelStore) -> list[pb.ModelInfo]:
+async def model_infos(store: ModelStore) -> list[pb.ModelInfo]:
     resident = {m.name: m for m in store.resident}
     infos = [loaded_info(m) for m in resident.values()]
-    for name, versions in store.local_packages().items():
+    for name, versions in (await store.catalog()).items():  # scanned off the event loop
         if name in resident:
             continue
         pkg = versions[0]

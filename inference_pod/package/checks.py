@@ -13,14 +13,7 @@ import torch
 
 from inference_pod.audio import SAMPLE_RATE
 from inference_pod.errors import CheckpointError, PackageError
-from inference_pod.model import (
-    AveAudioEncoder,
-    LipSyncUNet,
-    build_strict,
-    infer_unet_config,
-    load_tensors,
-    normalize_state_dict,
-)
+from inference_pod.model import AveAudioEncoder, build_strict, build_unet, load_tensors, normalize_state_dict
 from inference_pod.package.images import check_decodes, image_dimensions
 from inference_pod.package.manifest import (
     AUDIO_ENCODER,
@@ -95,13 +88,7 @@ def check_default_audio(data: bytes) -> None:
 
 def check_unet_state(state: Mapping[str, torch.Tensor], mode: str, width: int, what: str = UNET) -> None:
     _check_finite(state, what)
-    try:
-        _, actual = infer_unet_config(state)
-    except CheckpointError:
-        actual = width  # not a U-Net at all: build_strict names what is missing
-    if actual != width:
-        raise CheckpointError(f"{what} checkpoint does not fit: it holds a width-{actual} U-Net, not model_width {width}")
-    build_strict(lambda: LipSyncUNet(mode, width), state, what)  # shapes first: the width is only a claim
+    build_unet(mode, width, state, what)  # shapes first: the width is only a claim
 
 
 def check_audio_encoder_state(state: Mapping[str, torch.Tensor], what: str = AUDIO_ENCODER) -> None:
