@@ -23,6 +23,7 @@ from inference_pod.package import (
     IDENTIFIER,
     MANIFEST,
     Manifest,
+    check_extracted_source,
     extract_package,
     open_package,
     read_manifest,
@@ -134,6 +135,7 @@ class ModelStore:
         self._retiring: set[asyncio.Task] = set()
         self._manifests: dict[Path, tuple[tuple[int, int], Manifest | None]] = {}
         self._catalog: dict[str, list[LocalPackage]] = {}
+        self._zips: dict[tuple[str, str], Path] = {}
         self._scan_task: asyncio.Task | None = None
         # Packages that failed to load (broken, or weights that do not fit), by file identity: every request
         # would otherwise repeat the same expensive failure. Only PackageErrors: they depend on the file alone.
@@ -169,6 +171,7 @@ class ModelStore:
 
     def _scan(self) -> dict[str, list[LocalPackage]]:
         found: dict[tuple[str, str], LocalPackage] = {}
+        zips: dict[tuple[str, str], Path] = {}
         candidates = []
         for root, tier in ((self.extract_dir, "store"), (self.models_dir, None)):
             if not root.is_dir():
@@ -185,8 +188,11 @@ class ModelStore:
             if manifest is None:
                 continue
             key = (manifest.name, manifest.version)
+            if tier == "zip":
+                zips[key] = path
             if key not in found or (found[key].tier == "zip" and tier == "store"):
                 found[key] = LocalPackage(manifest, path, tier)
+        self._zips = zips  # an extracted copy's zip, if it is still here, is checked when the copy is used
         catalog: dict[str, list[LocalPackage]] = {}
         for pkg in found.values():
             catalog.setdefault(pkg.name, []).append(pkg)
@@ -315,6 +321,9 @@ class ModelStore:
                 try:
                     self._raise_known_failure(identity)
                     if pkg.tier == "store":
+                        source = self._zips.get((pkg.name, pkg.version))
+                        if source is not None:  # the copy is served; a zip damaged since is reported, not hidden
+                            await asyncio.to_thread(check_extracted_source, source, pkg.path)
                         return await asyncio.to_thread(open_package, pkg.path), "store", identity
                     return await asyncio.to_thread(self._extract, pkg.path, pkg.manifest), "zip", identity
                 except PackageError as exc:

@@ -332,3 +332,31 @@ async def test_a_slow_scan_does_not_stall_other_requests(tmp_path):
     assert scan_s > 0.3, f"the scan took {scan_s:.2f}s: too quick to show a stall"
     assert max(gaps) < scan_s / 3, f"a request waited {max(gaps):.2f}s during a {scan_s:.2f}s scan"
     await store.close()
+
+
+async def test_a_zip_damaged_after_extraction_is_reported_while_its_checked_copy_serves(models_dir, caplog):
+    """The extracted copy was checked when it was made, so it keeps serving; the damaged zip is named in a
+    warning (it is what the next pod extracts), on every load until it is replaced."""
+    store = make_store(models_dir, Metrics())
+    assert (await store.load("demo"))[1] == "zip"
+    await store.close()
+    target = models_dir / "demo-1.zip"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside a member: same manifest, different bytes
+    target.write_bytes(bytes(data))
+    for _ in range(2):
+        store = make_store(models_dir, Metrics())
+        with caplog.at_level("WARNING", logger="inference_pod.package.extract"):
+            caplog.clear()
+            model, source, _ = await store.load("demo")
+        assert (model.name, source) == ("demo", "store")
+        damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+        assert len(damaged) == 1 and str(target) in damaged[0] and "replace the zip" in damaged[0]
+        await store.close()
+    target.write_bytes(package("demo-1").read_bytes())  # replaced: intact again, and quiet
+    store = make_store(models_dir, Metrics())
+    with caplog.at_level("WARNING", logger="inference_pod.package.extract"):
+        caplog.clear()
+        assert (await store.load("demo"))[1] == "store"
+    assert not [r for r in caplog.records if "is damaged" in r.getMessage()]
+    await store.close()

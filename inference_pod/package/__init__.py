@@ -35,6 +35,7 @@ from inference_pod.package.display import package_summary
 from inference_pod.package.extract import (
     CHUNK,
     PackageLimits,
+    check_extracted_source,
     default_cache_dir,
     extract_package,
     open_package,
@@ -66,7 +67,7 @@ __all__ = [
     "AUDIO_ENCODER", "CHUNK", "CROP_BOXES", "DEFAULT_AUDIO", "DEFAULT_FEATURES", "FORMAT_NAME", "FORMAT_VERSION",
     "FRAME_EXTS", "IDENTIFIER", "LAYOUT_DIRS", "MANIFEST", "SHA256_HEX", "UNET", "ZIP_EPOCH",
     "CharacterPackage", "Manifest", "PackageLimits",
-    "check_audio_encoder_state", "check_crop_boxes", "check_default_audio", "check_default_features",
+    "check_audio_encoder_state", "check_crop_boxes", "check_extracted_source", "check_default_audio", "check_default_features",
     "check_unet_state", "default_cache_dir", "extract_package", "feature_dim", "frame_member",
     "image_dimensions", "open_package", "package_summary", "read_manifest", "validate_identifier",
     "verify_package", "write_package",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import os
 import re
 import shutil
@@ -23,6 +25,8 @@ from inference_pod.errors import PackageError
 from inference_pod.package.character import CharacterPackage
 from inference_pod.package.checks import validate_contents
 from inference_pod.package.manifest import LAYOUT_DIRS, MANIFEST, Manifest, error_context
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 
@@ -56,6 +60,7 @@ def extract_package(zip_path, dest_dir, limits: PackageLimits = PackageLimits())
         _check_entries_match(entries, manifest)
         digest = hashlib.sha256(manifest_bytes).hexdigest()
         if _holds(dest_dir, digest, manifest):
+            _check_source(zip_path, zf, entries, manifest, dest_dir, limits)
             return CharacterPackage(dest_dir, manifest)
 
         dest_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -68,9 +73,85 @@ def extract_package(zip_path, dest_dir, limits: PackageLimits = PackageLimits())
             (tmp / MANIFEST).write_bytes(manifest_bytes)
             validate_contents(tmp, manifest, tensors=True, decode_frames=False)
             _install(tmp, dest_dir, digest, manifest)
+            _write_stamp(zip_path, dest_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return CharacterPackage(dest_dir, manifest)
+
+
+def check_extracted_source(zip_path, dest_dir, limits: PackageLimits = PackageLimits()) -> str | None:
+    """Whether the zip an extracted copy came from is still intact; the problem, logged as a warning, or None.
+
+    An extracted copy was fully checked when it was made, so it is served even when its zip has been damaged
+    since (same manifest, different member bytes): what is served is right. But the zip is what the next pod
+    or a re-extraction uses, so its damage is reported. The zip is re-read only when its size or time differs
+    from the stamp written at extraction (``.{copy}.source`` beside the copy), so an unchanged zip costs a stat.
+    """
+    zip_path, dest_dir = Path(zip_path), Path(dest_dir)
+    try:
+        with _open_zip(zip_path) as zf:
+            entries = _checked_entries(zf, limits)
+            manifest = Manifest.from_json(_read_zip_manifest(zf, entries, limits))
+            _check_entries_match(entries, manifest)
+            return _check_source(zip_path, zf, entries, manifest, dest_dir, limits)
+    except PackageError as exc:
+        return _warn_damaged(zip_path, dest_dir, str(exc))
+
+
+def _check_source(zip_path: Path, zf: zipfile.ZipFile, entries: Mapping[str, zipfile.ZipInfo], manifest: Manifest,
+                  dest_dir: Path, limits: PackageLimits) -> str | None:
+    if _read_stamp(dest_dir) == _zip_stamp(zip_path):
+        return None
+    try:
+        for member, expected in sorted(manifest.members.items()):
+            _, digest = _copy_member(zf, entries[member], _Discard(), min(int(expected["size"]), limits.max_member_bytes))
+            if digest != expected["sha256"]:
+                raise PackageError(f"sha256 mismatch for {member}")
+    except PackageError as exc:
+        return _warn_damaged(zip_path, dest_dir, str(exc))
+    _write_stamp(zip_path, dest_dir)
+    return None
+
+
+def _warn_damaged(zip_path: Path, dest_dir: Path, problem: str) -> str:
+    message = (f"{zip_path} is damaged ({problem}); serving {dest_dir}, which was checked when it was extracted "
+               "from it: replace the zip")
+    log.warning("%s", message)
+    return message
+
+
+class _Discard:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+def _stamp_path(dest_dir: Path) -> Path:
+    return dest_dir.with_name(f".{dest_dir.name}.source")
+
+
+def _zip_stamp(zip_path: Path) -> dict | None:
+    try:
+        st = zip_path.stat()
+    except OSError:
+        return None
+    return {"zip": str(zip_path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _read_stamp(dest_dir: Path) -> dict | None:
+    try:
+        return json.loads(_stamp_path(dest_dir).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(zip_path: Path, dest_dir: Path) -> None:
+    stamp = _stamp_path(dest_dir)
+    tmp = stamp.with_name(f"{stamp.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(_zip_stamp(zip_path)))
+        os.replace(tmp, stamp)
+    except OSError:  # a read-only store still serves; the zip is re-read next time
+        tmp.unlink(missing_ok=True)
 
 
 def open_package(path, cache_dir=None, limits: PackageLimits = PackageLimits()) -> CharacterPackage:
