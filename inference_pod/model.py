@@ -243,10 +243,11 @@ def load_tensors(path, what: str, rule: str = "packages may hold only tensors") 
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        culprit = f" ({found[1]})" if found else ""
-        raise CheckpointError(f"{what} contains pickled Python objects other than tensors{culprit}; {rule}") from None
+        if found:  # a class or function the file would have us import and call
+            raise CheckpointError(f"{what} contains pickled Python objects other than tensors ({found[1]}); {rule}") from None
+        raise CheckpointError(f"{what} cannot be loaded: it is not a PyTorch checkpoint of tensors") from None
     except Exception as exc:  # zip and storage errors: not a checkpoint at all
-        raise CheckpointError(f"{what} is not a loadable PyTorch checkpoint: {_first_line(exc)}") from None
+        raise CheckpointError(f"{what} cannot be loaded: {_first_line(exc)}") from None
 
 
 def _first_line(exc: Exception) -> str:
