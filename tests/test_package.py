@@ -34,6 +34,7 @@ from inference_pod.package import (
     UNET,
     Manifest,
     PackageLimits,
+    check_extracted_source,
     extract_package,
     open_package,
     read_manifest,
@@ -105,6 +106,12 @@ def demo_members(demo_package) -> dict[str, bytes]:
         return {name: zf.read(name) for name in zf.namelist()}
 
 
+def _listing(directory: Path) -> list[str]:
+    """What a directory holds, less the stamps (``.{copy}.source``: the zip a copy was extracted from, as it
+    was then) that extraction leaves beside each copy on purpose; anything partial or temporary still shows."""
+    return sorted(p.name for p in directory.iterdir() if not (p.name.startswith(".") and p.name.endswith(".source")))
+
+
 # ------------------------------------------------------------------------------------------ round trip
 
 
@@ -164,7 +171,7 @@ def test_open_package_zip_uses_cache_and_directories_open_directly(written, tmp_
     first = open_package(path, cache_dir=tmp_path / "cache")
     again = open_package(path, cache_dir=tmp_path / "cache")
     assert first.root == again.root and first.root.parent == tmp_path / "cache"
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(_listing(tmp_path / "cache")) == 1
     direct = open_package(first.root)
     assert direct.manifest == manifest and direct.frame_bytes(1) == inputs["frames"][1]
     with pytest.raises(InvalidInput, match="template frame 4 is out of range 0..3"):
@@ -214,7 +221,7 @@ def test_extracting_the_same_package_again_is_reused(written, tmp_path):
     frame.write_bytes(b"short")  # damaged: the next extraction replaces it
     extract_package(path, dest)
     assert frame.read_bytes() == _inputs()["frames"][0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    assert _listing(tmp_path) == ["pkg"]
 
 
 def test_extracting_a_different_package_replaces_the_old_one(written, tmp_path):
@@ -227,7 +234,7 @@ def test_extracting_a_different_package_replaces_the_old_one(written, tmp_path):
     package = extract_package(tmp_path / "other.zip", dest)
     assert package.manifest.version == "3" and package.manifest.frame_count == 2
     assert not (dest / "frames/000003.jpg").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.zip", "pkg"]
+    assert _listing(tmp_path) == ["other.zip", "pkg"]
 
 
 def test_failed_extraction_keeps_the_installed_package(written, demo_members, tmp_path):
@@ -239,7 +246,7 @@ def test_failed_extraction_keeps_the_installed_package(written, demo_members, tm
     with pytest.raises(PackageError):
         extract_package(bad, dest)
     assert read_manifest(dest) == manifest
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["pkg"]
+    assert _listing(tmp_path / "out") == ["pkg"]
 
 
 # ------------------------------------------------------------------------------------------ write refusals
@@ -661,3 +668,24 @@ def test_claimed_numbers_cost_nothing_to_refuse(demo_package, demo_members, tmp_
     grown = refused["peak_mib"] - baseline["peak_mib"]
     assert grown < 40, f"refusing {edit} peaked {grown} MiB above checking the real package"
     assert list(tmpdir.iterdir()) == []  # no /tmp/lipsync-verify-* left behind, on either path
+
+
+def test_a_zip_damaged_after_extraction_is_named_while_the_checked_copy_is_reused(written, tmp_path, caplog):
+    path, _, manifest = written
+    zip_path = tmp_path / "pkg.zip"
+    shutil.copy(path, zip_path)
+    dest = tmp_path / "pkg"
+    extract_package(zip_path, dest)
+    assert check_extracted_source(zip_path, dest) is None  # intact, and unchanged since: a stat
+    with zipfile.ZipFile(zip_path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    _repack(members, zip_path, replace={manifest.frame_member(1): _frame(1)[:-40] + bytes(40)}, rehash=False,
+            raw_manifest=members[MANIFEST])  # the manifest byte for byte: only a member's bytes differ
+    with caplog.at_level("WARNING", logger="inference_pod.package.extract"):
+        reused = extract_package(zip_path, dest)  # same manifest: the copy, checked when made, is served
+    assert reused.frame_bytes(1) == _inputs()["frames"][1]
+    problem = check_extracted_source(zip_path, dest)
+    assert problem is not None and f"{zip_path} is damaged (sha256 mismatch for frames/000001.jpg)" in problem
+    assert "replace the zip" in problem and any(problem in r.getMessage() for r in caplog.records)
+    with pytest.raises(PackageError, match="sha256 mismatch for frames/000001.jpg"):
+        verify_package(zip_path)  # verify always extracts afresh: it fails on the zip itself
