@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1.7
-# The LipSyncModel operator: kopf and the lipsync_operator package, none of the inference stack.
+# The LipSyncModel operator: kopf, the lipsync_operator package and the pod's stdlib-only registry index reader;
+# none of the inference stack.
 #   docker build -f docker/operator.Dockerfile -t lipsync-operator:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
@@ -14,9 +15,11 @@ COPY docker/operator-requirements.txt /tmp/requirements.txt
 RUN pip install --requirement /tmp/requirements.txt && rm /tmp/requirements.txt
 
 COPY operator/lipsync_operator /app/lipsync_operator
+# The registry index reader the pod uses too (standard library only); inference_pod/__init__.py imports nothing.
+COPY inference_pod/__init__.py inference_pod/registry_index.py /app/inference_pod/
 # Compiled now: the container runs with a read-only root filesystem.
-RUN python -m compileall -q /app/lipsync_operator \
- && python -c "import lipsync_operator"
+RUN python -m compileall -q /app/lipsync_operator /app/inference_pod \
+ && python -c "import lipsync_operator, lipsync_operator.registry"
 
 # The chart runs it as 10001 with runAsNonRoot; no shell login, no home needed.
 USER 10001:10001

@@ -10,13 +10,17 @@ For output frame i the network sees features i-8 ... i+7 (zeros outside the trac
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import subprocess
+import threading
 from functools import lru_cache
 
 import numpy as np
 
 from inference_pod.errors import AudioError
+
+log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 N_FFT = 800
@@ -37,6 +41,30 @@ MIN_SAMPLES = (MEL_WINDOW - 1) * HOP  # shortest audio that yields one full mel 
 
 # ---------------------------------------------------------------------------------------------- decoding
 
+# Audio is untrusted input: resampling costs in proportion to the rate and a file's header can claim any
+# length, so the rate is bounded and the length is checked from the header and again while decoding,
+# before anything in proportion to it is allocated.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
+MAX_CHANNELS = 8
+FORMATS = "WAV, FLAC, OGG or MP3 (other formats need ffmpeg: AAC, M4A, Opus, WebM, ...)"
+DECODE_BLOCK = 1 << 16  # frames decoded (and downmixed, resampled) at a time
+FFMPEG_TIMEOUT_S = 120
+
+
+def check_format(sample_rate: int, channels: int, source: str = "audio") -> None:
+    """The sample rate and channel count every decoder accepts (PCM16 streams too)."""
+    if not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+        raise AudioError(f"{source} has a sample rate of {sample_rate} Hz; "
+                         f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz is accepted")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"{source} has {channels} channels; 1..{MAX_CHANNELS} are accepted")
+
+
+def too_long(seconds: float | None, max_seconds: float, source: str = "audio") -> AudioError:
+    """``seconds`` None: decoding stopped at the limit, so only "more than" is known."""
+    length = f"{seconds:.1f} s" if seconds is not None else f"more than {max_seconds:.0f} s"
+    return AudioError(f"{source} is {length} long; the limit is {max_seconds:.0f} s")
+
 
 def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """Average the channels and resample to 16 kHz with soxr's HQ filter (what librosa.load uses)."""
@@ -52,6 +80,7 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     if not np.all(np.isfinite(samples)):
         raise AudioError("audio contains NaN or infinite samples")
     if sample_rate != SAMPLE_RATE:
+        check_format(sample_rate, 1)
         import soxr
 
         samples = soxr.resample(samples, sample_rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
@@ -69,35 +98,132 @@ def pcm16_to_float(data: bytes, sample_rate: int, channels: int = 1) -> np.ndarr
     return to_mono_16k(pcm.reshape(-1, channels), sample_rate)
 
 
-def decode_audio(data: bytes) -> np.ndarray:
-    """Decode an audio file's bytes (WAV, FLAC, OGG, MP3 through libsndfile; else ffmpeg) to 16 kHz mono."""
+def decode_audio(data: bytes, *, max_seconds: float | None = None, source: str = "audio") -> np.ndarray:
+    """Decode an audio file's bytes (WAV, FLAC, OGG, MP3 through libsndfile; else ffmpeg) to 16 kHz mono.
+
+    With ``max_seconds``, longer audio is refused from its header when the header says so, else as soon as
+    decoding passes the limit: memory stays within the limit's 16 kHz samples. ``source`` names the input in
+    error messages (a file name, "audio_override").
+    """
     if not data:
-        raise AudioError("audio is empty")
+        raise AudioError(f"{source} is empty")
     import soundfile
 
     try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as exc:  # libsndfile raises its own error types; all mean "cannot decode"
-        samples, rate = _decode_with_ffmpeg(data, reason=str(exc))
-    return to_mono_16k(samples, rate)
+        sound = soundfile.SoundFile(io.BytesIO(data))
+    except Exception:  # libsndfile raises its own error types; all mean "not a format it reads"
+        return _decode_with_ffmpeg(data, max_seconds, source)
+    with sound:
+        return _decode_soundfile(sound, max_seconds, source)
 
 
-def load_audio(path: str) -> np.ndarray:
-    with open(path, "rb") as fh:
-        return decode_audio(fh.read())
+def load_audio(path: str, max_seconds: float | None = None) -> np.ndarray:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise AudioError(f"audio file {path} does not exist") from None
+    except IsADirectoryError:
+        raise AudioError(f"audio file {path} is a directory") from None
+    return decode_audio(data, max_seconds=max_seconds, source=str(path))
 
 
-def _decode_with_ffmpeg(data: bytes, reason: str) -> tuple[np.ndarray, int]:
+def _decode_soundfile(sound, max_seconds: float | None, source: str) -> np.ndarray:
+    rate, channels = int(sound.samplerate), int(sound.channels)
+    check_format(rate, channels, source)
+    declared = int(sound.frames)  # from the header; formats that do not know say so with a huge number
+    if max_seconds is not None and 0 < declared < 1 << 62 and declared / rate > max_seconds:
+        raise too_long(declared / rate, max_seconds, source)
+    limit = None if max_seconds is None else int(max_seconds * rate)
+    resampler = None
+    if rate != SAMPLE_RATE:
+        import soxr
+
+        # Streamed, so only the 16 kHz result is ever held whole (soxr's stream equals its one-shot result).
+        resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+    out, decoded = [], 0
+    try:
+        while True:
+            block = sound.read(DECODE_BLOCK, dtype="float32", always_2d=True)
+            last = len(block) < DECODE_BLOCK
+            decoded += len(block)
+            if limit is not None and decoded > limit:
+                raise too_long(None, max_seconds, source)
+            mono = block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float32)
+            if not np.all(np.isfinite(mono)):
+                raise AudioError(f"{source} contains NaN or infinite samples")
+            out.append(resampler.resample_chunk(mono, last=last) if resampler is not None else mono.copy())
+            if last:
+                break
+    except AudioError:
+        raise
+    except Exception as exc:  # a stream that breaks off or is corrupt past its header
+        raise AudioError(f"cannot decode {source}: it is damaged after its header ({exc})") from None
+    if decoded == 0:
+        raise AudioError(f"{source} holds no samples")
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def _decode_with_ffmpeg(data: bytes, max_seconds: float | None, source: str) -> np.ndarray:
+    """ffmpeg decodes and resamples; its output is read as it comes and cut off at the limit."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
-        raise AudioError(f"cannot decode audio ({reason}) and ffmpeg is not installed")
-    proc = subprocess.run(
-        [ffmpeg, "-v", "error", "-i", "pipe:0", "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"],
-        input=data, capture_output=True, timeout=120, check=False,
+        raise AudioError(f"cannot decode {source}: it is not {FORMATS.split(' (')[0]}, "
+                         "and ffmpeg (for other formats) is not installed")
+    limit = None if max_seconds is None else 4 * (int(max_seconds * SAMPLE_RATE) + 1)
+    proc = subprocess.Popen(
+        [ffmpeg, "-nostdin", "-v", "error", "-i", "pipe:0", "-vn", "-f", "f32le", "-ac", "1",
+         "-ar", str(SAMPLE_RATE), "pipe:1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    if proc.returncode != 0 or not proc.stdout:
-        raise AudioError(f"cannot decode audio: {proc.stderr.decode(errors='replace').strip() or reason}")
-    return np.frombuffer(proc.stdout, dtype="<f4").reshape(-1, 1), SAMPLE_RATE
+    stderr: list[bytes] = []
+    threads = [threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True),
+               threading.Thread(target=lambda: stderr.append(proc.stderr.read(1 << 16)), daemon=True)]
+    timed_out = threading.Event()
+    timer = threading.Timer(FFMPEG_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))  # a hung decoder is stopped
+    for thread in (*threads, timer):
+        thread.start()
+    chunks, size = [], 0
+    try:
+        while chunk := proc.stdout.read(1 << 20):
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise too_long(None, max_seconds, source)
+            chunks.append(chunk)
+        returncode = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for thread in threads:
+            thread.join(timeout=5)
+        for pipe in (proc.stdout, proc.stderr):
+            pipe.close()
+    if timed_out.is_set():
+        raise AudioError(f"cannot decode {source}: decoding took longer than {FFMPEG_TIMEOUT_S} s")
+    samples = np.frombuffer(b"".join(chunks), dtype="<f4")
+    if returncode != 0 or samples.size == 0:
+        detail = b"".join(stderr).decode(errors="replace").strip()
+        log.info("ffmpeg could not decode %s: %s", source, detail[-500:])
+        if "does not contain any stream" in detail or (returncode == 0 and samples.size == 0):
+            raise AudioError(f"cannot decode {source}: it holds no audio; send {FORMATS}")
+        raise AudioError(f"cannot decode {source}: it is not audio in a format this server reads; send {FORMATS}")
+    if not np.all(np.isfinite(samples)):
+        raise AudioError(f"{source} contains NaN or infinite samples")
+    return samples.copy()
+
+
+def _feed(pipe, data: bytes) -> None:
+    try:
+        pipe.write(data)
+    except (BrokenPipeError, ValueError, OSError):
+        pass  # ffmpeg stopped reading: it failed, or was stopped at the limit
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------------------------- mel

@@ -34,8 +34,8 @@ from inference_pod.model import (
     CROP_SIZE,
     MODEL_INPUT_SIZE,
     AveAudioEncoder,
-    LipSyncUNet,
-    load_strict,
+    build_strict,
+    build_unet,
 )
 
 log = logging.getLogger(__name__)
@@ -236,8 +236,8 @@ class Engine:
             log.warning("BENCHMARK IDENTITY NETWORK for model %r: frames are the templates' own mouth regions, "
                         "not lip-sync predictions", self.name)
 
-        net = LipSyncUNet(self.mode, manifest.model_width)
-        load_strict(net, package.unet_state(), "U-Net")
+        # Shapes checked before anything is built: the manifest's width is a claim, the tensors are what is there.
+        net = build_unet(self.mode, manifest.model_width, package.unet_state())
         net.eval()
         if fold_bn:
             net = fold_batchnorm(net)
@@ -248,8 +248,7 @@ class Engine:
         self.encoder: AveAudioEncoder | None = None
         encoder_state = package.audio_encoder_state()
         if encoder_state is not None:
-            encoder = AveAudioEncoder()
-            load_strict(encoder, encoder_state, "audio encoder")
+            encoder = build_strict(AveAudioEncoder, encoder_state, "audio encoder")
             self.encoder = encoder.eval().to(self.device)  # fp32: cheap, and features feed every model
 
         self._load_templates(package, frame_budget_bytes)

@@ -12,13 +12,16 @@ tests and demos. The audio input channels are fixed by the feature shape, whatev
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from inference_pod.errors import CheckpointError
+
+M = TypeVar("M", bound=nn.Module)
 
 # Audio window tensor per output frame, by mode: the 16 per-frame feature vectors reshaped.
 AUDIO_FEATURE_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -231,6 +234,27 @@ class AveAudioEncoder(nn.Sequential):
         return super().forward(mel).flatten(1)
 
 
+def load_tensors(path, what: str, rule: str = "packages may hold only tensors") -> object:
+    """``torch.load(weights_only=True)``: no code from the file runs. A refusal says what was refused, never
+    torch's advice to load with weights_only=False, which would run the file's code."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:  # a class or function the file would have us import and call
+            raise CheckpointError(f"{what} contains pickled Python objects other than tensors ({found[1]}); {rule}") from None
+        raise CheckpointError(f"{what} cannot be loaded: it is not a PyTorch checkpoint of tensors") from None
+    except Exception as exc:  # zip and storage errors: not a checkpoint at all
+        raise CheckpointError(f"{what} cannot be loaded: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
 def normalize_state_dict(state: Mapping[str, torch.Tensor], strip_prefixes=("module.",)) -> dict[str, torch.Tensor]:
     """Accept a raw state_dict, a ``{"state_dict": ...}`` wrapper, or DataParallel's ``module.`` keys."""
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
@@ -245,7 +269,37 @@ def normalize_state_dict(state: Mapping[str, torch.Tensor], strip_prefixes=("mod
 def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names missing, unexpected and mis-shaped keys."""
     state = normalize_state_dict(state)
-    own = module.state_dict()
+    check_fits(module.state_dict(), state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def build_strict(factory: Callable[[], M], state: Mapping[str, torch.Tensor], what: str) -> M:
+    """``factory()`` loaded with ``state``; the state's keys and shapes are checked first against the module
+    built on the meta device (shapes, no storage). A width a manifest merely claims therefore costs nothing:
+    only a state dict whose real tensors fit gets a module built, and that module is the size of the tensors."""
+    state = normalize_state_dict(state)
+    with torch.device("meta"):
+        shapes = factory().state_dict()
+    check_fits(shapes, state, what)
+    module = factory()
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def build_unet(mode: str, width: int, state: Mapping[str, torch.Tensor], what: str = "U-Net") -> LipSyncUNet:
+    """The U-Net a package's manifest describes, loaded with its weights. The width is the manifest's claim and
+    the weights are what is there: a width they do not have is refused by name, before anything is built."""
+    state = normalize_state_dict(state)
+    try:
+        _, actual = infer_unet_config(state)
+    except CheckpointError:
+        actual = width  # not a U-Net at all: build_strict names what is missing
+    if actual != width:
+        raise CheckpointError(f"{what} checkpoint does not fit: it holds a width-{actual} U-Net, not model_width {width}")
+    return build_strict(lambda: LipSyncUNet(mode, width), state, what)
+
+
+def check_fits(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(
@@ -260,7 +314,6 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str)
                 shown = ", ".join(items[:5]) + (f", ... ({len(items)} in all)" if len(items) > 5 else "")
                 parts.append(f"{label}: {shown}")
         raise CheckpointError(f"{what} checkpoint does not fit: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
 
 
 def infer_unet_config(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:

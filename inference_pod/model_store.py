@@ -23,7 +23,9 @@ from inference_pod.metrics import Metrics
 from inference_pod.package import (
     AUDIO_ENCODER,
     IDENTIFIER,
+    MANIFEST,
     Manifest,
+    check_extracted_source,
     extract_package,
     open_package,
     read_manifest,
@@ -31,6 +33,21 @@ from inference_pod.package import (
 from inference_pod.registry import RegistryClient, version_key
 
 log = logging.getLogger(__name__)
+
+
+# A package file as it is now: a failed load is remembered under it, and a changed file is tried again.
+PackageIdentity = tuple[str, int, int, int]  # path, inode, size, mtime_ns
+MAX_REMEMBERED_FAILURES = 256
+
+
+def package_identity(path: Path) -> PackageIdentity | None:
+    """A zip's identity, or an extracted directory's (by its manifest: re-extraction writes a new one)."""
+    target = path / MANIFEST if path.is_dir() else path
+    try:
+        st = target.stat()
+    except OSError:
+        return None
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def check_model_name(name: str, what: str = "model name") -> str:
@@ -120,6 +137,11 @@ class ModelStore:
         self._retiring: set[asyncio.Task] = set()
         self._manifests: dict[Path, tuple[tuple[int, int], Manifest | None]] = {}
         self._catalog: dict[str, list[LocalPackage]] = {}
+        self._zips: dict[tuple[str, str], Path] = {}
+        self._scan_task: asyncio.Task | None = None
+        # Packages that failed to load (broken, or weights that do not fit), by file identity: every request
+        # would otherwise repeat the same expensive failure. Only PackageErrors: they depend on the file alone.
+        self._failed: OrderedDict[PackageIdentity, PackageError] = OrderedDict()
         self._closed = False
 
     # -------------------------------------------------------------------------------------- lookups
@@ -133,13 +155,25 @@ class ModelStore:
         return sum(m.memory_bytes for m in self._resident.values())
 
     def local_packages(self, rescan: bool = True) -> dict[str, list[LocalPackage]]:
-        """Local packages by name, newest version first (extracted before zip for the same version)."""
+        """Local packages by name, newest version first (extracted before zip for the same version).
+
+        Blocking (it lists directories and reads new manifests): in the event loop, use ``catalog()``."""
         if rescan:
             self._catalog = self._scan()
         return self._catalog
 
+    async def catalog(self) -> dict[str, list[LocalPackage]]:
+        """``local_packages()``, rescanned in a worker thread so that a slow disk or a large manifest never
+        stalls other requests; callers that arrive during a scan share it."""
+        task = self._scan_task
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.local_packages))
+            self._scan_task = task
+        return await asyncio.shield(task)
+
     def _scan(self) -> dict[str, list[LocalPackage]]:
         found: dict[tuple[str, str], LocalPackage] = {}
+        zips: dict[tuple[str, str], Path] = {}
         candidates = []
         for root, tier in ((self.extract_dir, "store"), (self.models_dir, None)):
             if not root.is_dir():
@@ -156,8 +190,11 @@ class ModelStore:
             if manifest is None:
                 continue
             key = (manifest.name, manifest.version)
+            if tier == "zip":
+                zips[key] = path
             if key not in found or (found[key].tier == "zip" and tier == "store"):
                 found[key] = LocalPackage(manifest, path, tier)
+        self._zips = zips  # an extracted copy's zip, if it is still here, is checked when the copy is used
         catalog: dict[str, list[LocalPackage]] = {}
         for pkg in found.values():
             catalog.setdefault(pkg.name, []).append(pkg)
@@ -240,11 +277,13 @@ class ModelStore:
     async def _load(self, name: str, version: str | None) -> tuple[LoadedModel, str]:
         started = time.perf_counter()
         try:
-            package, source = await self._find_package(name, version)  # counts failures per tier itself
+            package, source, identity = await self._find_package(name, version)  # counts failures per tier
             try:
                 engine = await asyncio.to_thread(self._engine_factory, package)
-            except Exception:
+            except Exception as exc:
                 self._metrics.model_loads.labels(model=name, source=source, result="error").inc()
+                if isinstance(exc, PackageError):  # weights that do not fit: so they stay until the file changes
+                    self._remember_failure(identity, exc)
                 raise
         except (ModelNotFound, Unavailable):
             raise
@@ -273,19 +312,25 @@ class ModelStore:
         return model, source
 
     async def _find_package(self, name: str, version: str | None):
-        """The package to load and the tier it came from; each tier falls through to the next on failure."""
+        """(package, tier, its file's identity); each tier falls through to the next on failure."""
         errors: list[LipSyncError] = []
-        catalog = await asyncio.to_thread(self.local_packages)
+        catalog = await self.catalog()
         local = [p for p in catalog.get(name, []) if not version or p.version == version]
         if local:
             chosen_version = local[0].version
             for pkg in (p for p in local if p.version == chosen_version):  # store first, then zip
+                identity = package_identity(pkg.path)
                 try:
+                    self._raise_known_failure(identity)
                     if pkg.tier == "store":
-                        return await asyncio.to_thread(open_package, pkg.path), "store"
-                    return await asyncio.to_thread(self._extract, pkg.path, pkg.manifest), "zip"
+                        source = self._zips.get((pkg.name, pkg.version))
+                        if source is not None:  # the copy is served; a zip damaged since is reported, not hidden
+                            await asyncio.to_thread(check_extracted_source, source, pkg.path)
+                        return await asyncio.to_thread(open_package, pkg.path), "store", identity
+                    return await asyncio.to_thread(self._extract, pkg.path, pkg.manifest), "zip", identity
                 except PackageError as exc:
-                    log.warning("local package %s unusable: %s", pkg.path, exc)
+                    if self._remember_failure(identity, exc):
+                        log.warning("local package %s unusable: %s", pkg.path, exc)
                     self._metrics.model_loads.labels(model=name, source=pkg.tier, result="error").inc()
                     errors.append(exc)
         if self.registry is None:
@@ -293,19 +338,40 @@ class ModelStore:
                 raise errors[0]
             what = f"{name} {version}" if version else name
             raise ModelNotFound(f"model {what!r} is not in {self.models_dir} and no registry is configured")
+        identity = None
         try:
             zip_path = await asyncio.to_thread(self.registry.fetch, name, version, self.models_dir)
+            identity = package_identity(zip_path)
+            self._raise_known_failure(identity)
             manifest = await asyncio.to_thread(read_manifest, zip_path)
             if manifest.name != name:
                 raise PackageError(f"the registry's package for {name!r} contains model {manifest.name!r}")
-            return await asyncio.to_thread(self._extract, zip_path, manifest), "registry"
+            return await asyncio.to_thread(self._extract, zip_path, manifest), "registry", identity
         except ModelNotFound:
             if errors:
                 raise errors[0] from None  # the local package's problem says more than "not in the registry"
             raise
-        except LipSyncError:
+        except LipSyncError as exc:
+            if isinstance(exc, PackageError):
+                self._remember_failure(identity, exc)
             self._metrics.model_loads.labels(model=name, source="registry", result="error").inc()
             raise
+
+    def _raise_known_failure(self, identity: PackageIdentity | None) -> None:
+        known = self._failed.get(identity) if identity is not None else None
+        if known is not None:
+            raise type(known)(str(known))  # a fresh one: re-raising the same object would grow its traceback
+
+    def _remember_failure(self, identity: PackageIdentity | None, exc: PackageError) -> bool:
+        """Remember why this file cannot load; True the first time (worth a log line)."""
+        if identity is None:
+            return True
+        first = identity not in self._failed
+        self._failed[identity] = exc
+        self._failed.move_to_end(identity)
+        while len(self._failed) > MAX_REMEMBERED_FAILURES:
+            self._failed.popitem(last=False)
+        return first
 
     def _extract(self, zip_path: Path, manifest: Manifest):
         return extract_package(zip_path, self.extract_dir / f"{manifest.name}-{manifest.version}")
@@ -321,7 +387,7 @@ class ModelStore:
                 await asyncio.shield(running[0])
         model = self._resident.pop(name, None)
         if model is None:
-            if name not in self.local_packages():
+            if name not in await self.catalog():
                 raise ModelNotFound(f"model {name!r} is not loaded and not in {self.models_dir}")
             return False
         self._metrics.models_resident.set(len(self._resident))

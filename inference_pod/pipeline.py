@@ -46,10 +46,7 @@ class AudioInput:
         if not self.data:
             raise AudioError("audio is empty")
         if self.kind == "pcm16":
-            if not 8000 <= self.sample_rate <= 192_000:
-                raise AudioError(f"PCM16 audio needs a sample rate of 8000..192000 Hz, got {self.sample_rate}")
-            if not 1 <= self.channels <= 8:
-                raise AudioError(f"PCM16 audio needs 1..8 channels, got {self.channels}")
+            audio.check_format(self.sample_rate, self.channels, "PCM16 audio")
 
     @cached_property
     def digest(self) -> str:
@@ -63,10 +60,11 @@ class AudioInput:
             return len(self.data) / (2 * self.channels * self.sample_rate)
         return None
 
-    def decode(self) -> np.ndarray:
+    def decode(self, max_seconds: float | None = None) -> np.ndarray:
+        """16 kHz mono samples; a file longer than ``max_seconds`` is refused before it is decoded whole."""
         if self.kind == "pcm16":
             return audio.pcm16_to_float(self.data, self.sample_rate, self.channels)
-        return audio.decode_audio(self.data)
+        return audio.decode_audio(self.data, max_seconds=max_seconds)
 
 
 @dataclass(frozen=True)
@@ -198,7 +196,7 @@ class FramePipeline:
             return Track(engine.default_features, DEFAULT_TRACK)
         hint = audio_input.seconds_hint()
         if hint is not None and hint > self.max_audio_seconds:
-            raise AudioError(f"audio is {hint:.1f} s long; the limit is {self.max_audio_seconds:.0f} s")
+            raise audio.too_long(hint, self.max_audio_seconds)
         encoder_id = model.encoder_id
         if encoder_id is None:
             raise AudioError(f"model {model.name!r} uses {engine.mode} features, which this server cannot "
@@ -225,10 +223,9 @@ class FramePipeline:
         return features
 
     def _features_blocking(self, engine, audio_input: AudioInput) -> np.ndarray:
-        wav = audio_input.decode()
+        wav = audio_input.decode(self.max_audio_seconds)
         if len(wav) > self.max_audio_seconds * audio.SAMPLE_RATE:
-            raise AudioError(f"audio is {len(wav) / audio.SAMPLE_RATE:.1f} s long; the limit is "
-                             f"{self.max_audio_seconds:.0f} s")
+            raise audio.too_long(len(wav) / audio.SAMPLE_RATE, self.max_audio_seconds)
         return engine.track_features(wav)
 
     # -------------------------------------------------------------------------------------- frames

@@ -157,7 +157,7 @@ class Pod:
             self.metrics.benchmark_identity_network.set(1)
             log.warning("BENCHMARK IDENTITY NETWORK: no U-Net runs; every frame is its template's own mouth "
                         "region. For measuring the serving layer only, never for real traffic.")
-        for name in await asyncio.to_thread(self.store.local_packages):
+        for name in await self.store.catalog():
             await self.grpc.set_serving(name, False)
         await self.grpc.set_serving("", False)
         await self.preload()
@@ -306,7 +306,7 @@ class Pod:
     async def models(self) -> list[pb.ModelInfo]:
         """Resident models (state loaded) and, for the others, the newest local package (state available).
         The models directory is scanned in a thread: a slow disk must not stall other requests."""
-        catalog = await asyncio.to_thread(self.store.local_packages)
+        catalog = await self.store.catalog()
         resident = {m.name: m for m in self.store.resident}
         infos = [loaded_info(m) for m in resident.values()]
         for name, versions in catalog.items():

@@ -21,7 +21,6 @@ import http.client
 import json
 import logging
 import os
-import re
 import threading
 import time
 import urllib.error
@@ -29,57 +28,20 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from inference_pod import __version__
+from inference_pod import __version__, registry_index
 from inference_pod.errors import InvalidInput, ModelNotFound, PackageError, Unavailable
-from inference_pod.package import IDENTIFIER
+from inference_pod.registry_index import INDEX_NAME, MAX_INDEX_BYTES, IndexEntry, latest, version_key
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "index.json"
 CHUNK = 1 << 20
-MAX_INDEX_BYTES = 64 << 20
 USER_AGENT = f"lipsync-serving/{__version__}"
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-@dataclass(frozen=True)
-class RegistryEntry:
-    name: str
-    version: str
-    size: int
-    sha256: str
-    url: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, obj) -> RegistryEntry:
-        try:
-            entry = cls(name=str(obj["name"]), version=str(obj["version"]), size=int(obj["size"]),
-                        sha256=str(obj["sha256"]).lower(), url=str(obj["url"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise Unavailable(f"registry index has a malformed entry {obj!r}: {exc}") from None
-        # Names and versions become file names here: anything but a plain identifier is refused.
-        if not (IDENTIFIER.fullmatch(entry.name) and IDENTIFIER.fullmatch(entry.version)):
-            raise Unavailable(f"registry index has an invalid name or version: {entry.name!r} {entry.version!r}")
-        if entry.size < 0 or not SHA256_HEX.fullmatch(entry.sha256):
-            raise Unavailable(f"registry index has a malformed entry for {entry.name} {entry.version}")
-        return entry
-
-
-def version_key(version: str) -> tuple:
-    """Order versions naturally: 1.10 > 1.9 > 1.9-rc1; numbers compare as numbers, words as words."""
-    parts = re.split(r"[._-]", version)
-    # Numbers rank above the end of the version, which ranks above words: 1.9.1 > 1.9 > 1.9-rc1.
-    return tuple((2, int(p), "") if p.isdigit() else (0, 0, p) for p in parts) + ((1, 0, ""),)
-
-
-def latest(entries: list[RegistryEntry]) -> RegistryEntry:
-    return max(entries, key=lambda e: version_key(e.version))
+# One reader for the pod and the operator (inference_pod/registry_index.py); an entry is a RegistryEntry here.
+RegistryEntry = IndexEntry
 
 
 # ------------------------------------------------------------------------------------------ publishing
@@ -143,13 +105,11 @@ def _read_local_index(registry_dir: Path) -> list[RegistryEntry]:
 
 
 def parse_index(data: bytes, where: str) -> list[RegistryEntry]:
+    """The index's entries; an unusable index is the registry's problem: Unavailable."""
     try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Unavailable(f"registry index {where} is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("packages"), list):
-        raise Unavailable(f'registry index {where} must be {{"packages": [...]}}')
-    return [RegistryEntry.from_dict(item) for item in obj["packages"]]
+        return registry_index.parse_index(data, where)
+    except registry_index.InvalidIndex as exc:
+        raise Unavailable(str(exc)) from None
 
 
 def _copy_atomic(src: Path, dest: Path) -> tuple[int, str]:

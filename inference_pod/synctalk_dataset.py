@@ -29,6 +29,7 @@ from inference_pod.model import (
     AveAudioEncoder,
     infer_unet_config,
     load_strict,
+    load_tensors,
     normalize_state_dict,
 )
 from inference_pod.package import Manifest, feature_dim, image_dimensions, validate_identifier, write_package
@@ -157,10 +158,7 @@ def load_checkpoint(path, what: str, strip_prefixes=("module.",)) -> dict[str, t
     path = Path(path)
     if not path.is_file():
         raise PackageError(f"{what} checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling, zip and storage errors all mean "not a usable checkpoint"
-        raise CheckpointError(f"{what} checkpoint {path} cannot be loaded: {exc}") from None
+    state = load_tensors(path, f"{what} checkpoint {path}", "only tensors are read from checkpoints")
     if not isinstance(state, dict):
         raise CheckpointError(f"{what} checkpoint {path} does not hold a state_dict")
     return normalize_state_dict(state, strip_prefixes)

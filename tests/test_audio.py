@@ -154,3 +154,129 @@ def test_feature_windows_equal_synctalks_window_and_check_range():
         audio.feature_windows(f, [13], (32, 32, 32))
     with pytest.raises(AudioError, match="do not fit"):
         audio.feature_windows(f, [0], (32, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+# Audio is untrusted: what a header claims must not decide what the decoder allocates. Each case runs the
+# real decoder in a fresh process and measures that process's own peak RSS (VmHWM) while the input is refused.
+
+_PEAK_PROBE = r"""
+import sys
+import numpy as np
+from inference_pod import audio
+from inference_pod.errors import AudioError
+from inference_pod.pipeline import AudioInput
+
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+rate = 44100  # warm up: libsndfile, soxr's stream and ffmpeg's pipe are all loaded before the baseline
+import io, soundfile
+buf = io.BytesIO()
+soundfile.write(buf, np.zeros(rate, np.float32), rate, format="WAV")
+audio.decode_audio(buf.getvalue(), max_seconds=600)
+before = peak_kib()
+data = open(sys.argv[1], "rb").read()
+try:
+    AudioInput(kind="file", data=data).decode(max_seconds=600)
+    print("DECODED")
+except AudioError as exc:
+    print("REFUSED", exc)
+print((peak_kib() - before) // 1024)
+"""
+
+
+def _peak_while_decoding(path) -> tuple[str, int]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PEAK_PROBE, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    verdict, grown_mib = proc.stdout.strip().splitlines()
+    return verdict, int(grown_mib)
+
+
+def _wav_header(rate: int, samples: int) -> bytes:
+    """A PCM16 mono WAV, written byte by byte so that the rate can be anything the field holds."""
+    import struct
+
+    data = bytes(2 * samples)
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, 2 * rate, 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _silent_flac(path, seconds: int, rate: int = 8000) -> None:
+    with soundfile.SoundFile(path, "w", rate, 1, format="FLAC", subtype="PCM_16") as out:
+        block = np.zeros(rate * 60, np.int16)
+        for _ in range(seconds // 60):
+            out.write(block)
+
+
+def test_a_one_hertz_wav_is_refused_from_its_header_without_growing(tmp_path):
+    # 78 KiB claiming 40,000 s at 1 Hz: resampled to 16 kHz it would be 640 million samples (2.5 GB).
+    path = tmp_path / "one-hertz.wav"
+    path.write_bytes(_wav_header(rate=1, samples=40_000))
+    assert soundfile.info(path).samplerate == 1
+    verdict, grown = _peak_while_decoding(path)
+    assert verdict.startswith("REFUSED") and "sample rate of 1 Hz" in verdict and "8000..192000" in verdict
+    assert grown < 40, f"peak RSS grew by {grown} MiB while refusing"
+
+
+def test_an_hour_of_silent_flac_is_refused_from_its_header(tmp_path):
+    path = tmp_path / "hour.flac"
+    _silent_flac(path, 3600)
+    assert path.stat().st_size < 200_000  # small on the wire, 28.8 million samples decoded
+    verdict, grown = _peak_while_decoding(path)
+    assert verdict == "REFUSED audio is 3600.0 s long; the limit is 600 s"
+    assert grown < 40, f"peak RSS grew by {grown} MiB while refusing"
+
+
+def test_a_flac_that_hides_its_length_is_cut_off_while_decoding(tmp_path):
+    path = tmp_path / "hidden.flac"
+    _silent_flac(path, 3600)
+    data = bytearray(path.read_bytes())
+    # STREAMINFO's 36-bit total-samples field (0 = unknown) ends byte 25 of the file.
+    word = int.from_bytes(data[18:26], "big") & ~((1 << 36) - 1)
+    data[18:26] = word.to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+    verdict, grown = _peak_while_decoding(path)
+    assert verdict == "REFUSED audio is more than 600 s long; the limit is 600 s"
+    assert grown < 60, f"peak RSS grew by {grown} MiB while refusing"
+
+
+def test_ffmpeg_output_is_cut_off_at_the_limit(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    path = tmp_path / "hour.mka"  # Matroska: not for libsndfile, so the ffmpeg path decodes it
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "anullsrc=r=8000:cl=mono", "-t", "3600",
+                    "-c:a", "flac", "-f", "matroska", str(path)], check=True, timeout=120)
+    verdict, grown = _peak_while_decoding(path)
+    assert verdict == "REFUSED audio is more than 600 s long; the limit is 600 s"
+    assert grown < 60, f"peak RSS grew by {grown} MiB while refusing"
+
+
+def test_limits_leave_audio_within_them_alone(tmp_path, speechish):
+    buf = io.BytesIO()
+    soundfile.write(buf, speechish, 16000, format="FLAC")
+    out = audio.decode_audio(buf.getvalue(), max_seconds=2)
+    np.testing.assert_allclose(out, speechish, atol=1 / 32768 + 1e-6)
+    with pytest.raises(AudioError, match=r"^audio is 1\.3 s long; the limit is 1 s$"):
+        audio.decode_audio(buf.getvalue(), max_seconds=1)
+
+
+def test_undecodable_audio_names_the_input_and_the_formats_that_work(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"this is not audio at all" * 10)
+    with pytest.raises(AudioError) as refused:
+        audio.load_audio(str(path))
+    message = str(refused.value)
+    assert str(path) in message and "WAV, FLAC, OGG or MP3" in message
+    assert "pipe:0" not in message and "Invalid data" not in message
+    with pytest.raises(AudioError, match=r"audio file .*missing\.wav does not exist"):
+        audio.load_audio(str(tmp_path / "missing.wav"))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -226,4 +228,135 @@ async def test_corrupt_local_zip_is_skipped_in_the_catalog_and_fails_clearly(mod
     with pytest.raises(Unavailable, match="cannot be loaded"):
         await store.get("demo")
     assert loads(metrics, "demo", "zip", "error") == 1
+    await store.close()
+
+
+# ------------------------------------------------------------------------------------------ hostile packages
+
+
+def _rewrite_manifest(path: Path, **fields) -> None:
+    """Change manifest fields of an extracted package directory (its members stay as they are)."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(fields)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+async def test_a_package_that_cannot_load_is_remembered_until_its_file_changes(tmp_path):
+    """A manifest claiming another width: the weights do not fit. Every request used to rebuild and fail
+    (4-15 s and +3 GB each at width 256); now the failure is remembered by the file's identity."""
+    from inference_pod.package import extract_package
+
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    stored = extract_package(package("demo-1"), models_dir / ".store" / "demo-1").root
+    _rewrite_manifest(stored, model_width=256)
+    metrics, factory = Metrics(), Counting()
+    store = make_store(models_dir, metrics, factory=factory)
+    for _ in range(3):
+        with pytest.raises(Unavailable, match="it holds a width-4 U-Net, not model_width 256"):
+            await store.get("demo")
+    assert factory.calls == ["demo"]  # built (and refused) once, not once per request
+    assert loads(metrics, "demo", "store", "error") == 3  # every refusal is still counted
+    _rewrite_manifest(stored, model_width=4)  # fixed (serving_support's packages are width 4): tried again
+    assert (await store.get("demo")).name == "demo" and factory.calls == ["demo", "demo"]
+    await store.close()
+
+
+async def test_a_broken_zip_is_not_extracted_again_for_every_request(tmp_path, caplog):
+    import zipfile
+
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    with zipfile.ZipFile(package("demo-1")) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    manifest["model_width"] = 256
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(models_dir / "demo-1.zip", "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    metrics = Metrics()
+    store = make_store(models_dir, metrics)
+    with caplog.at_level("WARNING", logger="inference_pod.model_store"):
+        for _ in range(3):
+            with pytest.raises(Unavailable, match="not model_width 256"):
+                await store.get("demo")
+    unusable = [r for r in caplog.records if "unusable" in r.getMessage()]
+    assert len(unusable) == 1  # extracted and checked once; the next requests get the remembered answer
+    assert loads(metrics, "demo", "zip", "error") == 3
+    assert not (models_dir / ".store" / "demo-1").exists()  # nothing half-extracted was kept
+    await store.close()
+
+
+def _heavy_manifest_zip(path: Path, frames: int) -> None:
+    """A zip whose manifest lists ``frames`` frames it does not hold: real bytes to parse, then refused."""
+    import zipfile
+
+    manifest = json.loads(zipfile.ZipFile(package("demo-1")).read("manifest.json"))
+    entry = {"sha256": "0" * 64, "size": 1}
+    manifest["members"] |= {f"frames/{i:06d}.jpg": entry for i in range(frames)}
+    manifest["frame_count"] = frames
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("manifest.json", json.dumps(manifest))
+
+
+async def test_a_slow_scan_does_not_stall_other_requests(tmp_path):
+    """ListModels scanned --models-dir on the event loop: a 5,000,000-frame claim stalled every request 9.7 s.
+    The scan now runs in a thread; a request for a resident model is answered while it runs."""
+    models_dir = models_dir_with(tmp_path / "models", "demo-1")
+    store = make_store(models_dir, Metrics())
+    await store.get("demo")
+    for i in range(4):
+        _heavy_manifest_zip(models_dir / f"heavy-{i}.zip", 150_000)
+
+    gaps: list[float] = []
+    scanning = True
+
+    async def requests():
+        last = time.perf_counter()
+        while scanning:
+            async with store.use("demo") as model:
+                assert model.name == "demo"
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(requests())
+    started = time.perf_counter()
+    catalog = await store.catalog()
+    scan_s = time.perf_counter() - started
+    scanning = False
+    await ticker
+    assert list(catalog) == ["demo"]  # the heavy zips were read, refused and skipped
+    assert scan_s > 0.3, f"the scan took {scan_s:.2f}s: too quick to show a stall"
+    assert max(gaps) < scan_s / 3, f"a request waited {max(gaps):.2f}s during a {scan_s:.2f}s scan"
+    await store.close()
+
+
+async def test_a_zip_damaged_after_extraction_is_reported_while_its_checked_copy_serves(models_dir, caplog):
+    """The extracted copy was checked when it was made, so it keeps serving; the damaged zip is named in a
+    warning (it is what the next pod extracts), on every load until it is replaced."""
+    store = make_store(models_dir, Metrics())
+    assert (await store.load("demo"))[1] == "zip"
+    await store.close()
+    target = models_dir / "demo-1.zip"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside a member: same manifest, different bytes
+    target.write_bytes(bytes(data))
+    for _ in range(2):
+        store = make_store(models_dir, Metrics())
+        with caplog.at_level("WARNING", logger="inference_pod.package.extract"):
+            caplog.clear()
+            model, source, _ = await store.load("demo")
+        assert (model.name, source) == ("demo", "store")
+        damaged = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+        assert len(damaged) == 1 and str(target) in damaged[0] and "replace the zip" in damaged[0]
+        await store.close()
+    target.write_bytes(package("demo-1").read_bytes())  # replaced: intact again, and quiet
+    store = make_store(models_dir, Metrics())
+    with caplog.at_level("WARNING", logger="inference_pod.package.extract"):
+        caplog.clear()
+        assert (await store.load("demo"))[1] == "store"
+    assert not [r for r in caplog.records if "is damaged" in r.getMessage()]
     await store.close()

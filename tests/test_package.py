@@ -34,6 +34,7 @@ from inference_pod.package import (
     UNET,
     Manifest,
     PackageLimits,
+    check_extracted_source,
     extract_package,
     open_package,
     read_manifest,
@@ -105,6 +106,12 @@ def demo_members(demo_package) -> dict[str, bytes]:
         return {name: zf.read(name) for name in zf.namelist()}
 
 
+def _listing(directory: Path) -> list[str]:
+    """What a directory holds, less the stamps (``.{copy}.source``: the zip a copy was extracted from, as it
+    was then) that extraction leaves beside each copy on purpose; anything partial or temporary still shows."""
+    return sorted(p.name for p in directory.iterdir() if not (p.name.startswith(".") and p.name.endswith(".source")))
+
+
 # ------------------------------------------------------------------------------------------ round trip
 
 
@@ -164,7 +171,7 @@ def test_open_package_zip_uses_cache_and_directories_open_directly(written, tmp_
     first = open_package(path, cache_dir=tmp_path / "cache")
     again = open_package(path, cache_dir=tmp_path / "cache")
     assert first.root == again.root and first.root.parent == tmp_path / "cache"
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(_listing(tmp_path / "cache")) == 1
     direct = open_package(first.root)
     assert direct.manifest == manifest and direct.frame_bytes(1) == inputs["frames"][1]
     with pytest.raises(InvalidInput, match="template frame 4 is out of range 0..3"):
@@ -214,7 +221,7 @@ def test_extracting_the_same_package_again_is_reused(written, tmp_path):
     frame.write_bytes(b"short")  # damaged: the next extraction replaces it
     extract_package(path, dest)
     assert frame.read_bytes() == _inputs()["frames"][0]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    assert _listing(tmp_path) == ["pkg"]
 
 
 def test_extracting_a_different_package_replaces_the_old_one(written, tmp_path):
@@ -227,7 +234,7 @@ def test_extracting_a_different_package_replaces_the_old_one(written, tmp_path):
     package = extract_package(tmp_path / "other.zip", dest)
     assert package.manifest.version == "3" and package.manifest.frame_count == 2
     assert not (dest / "frames/000003.jpg").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.zip", "pkg"]
+    assert _listing(tmp_path) == ["other.zip", "pkg"]
 
 
 def test_failed_extraction_keeps_the_installed_package(written, demo_members, tmp_path):
@@ -239,7 +246,7 @@ def test_failed_extraction_keeps_the_installed_package(written, demo_members, tm
     with pytest.raises(PackageError):
         extract_package(bad, dest)
     assert read_manifest(dest) == manifest
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["pkg"]
+    assert _listing(tmp_path / "out") == ["pkg"]
 
 
 # ------------------------------------------------------------------------------------------ write refusals
@@ -406,7 +413,7 @@ BAD_CASES = {
         dict(edit=lambda m: m.update(has_default_audio=False)),
         "lists audio/default.wav but has_default_audio is false",
     ),
-    "unet wrong shape": (lambda _: dict(replace={UNET: _unet_bytes(width=8)}), "wrong shapes: "),
+    "unet wrong shape": (lambda _: dict(replace={UNET: _unet_bytes(width=8)}), "does not fit: it holds a width-8 U-Net, not model_width 4"),
     "unet missing key": (lambda _: dict(replace={UNET: _unet_bytes(drop=["outc.conv.bias"])}), "missing keys: outc.conv.bias"),
     "unet extra key": (
         lambda _: dict(replace={UNET: _unet_bytes(extra={"extra.weight": torch.zeros(1)})}),
@@ -417,7 +424,17 @@ BAD_CASES = {
         lambda _: dict(replace={AUDIO_ENCODER: _state_bytes({f"audio_encoder.{k}": v for k, v in _encoder_state().items()})}),
         "weights/audio_encoder.pth checkpoint does not fit",
     ),
-    "pickled object": (lambda _: dict(replace={UNET: _state_bytes({"x": NotATensor()})}), "not a loadable state_dict"),
+    # Claims that used to cost in proportion to their value (see test_claimed_numbers_cost_nothing_to_refuse).
+    "frame count far beyond the members": (dict(edit=lambda m: m.update(frame_count=20_000_000)),
+                                           "frame_count 20000000 is more than the 17 members it lists"),
+    "image size beyond any frame": (dict(edit=lambda m: m.update(image_size=[65535, 65535])),
+                                    r"image_size must be \[width, height\], each 1..8192"),
+    "model width claimed": (dict(edit=lambda m: m.update(model_width=4096)),
+                            "weights/unet.pth checkpoint does not fit: it holds a width-4 U-Net, not model_width 4096"),
+    # What was refused, never torch's advice to re-run with weights_only=False (it would run the package's code).
+    "pickled object": (lambda _: dict(replace={UNET: _state_bytes({"x": NotATensor()})}),
+                       r"weights/unet.pth contains pickled Python objects other than tensors \(test_package.NotATensor\); "
+                       r"packages may hold only tensors$"),
     "crop boxes short": (
         lambda _: dict(replace={CROP_BOXES: _npy(np.zeros((11, 4), np.int32))}),
         r"crop boxes have shape \(11, 4\)",
@@ -457,6 +474,7 @@ def test_bad_package_is_refused_and_leaves_nothing(case, demo_members, tmp_path)
     with pytest.raises(PackageError, match=message) as info:
         extract_package(bad, out / "demo")
     assert str(bad) in str(info.value)  # the error says which package
+    assert "weights_only" not in str(info.value)  # never the advice to run the package's code
     assert list(out.iterdir()) == []  # no partial or temporary directory
 
 
@@ -601,3 +619,73 @@ def test_lipsync_executable_verifies_packages(demo_package, demo_members, tmp_pa
     failed = subprocess.run([*command, "package", "verify", str(bad)], capture_output=True, text=True, timeout=120)
     assert failed.returncode == 2
     assert "unsupported format_version 9" in failed.stderr
+
+
+# ------------------------------------------------------------------------------------------ claims cost nothing
+
+# Runs a lipsync command in a child under a 3 GiB address-space cap (a regression fails there instead of taking
+# the machine down) and reports the child's peak RSS, its exit status and its stderr.
+_PEAK_OF_COMMAND = r"""
+import json, resource, subprocess, sys
+
+def cap():
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+proc = subprocess.run([sys.executable, "-m", "inference_pod.cli", *sys.argv[1:]], preexec_fn=cap,
+                      capture_output=True, text=True, timeout=300)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+print(json.dumps({"rc": proc.returncode, "stderr": proc.stderr, "peak_mib": peak}))
+"""
+
+
+def _peak_of_command(*args, tmpdir: Path) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"TMPDIR": str(tmpdir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _PEAK_OF_COMMAND, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("command, edit, message", [
+    # `package verify` built the U-Net at the claimed width: 23.5 GB and the kernel's OOM killer, before.
+    ("verify", dict(model_width=4096), "weights/unet.pth checkpoint does not fit: it holds a width-4 U-Net, not model_width 4096"),
+    # `package inspect` spent 93 s and 4.7 GB naming 20 million frames before refusing them.
+    ("inspect", dict(frame_count=20_000_000), "frame_count 20000000 is more than the 17 members it lists"),
+])
+def test_claimed_numbers_cost_nothing_to_refuse(demo_package, demo_members, tmp_path, command, edit, message):
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    bad = _repack(demo_members, tmp_path / "bad.zip", edit=lambda m: m.update(edit))
+    baseline = _peak_of_command("package", command, demo_package, tmpdir=tmpdir)
+    assert baseline["rc"] == 0, baseline["stderr"]
+    refused = _peak_of_command("package", command, bad, tmpdir=tmpdir)
+    assert refused["rc"] == 2 and message in refused["stderr"] and "Traceback" not in refused["stderr"]
+    assert len(refused["stderr"].strip().splitlines()) == 1  # one line: the problem, and which package
+    grown = refused["peak_mib"] - baseline["peak_mib"]
+    assert grown < 40, f"refusing {edit} peaked {grown} MiB above checking the real package"
+    assert list(tmpdir.iterdir()) == []  # no /tmp/lipsync-verify-* left behind, on either path
+
+
+def test_a_zip_damaged_after_extraction_is_named_while_the_checked_copy_is_reused(written, tmp_path, caplog):
+    path, _, manifest = written
+    zip_path = tmp_path / "pkg.zip"
+    shutil.copy(path, zip_path)
+    dest = tmp_path / "pkg"
+    extract_package(zip_path, dest)
+    assert check_extracted_source(zip_path, dest) is None  # intact, and unchanged since: a stat
+    with zipfile.ZipFile(zip_path) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    _repack(members, zip_path, replace={manifest.frame_member(1): _frame(1)[:-40] + bytes(40)}, rehash=False,
+            raw_manifest=members[MANIFEST])  # the manifest byte for byte: only a member's bytes differ
+    with caplog.at_level("WARNING", logger="inference_pod.package.extract"):
+        reused = extract_package(zip_path, dest)  # same manifest: the copy, checked when made, is served
+    assert reused.frame_bytes(1) == _inputs()["frames"][1]
+    problem = check_extracted_source(zip_path, dest)
+    assert problem is not None and f"{zip_path} is damaged (sha256 mismatch for frames/000001.jpg)" in problem
+    assert "replace the zip" in problem and any(problem in r.getMessage() for r in caplog.records)
+    with pytest.raises(PackageError, match="sha256 mismatch for frames/000001.jpg"):
+        verify_package(zip_path)  # verify always extracts afresh: it fails on the zip itself

@@ -107,7 +107,7 @@ def test_render_rejects_unreadable_audio(converted, tmp_path, capsys):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF....WAVEnot really")
     assert main(["render", str(converted), "--audio", str(bad), "--out", str(tmp_path / "f"), "--no-progress"]) == 2
-    assert "cannot decode audio" in capsys.readouterr().err
+    assert f"cannot decode {bad}: it is not audio" in capsys.readouterr().err
 
 
 class FakeClock:

@@ -11,17 +11,15 @@ init container, so every pod of a rollout runs exactly the same bytes.
 
 from __future__ import annotations
 
-import json
-import re
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 
-INDEX_NAME = "index.json"
-MAX_INDEX_BYTES = 64 << 20
+# The pod's own index reader: standard library only, copied into the operator image beside this package.
+from inference_pod.registry_index import INDEX_NAME, MAX_INDEX_BYTES, InvalidIndex, parse_index, version_key
+
 USER_AGENT = "lipsync-operator"
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -48,13 +46,6 @@ class _Failure(Exception):
         self.message = message
 
 
-def version_key(version: str) -> tuple:
-    """Natural order: numbers as numbers (1.10 > 1.9); a word after a release marks a pre-release
-    (1.0-rc1 < 1.0 < 1.0.1), hence the end marker between words and numbers."""
-    parts = [(2, int(p), "") if p.isdigit() else (0, 0, p) for p in re.split(r"[._-]", version)]
-    return (*parts, (1, 0, ""))
-
-
 def _open(url: str, *, method: str, token: str | None, timeout: float):
     headers = {"User-Agent": USER_AGENT, "Accept": "application/json, */*"}
     if token:
@@ -76,23 +67,11 @@ def _read_index(registry: str, token: str | None, timeout: float) -> list[dict]:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise _Failure("RegistryUnreachable", f"cannot reach {url}: {reason}") from None
-    if len(data) > MAX_INDEX_BYTES:
-        raise _Failure("InvalidIndex", f"{url} is larger than {MAX_INDEX_BYTES} bytes")
     try:
-        packages = json.loads(data)["packages"]
-        if not isinstance(packages, list):
-            raise TypeError("packages is not a list")
-        entries = []
-        for item in packages:
-            entry = {"name": str(item["name"]), "version": str(item["version"]), "size": int(item["size"]),
-                     "sha256": str(item["sha256"]).lower(), "url": str(item["url"])}
-            if not SHA256_HEX.match(entry["sha256"]) or entry["size"] < 0:
-                raise ValueError(f"malformed entry for {entry['name']} {entry['version']}")
-            entry["url"] = urllib.parse.urljoin(url, entry["url"])
-            entries.append(entry)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise _Failure("InvalidIndex", f"{url} is not a valid registry index: {exc}") from None
-    return entries
+        entries = parse_index(data, url)
+    except InvalidIndex as exc:
+        raise _Failure("InvalidIndex", str(exc)) from None
+    return [entry.to_dict() | {"url": urllib.parse.urljoin(url, entry.url)} for entry in entries]
 
 
 def _confirm_file(entry: dict, token: str | None, timeout: float) -> None:

@@ -164,7 +164,16 @@ def test_the_operator_image_has_every_module_the_operator_imports():
             if not req.marker or req.marker.evaluate({"extra": ""}):
                 todo.append(req.name)
     providers = importlib.metadata.packages_distributions()
-    for path in (ROOT / "operator" / "lipsync_operator").glob("*.py"):
+    # inference_pod modules the operator imports must be copied into the image, and are checked in turn.
+    copied = {source for instruction, args in dockerfile("operator.Dockerfile")
+              if instruction == "COPY" and "--from=" not in args for source in args.split()[:-1]}
+    todo_paths = sorted((ROOT / "operator" / "lipsync_operator").glob("*.py")) + [ROOT / "inference_pod/__init__.py"]
+    seen: set[Path] = set()
+    while todo_paths:
+        path = todo_paths.pop()
+        if path in seen:
+            continue
+        seen.add(path)
         for node in ast.walk(ast.parse(path.read_text())):
             modules = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                        [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
@@ -172,4 +181,11 @@ def test_the_operator_image_has_every_module_the_operator_imports():
                 top = module.split(".")[0]
                 if top in sys.stdlib_module_names or top == "lipsync_operator":
                     continue
+                if top == "inference_pod":
+                    source = module.replace(".", "/") + ".py"
+                    assert source in copied and "inference_pod/__init__.py" in copied, \
+                        f"{path.name} imports {module}, which operator.Dockerfile does not copy"
+                    todo_paths.append(ROOT / source)
+                    continue
                 assert {d.lower() for d in providers.get(top, [])} & installed, f"{path.name} imports {top}"
+    assert ROOT / "inference_pod" / "registry_index.py" in seen  # the shared index reader was followed

@@ -123,3 +123,78 @@ def test_reads_an_index_published_by_the_pod_tooling(tmp_path, demo_package):
         assert (check.version, check.sha256, check.size) == (entry.version, entry.sha256, entry.size)
     finally:
         reg.stop()
+
+
+@pytest.mark.parametrize("name, version", [("../../escape", "1"), ("Alice", "1"), ("alice", "1/../2"), ("", "1")])
+def test_the_pod_and_the_operator_refuse_the_same_invalid_names(registry, tmp_path, name, version):
+    """One index reader (inference_pod.registry_index) for both: the same index gets the same verdict."""
+    from inference_pod.errors import Unavailable
+    from inference_pod.registry import RegistryClient
+
+    registry.add("alice", "1.0.0")
+    hostile = {"name": name, "version": version, "size": 1, "sha256": "0" * 64, "url": "x.zip"}
+    (registry.root / "index.json").write_text(json.dumps({"packages": [*registry.packages, hostile]}))
+    check = check_package({"name": "alice"}, default_registry=registry.url)
+    assert (check.available, check.reason) == (False, "InvalidIndex") and "invalid name or version" in check.message
+    with pytest.raises(Unavailable, match="invalid name or version") as pod:
+        RegistryClient(registry.url).list()
+    assert str(pod.value).split(": ", 1)[1] == check.message.split(": ", 1)[1]
+
+
+_BLOCK_HEAVY = r"""
+import sys
+
+class Refuse:
+    HEAVY = {"torch", "numpy", "cv2", "grpc", "soundfile", "soxr", "PIL", "redis"}  # the pod's stack
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.HEAVY:
+            raise ImportError(f"{name} is not in the operator image")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+import inference_pod
+import lipsync_operator
+from lipsync_operator.registry import check_package
+
+print(inference_pod.__file__)
+try:
+    import inference_pod.package
+except ImportError as exc:
+    print("package:", exc)
+check = check_package({"name": "alice"}, default_registry=sys.argv[1])
+print(check.reason, check.version)
+"""
+
+
+def test_the_operator_imports_without_torch_from_what_its_image_copies(registry, tmp_path):
+    """The operator image holds only what operator.Dockerfile copies: lipsync_operator and, of the pod,
+    inference_pod/__init__.py and registry_index.py. Run from exactly that, with the inference stack refused."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    app = tmp_path / "app"
+    dockerfile = (root / "docker" / "operator.Dockerfile").read_text()
+    for sources, dest in re.findall(r"^COPY (?!--from)(.+) (/app/\S*)$", dockerfile, re.M):
+        for source in sources.split():
+            target = app / dest.removeprefix("/app/")
+            if (root / source).is_dir():
+                shutil.copytree(root / source, target)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy(root / source, target)
+    assert sorted(p.name for p in (app / "inference_pod").iterdir()) == ["__init__.py", "registry_index.py"]
+    registry.add("alice", "2.0")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(app)}
+    proc = subprocess.run([sys.executable, "-c", _BLOCK_HEAVY, registry.url], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    where, package, verdict = proc.stdout.strip().splitlines()
+    assert where == str(app / "inference_pod" / "__init__.py")
+    assert package.startswith("package:")  # the inference stack is not there, and nothing needed it
+    assert verdict == "Verified 2.0"
