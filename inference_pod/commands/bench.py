@@ -94,7 +94,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--identity-network", action="store_true", default=None,
                    help="BENCHMARKS ONLY: the server it starts runs an identity instead of the U-Net (each "
                         "template's own region), to measure the serving layer alone; named in the results")
-    s.add_argument("--server-args", type=shlex.split, help="more `lipsync serve` flags for the server it starts, "
+    s.add_argument("--server-args", type=shlex.split, help="more lipsync serve flags for the server it starts, "
                                                            "e.g. '--max-batch 4' (it always binds 127.0.0.1)")
     s.add_argument("--max-scenario-s", type=float, help="a scenario stops sending after this long (default 300)")
     s.add_argument("--seed", type=int, help="seed for audio and frame choices (default: a fixed one)")
