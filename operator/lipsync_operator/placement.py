@@ -10,8 +10,9 @@ One call decides, in this order:
 3. A copy that already runs stays where it is (no moves for a placement that works). Surplus copies leave
    the most loaded pods first.
 4. Missing copies are placed busiest model first, each on a pod without a copy of that model, with the memory
-   for it and the load headroom for its share of the demand; among those, the pod with the least memory left
-   (best fit: empty pods stay empty, so the pool can shrink).
+   for it and the load headroom for its share of the demand (under LOAD_TARGET of its capacity); among those,
+   the pod with the least memory left (best fit: empty pods stay empty, so the pool can shrink). Copies
+   without demand leave 1 - PACKING of each pod's memory free, for the extra copies of hot models.
 5. A pod that carries more demand than it can serve moves copies it does not need to pods with headroom.
 6. Copies that fit nowhere are reported, with the numbers (``Placement.full``); more pods resolve it.
 
@@ -24,8 +25,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 
-SCALE_DOWN_AT = 0.75      # remove a copy once the rest would carry at most this share of their target demand
+SCALE_DOWN_AT = 0.75   # remove a copy once the rest would carry at most this share of their target demand
+LOAD_TARGET = 0.85     # a new copy goes where the pod's load stays under this share of its capacity
+PACKING = 0.9          # copies without demand fill a pod's memory only to this share: the rest is for the
+                       # extra copies of hot models, which then find room on every pod
 MIB = 1 << 20
 
 
@@ -116,7 +121,7 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
     pods = {p.name: p for p in pods}
     live = {name for name, p in pods.items() if p.schedulable}
     use = {name: PodUse() for name in pods}
-    models = sorted(models, key=lambda m: m.name)
+    models = sorted(models, key=attrgetter("name"))
     by_name = {m.name: m for m in models}
     unload: list[tuple[str, str]] = []
 
@@ -127,46 +132,59 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
     # 1-3: keep what runs on schedulable pods, within memory; drop the rest.
     kept: dict[str, list[str]] = {}
     wanted: dict[str, int] = {}
-    for m in models:
-        held = sorted(set(current.get(m.name, ())))
-        want = wanted[m.name] = wanted_copies(m, len([p for p in held if p in live]))
-        share = m.demand_fps / want if want else 0.0
+    shares: dict[str, float] = {}     # each copy's part of its model's demand
+    surplus, short = [], []
+    budget = {name: p.memory_bytes for name, p in pods.items()}
+    for m in models:   # the hot loop at 10,000 models: plain and local
+        name, footprint = m.name, m.footprint_bytes
+        held = current.get(name, ())
+        if len(held) > 1:
+            held = sorted(set(held))
+        if m.demand_fps > 0:
+            want = wanted_copies(m, sum(1 for p in held if p in live))
+            share = m.demand_fps / want if want else 0.0
+        else:
+            want, share = m.min_copies, 0.0      # what wanted_copies says for no demand
         keep = []
         for pod in held:
-            if pod not in pods:
-                continue                          # gone: nothing to unload
-            u = use[pod]
-            if pod in live and u.memory_bytes + m.footprint_bytes <= pods[pod].memory_bytes:
-                keep.append(pod)
-                u.memory_bytes += m.footprint_bytes
-                u.load_fps += share
-            else:
-                unload.append((m.name, pod))      # draining, or over the budget (a footprint grew)
-        kept[m.name] = keep
+            if pod in live:
+                u = use[pod]
+                if u.memory_bytes + footprint <= budget[pod]:
+                    keep.append(pod)
+                    u.memory_bytes += footprint
+                    u.load_fps += share
+                    continue
+            if pod in pods:                       # draining, or over the budget (a footprint grew)
+                unload.append((name, pod))        # (a pod that is gone has nothing to unload)
+        kept[name], wanted[name], shares[name] = keep, want, share
+        if len(keep) > want:
+            surplus.append(m)
+        elif len(keep) < want:
+            short.append(m)
 
-    for m in models:
-        surplus = len(kept[m.name]) - wanted[m.name]
-        if surplus <= 0:
-            continue
-        share = m.demand_fps / wanted[m.name] if wanted[m.name] else 0.0
-        # The remaining copies each carry `share`; the surplus ones carried it too until now.
-        for pod in sorted(kept[m.name], key=lambda p: (-_busy(use[p], pods[p]), p))[:surplus]:
+    for m in surplus:
+        extra = len(kept[m.name]) - wanted[m.name]
+        # The remaining copies each carry the model's share; the surplus ones carried it too until now.
+        for pod in sorted(kept[m.name], key=lambda p: (-_busy(use[p], pods[p]), p))[:extra]:
             kept[m.name].remove(pod)
             use[pod].memory_bytes -= m.footprint_bytes
-            use[pod].load_fps -= share
+            use[pod].load_fps -= shares[m.name]
             unload.append((m.name, pod))
 
     # 4: place what is missing, busiest model first (first fit decreasing by share, then by size).
     load: list[tuple[str, str]] = []
     missing: dict[str, int] = {}
-    order = sorted((m for m in models if len(kept[m.name]) < wanted[m.name]),
-                   key=lambda m: (-(m.demand_fps / wanted[m.name]), -m.footprint_bytes, m.name))
-    for m in order:
-        share = m.demand_fps / wanted[m.name]
+    last_idle = None   # where the last copy without demand went: see _still_best
+    for m in sorted(short, key=lambda m: (-shares[m.name], -m.footprint_bytes, m.name)):
+        share = shares[m.name]
         for _ in range(wanted[m.name] - len(kept[m.name])):
-            # Below min copies a pod without load headroom is still better than no copy at all.
-            pod = _choose(m, share, kept[m.name], pods, live, use,
-                          overload_ok=len(kept[m.name]) < max(1, m.min_copies))
+            if share <= 0 and last_idle is not None and _still_best(m, last_idle, kept[m.name], pods, use):
+                pod = last_idle
+            else:
+                # Below min copies a busy pod, or the reserve, is still better than no copy at all.
+                pod = _choose(m, share, kept[m.name], pods, live, use,
+                              overload_ok=len(kept[m.name]) < max(1, m.min_copies))
+            last_idle = pod if share <= 0 else None
             if pod is None:
                 missing[m.name] = missing.get(m.name, 0) + 1
                 continue
@@ -176,20 +194,20 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
             load.append((m.name, pod))
 
     # 5: an overloaded pod hands copies to pods with headroom (a move: load there first, then unload here).
-    holders: dict[str, list[str]] = {}
-    for name, held in kept.items():
-        for pod in held:
-            holders.setdefault(pod, []).append(name)
-    for pod in sorted(live, key=lambda p: (-_busy(use[p], pods[p]), p)):
-        if use[pod].load_fps <= pods[pod].capacity_fps:
-            continue
-        for name in sorted(holders.get(pod, ()), key=lambda n: (-(by_name[n].demand_fps / wanted[n]), n)):
-            if use[pod].load_fps <= pods[pod].capacity_fps:
+    overloaded = sorted((p for p in live if use[p].load_fps > pods[p].capacity_fps + 1e-9),
+                        key=lambda p: (-_busy(use[p], pods[p]), p))
+    holders: dict[str, list[str]] = {p: [] for p in overloaded}
+    if overloaded:
+        for name, held in kept.items():
+            for pod in held:
+                if pod in holders and shares[name] > 0:
+                    holders[pod].append(name)
+    for pod in overloaded:
+        for name in sorted(holders[pod], key=lambda n: (-shares[n], n)):
+            if use[pod].load_fps <= pods[pod].capacity_fps + 1e-9:
                 break
             m = by_name[name]
-            share = m.demand_fps / wanted[name]
-            if share <= 0:
-                break
+            share = shares[name]
             target = _choose(m, share, kept[name], pods, live, use, overload_ok=False)
             if target is None:
                 continue
@@ -211,9 +229,10 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
             missing_copies=sum(missing.values()), models=tuple(sorted(missing)),
             memory_needed_bytes=sum(by_name[n].footprint_bytes * k for n, k in missing.items()),
             memory_free_bytes=max(0, sum(free)), largest_free_bytes=max([0, *free]),
-            demand_unplaced_fps=sum(by_name[n].demand_fps / wanted[n] * k for n, k in missing.items()),
+            demand_unplaced_fps=sum(shares[n] * k for n, k in missing.items()),
             pods=len(live), pod_memory_bytes=max([0, *(pods[p].memory_bytes for p in live)]))
-    return Placement(copies={n: tuple(sorted(p)) for n, p in kept.items()}, wanted=wanted,
+    return Placement(copies={n: tuple(sorted(p)) if len(p) > 1 else tuple(p) for n, p in kept.items()},
+                     wanted=wanted,
                      load=sorted(load), unload=sorted(unload), use=use, missing=missing, full=full)
 
 
@@ -223,19 +242,50 @@ def _busy(u: PodUse, pod: Pod) -> float:
 
 def _choose(m: Model, share: float, held: list[str], pods: dict[str, Pod], live: set[str],
             use: dict[str, PodUse], *, overload_ok: bool) -> str | None:
+    """The pod for one more copy of ``m``, or None. Runs for every pod per copy placed: kept lean."""
     best_key, best = None, None
+    footprint, idle = m.footprint_bytes, share <= 0
     for name in live:
         if name in held:
             continue
         pod, u = pods[name], use[name]
-        free = pod.memory_bytes - u.memory_bytes - m.footprint_bytes
+        free = pod.memory_bytes - u.memory_bytes - footprint
         if free < 0:
             continue
-        fits_load = u.load_fps + share <= pod.capacity_fps + 1e-9
-        if not fits_load and not overload_ok:
+        in_reserve = idle and free < pod.memory_bytes * (1 - PACKING)
+        fits_load = u.load_fps + share <= pod.capacity_fps * LOAD_TARGET + 1e-9
+        if (in_reserve or not fits_load) and not overload_ok:
             continue
-        # Load headroom first; then best fit by memory; then the less busy pod; then the name.
-        key = (not fits_load, free, _busy(u, pod), name)
+        # Outside the reserve and with load headroom first; then best fit by memory; then the less busy pod.
+        key = (in_reserve, not fits_load, free, _busy(u, pod), name)
         if best_key is None or key < best_key:
             best_key, best = key, name
     return best
+
+
+def _still_best(m: Model, name: str, held: list[str], pods: dict[str, Pod], use: dict[str, PodUse]) -> bool:
+    """Whether the pod the previous copy without demand went to is still _choose's answer for ``m`` (also
+    without demand), without scanning every pod. Copies without demand come last and change only the pod they
+    go to, whose free memory only shrinks: while it still has room outside the reserve and load headroom, it
+    stays the best fit. This turns placing thousands of idle models from pods x models into about models."""
+    pod, u = pods[name], use[name]
+    free = pod.memory_bytes - u.memory_bytes - m.footprint_bytes
+    return (name not in held and free >= pod.memory_bytes * (1 - PACKING) and free >= 0
+            and u.load_fps <= pod.capacity_fps * LOAD_TARGET + 1e-9)
+
+
+def pods_needed(models: Iterable[Model], current_copies: Mapping[str, int], pod_memory_bytes: int,
+                pod_capacity_fps: float, target_load: float) -> int:
+    """Pods a pool needs: for the memory of the copies its models want (``current_copies``: how many each has
+    now, for the hysteresis; idle copies fill PACKING of a pod), for their demand at ``target_load`` of each
+    pod's capacity, and one pod per copy of the model with the most copies."""
+    memory = demand = 0.0
+    widest = 0
+    for m in models:
+        want = m.min_copies if m.demand_fps <= 0 else wanted_copies(m, current_copies.get(m.name, 0))
+        memory += want * m.footprint_bytes
+        demand += m.demand_fps
+        widest = max(widest, want)
+    by_memory = math.ceil(memory / (pod_memory_bytes * PACKING)) if pod_memory_bytes > 0 else 0
+    by_load = math.ceil(demand / (pod_capacity_fps * target_load)) if pod_capacity_fps > 0 else 0
+    return max(by_memory, by_load, widest)
