@@ -173,16 +173,21 @@ def run_service(args: argparse.Namespace) -> int:
 
 
 def run_pool(args: argparse.Namespace) -> int:
-    from inference_pod.bench.pool_bench import PoolBenchConfig, run
+    from inference_pod.bench.pool_bench import PoolBenchConfig, resolve_inputs, run
+    from inference_pod.errors import InvalidInput
 
     if args.spikes < 0:
-        raise SystemExit("lipsync bench pool: --spikes must be 0 or more")
+        raise InvalidInput("--spikes must be 0 or more")
     cfg = PoolBenchConfig(
         characters=args.characters, zipf=args.zipf, hours=args.hours, step_s=args.step_s,
         peak_streams_per_character=args.peak_streams_per_character, spikes_per_day=args.spikes,
         spike_streams=args.spike_streams, pod_fps=args.pod_fps, engine_json=args.engine_json, package=args.package,
         footprint_mb=args.footprint_mb, pod_memory_gib=args.pod_memory_gib, demand_per_copy=args.demand_per_copy,
         max_copies=args.max_copies, seed=args.seed, out_dir=args.out_dir)
+    try:
+        resolve_inputs(cfg)   # a missing or wrong --engine-json: one line, before any work
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidInput(f"bench pool: {exc}") from None
     result = run(cfg)
     print()
     print(result["markdown"])

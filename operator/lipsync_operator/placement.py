@@ -46,7 +46,7 @@ class Pod:
 class Model:
     name: str
     footprint_bytes: int       # memory one copy takes on a pod
-    demand_fps: float = 0.0    # measured, all copies together
+    demand_fps: float | None = 0.0   # measured, all copies together; None: not measured yet (copies stay)
     demand_per_copy: float = 25.0   # what one copy should carry
     min_copies: int = 1
     max_copies: int = 1
@@ -107,6 +107,8 @@ class Placement:
 
 
 def wanted_copies(model: Model, current: int) -> int:
+    if model.demand_fps is None:     # no measure yet (e.g. just after an operator restart): keep what runs
+        return max(model.min_copies, min(model.max_copies, current))
     up = math.ceil(model.demand_fps / model.demand_per_copy - 1e-9) if model.demand_fps > 0 else 0
     if current <= up:
         n = up
@@ -140,11 +142,11 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
         held = current.get(name, ())
         if len(held) > 1:
             held = sorted(set(held))
-        if m.demand_fps > 0:
-            want = wanted_copies(m, sum(1 for p in held if p in live))
-            share = m.demand_fps / want if want else 0.0
-        else:
+        if m.demand_fps == 0:
             want, share = m.min_copies, 0.0      # what wanted_copies says for no demand
+        else:
+            want = wanted_copies(m, sum(1 for p in held if p in live))
+            share = (m.demand_fps or 0.0) / want if want else 0.0
         keep = []
         for pod in held:
             if pod in live:
@@ -282,9 +284,9 @@ def pods_needed(models: Iterable[Model], current_copies: Mapping[str, int], pod_
     memory = demand = 0.0
     widest = 0
     for m in models:
-        want = m.min_copies if m.demand_fps <= 0 else wanted_copies(m, current_copies.get(m.name, 0))
+        want = m.min_copies if m.demand_fps == 0 else wanted_copies(m, current_copies.get(m.name, 0))
         memory += want * m.footprint_bytes
-        demand += m.demand_fps
+        demand += m.demand_fps or 0.0
         widest = max(widest, want)
     by_memory = math.ceil(memory / (pod_memory_bytes * PACKING)) if pod_memory_bytes > 0 else 0
     by_load = math.ceil(demand / (pod_capacity_fps * target_load)) if pod_capacity_fps > 0 else 0
