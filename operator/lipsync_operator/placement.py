@@ -259,7 +259,8 @@ def _choose(m: Model, share: float, held: list[str], pods: dict[str, Pod], live:
         if (in_reserve or not fits_load) and not overload_ok:
             continue
         # Outside the reserve and with load headroom first; then best fit by memory; then the less busy pod.
-        key = (in_reserve, not fits_load, free, _busy(u, pod), name)
+        key = (in_reserve, not fits_load, free,
+               u.load_fps / pod.capacity_fps if pod.capacity_fps > 0 else math.inf, name)
         if best_key is None or key < best_key:
             best_key, best = key, name
     return best
@@ -287,7 +288,8 @@ def pods_needed(models: Iterable[Model], current_copies: Mapping[str, int], pod_
         want = m.min_copies if m.demand_fps == 0 else wanted_copies(m, current_copies.get(m.name, 0))
         memory += want * m.footprint_bytes
         demand += m.demand_fps or 0.0
-        widest = max(widest, want)
+        if want > widest:
+            widest = want
     by_memory = math.ceil(memory / (pod_memory_bytes * PACKING)) if pod_memory_bytes > 0 else 0
     by_load = math.ceil(demand / (pod_capacity_fps * target_load)) if pod_capacity_fps > 0 else 0
     return max(by_memory, by_load, widest)
