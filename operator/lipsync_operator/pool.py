@@ -48,6 +48,7 @@ MODEL_LABEL_PREFIX = "models.synctalk.io/"
 POOL_KIND = "LipSyncPool"
 DEFAULT_FOOTPRINT = 1024 * MIB
 DRAIN_POLL_SECONDS = 0.2
+TARGET_LOAD = 0.7          # pods for load: demand at this share of capacity (the HPA adds more on queues)
 
 
 def model_label(model: str) -> str:
@@ -344,7 +345,7 @@ class PoolController:
             self._write_model_status(lsm, pool, copies=len(plan.copies[m]), ready_copies=ready_copies[m],
                                      wanted=plan.wanted[m], full=full)
         needed = pods_needed(placement_models, {m: len(c) for m, c in current.items()}, budget_default,
-                             float(spec["capacityFps"]), 0.7)
+                             float(spec["capacityFps"]), TARGET_LOAD)
         if "autoscaling" in spec:
             self.kube.apply(pool_hpa(lsp, spec, needed))
         self._write_pool_status(lsp, pods, plan, needed)
