@@ -225,14 +225,14 @@ async def test_a_pool_places_routes_heals_scales_and_survives_a_restart(cluster,
 
     # Demand rises: a model gets a second copy on the other pod (the one with room); it falls: back to one.
     stop = threading.Event()
-    alice_pod = a if len(loaded["pool-a"]) == 2 else b
-    hot = sorted(loaded[alice_pod.name])[0]
+    busy_pod = a if len(loaded["pool-a"]) == 2 else b
+    hot = sorted(loaded[busy_pod.name])[0]
 
     def drive() -> None:
         while not stop.is_set():
             items = [pb.GenerateFrameRequest(model=hot, frame_id=i) for i in range(8)]
             try:
-                alice_pod.stub.GenerateBatch(pb.GenerateBatchRequest(items=items), timeout=30)
+                busy_pod.stub.GenerateBatch(pb.GenerateBatchRequest(items=items), timeout=30)
             except grpc.RpcError:
                 time.sleep(0.05)
 
@@ -249,9 +249,9 @@ async def test_a_pool_places_routes_heals_scales_and_survives_a_restart(cluster,
         driver.join(30)
     await eventually(lambda: copies(cluster, hot) == (1, 1), WAIT_S, "back to one copy")
 
-    # A full pool: a fourth model does not fit beside ann's... until a third pod comes.
+    # A full pool: two slots per pod, two pods, five models: one fits nowhere until a third pod comes.
     await apply_model(cluster, "dan", pooled("dan"))
-    await apply_model(cluster, "eve", pooled("eve"))    # two slots per pod, five models: one too many
+    await apply_model(cluster, "eve", pooled("eve"))
     full = await eventually(lambda: (c := condition(cluster.get(LSP, "studio"), "Full")) and
                             c["status"] == "True" and c, WAIT_S, "the pool reported full")
     assert "fit on none of 2 pods" in full["message"] and "MiB" in full["message"]
