@@ -6,7 +6,8 @@ One call decides, in this order:
    and re-placed below: nothing waits on a dead pod.
 2. Each model wants ``ceil(demand / demand per copy)`` copies, between its min and max. Scaling down has
    hysteresis: a copy goes only once the others would still run below ``SCALE_DOWN_AT`` of their target,
-   so a demand hovering at a boundary does not load and unload a model every round.
+   so a demand hovering at a boundary does not load and unload a model every round. A model whose demand
+   is not measured yet (None, e.g. the first round after an operator restart) keeps its copies.
 3. A copy that already runs stays where it is (no moves for a placement that works). Surplus copies leave
    the most loaded pods first.
 4. Missing copies are placed busiest model first, each on a pod without a copy of that model, with the memory

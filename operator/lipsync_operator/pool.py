@@ -356,6 +356,9 @@ class PoolController:
         no measure yet (None: its copies stay as they are)."""
         rates: dict[str, float] = {}
         unknown: set[str] = set()
+        seen = {(namespace, p.name) for p in pods}
+        for key in [k for k in self._samples if k[0] == namespace and k not in seen]:
+            del self._samples[key]          # a pod that went: its counters mean nothing any more
         for p in pods:
             previous = self._samples.get((namespace, p.name))
             self._samples[(namespace, p.name)] = (now, dict(p.report.frames))

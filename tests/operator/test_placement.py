@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lipsync_operator.placement import MIB, Model, Pod, place, wanted_copies
+from lipsync_operator.placement import MIB, Model, Pod, place, pods_needed, wanted_copies
 
 GIB = 1024 * MIB
 
@@ -184,3 +184,22 @@ def test_invalid_copies_are_refused():
         Model("x", 1, min_copies=3, max_copies=2)
     with pytest.raises(ValueError, match="demand per copy"):
         Model("x", 1, demand_per_copy=0)
+
+
+def test_unmeasured_demand_keeps_the_copies_that_run():
+    pod_list = pods(3)
+    current = {"m": ("pod-0", "pod-2")}
+    unknown = Model("m", GIB, demand_fps=None, max_copies=3)
+    plan = place(pod_list, [unknown], current)
+    assert plan.copies == {"m": ("pod-0", "pod-2")} and plan.moves == 0
+    idle = Model("m", GIB, demand_fps=0.0, max_copies=3)   # measured and idle: back to min copies
+    assert len(place(pod_list, [idle], current).copies["m"]) == 1
+
+
+def test_pods_needed_counts_memory_load_and_the_widest_model():
+    ms = models(10, footprint=GIB)                       # 10 GiB of idle copies
+    assert pods_needed(ms, {}, 4 * GIB, 100.0, 0.7) == 3            # 10 / (4 x 0.9) -> 3 by memory
+    hot = [*ms, Model("hot", GIB, demand_fps=700.0, demand_per_copy=50.0, max_copies=5)]
+    assert pods_needed(hot, {}, 64 * GIB, 100.0, 0.7) == 10         # 700 / (100 x 0.7) by load
+    wide = [Model("w", GIB, demand_fps=500.0, demand_per_copy=50.0, max_copies=6)]
+    assert pods_needed(wide, {}, 64 * GIB, 10_000.0, 0.7) == 6      # six copies need six pods
