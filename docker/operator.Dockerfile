@@ -3,6 +3,15 @@
 # none of the inference stack.
 #   docker build -f docker/operator.Dockerfile -t lipsync-operator:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# The gRPC stubs the operator uses to call pool pods (LoadModel, UnloadModel, GetStats), from proto/.
+FROM ${PYTHON_IMAGE} AS stubs
+RUN pip install --no-cache-dir grpcio-tools==1.85.3
+COPY proto/lipsync /src/lipsync
+RUN mkdir /out && python -m grpc_tools.protoc -I/src --python_out=/out --grpc_python_out=/out \
+      /src/lipsync/v1/lipsync.proto \
+ && touch /out/lipsync/__init__.py /out/lipsync/v1/__init__.py
+
 FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -14,11 +23,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY docker/operator-requirements.txt /tmp/requirements.txt
 RUN pip install --requirement /tmp/requirements.txt && rm /tmp/requirements.txt
 
+COPY --from=stubs /out/lipsync /app/lipsync
 COPY operator/lipsync_operator /app/lipsync_operator
 # The registry index reader the pod uses too (standard library only); inference_pod/__init__.py imports nothing.
 COPY inference_pod/__init__.py inference_pod/registry_index.py /app/inference_pod/
 # Compiled now: the container runs with a read-only root filesystem.
-RUN python -m compileall -q /app/lipsync_operator /app/inference_pod \
+RUN python -m compileall -q /app/lipsync /app/lipsync_operator /app/inference_pod \
  && python -c "import lipsync_operator, lipsync_operator.registry"
 
 # The chart runs it as 10001 with runAsNonRoot; no shell login, no home needed.

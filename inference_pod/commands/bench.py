@@ -1,4 +1,4 @@
-"""``lipsync bench engine`` and ``lipsync bench service``."""
+"""``lipsync bench engine``, ``lipsync bench service`` and ``lipsync bench pool``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,26 @@ def _int_list(text: str) -> tuple[int, ...]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -104,6 +124,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory for service.json, service.md and service.png")
     s.set_defaults(func=run_service)
 
+    p = bench.add_parser(
+        "pool", help="dedicated pods vs a LipSyncPool: the operator's placement code on a simulated day",
+        description="Simulate a day of Zipf-distributed live-stream demand with a daily cycle and spikes of cold "
+                    "characters; place copies with the operator's own placement code; report GPUs for one "
+                    "Deployment per character vs the pool, demand served, copies moved, cold loads, memory use. "
+                    "Writes pool.json, pool.md and pool.png.")
+    p.add_argument("--characters", type=_int_list, default="1000,10000", help="comma-separated (default 1000,10000)")
+    p.add_argument("--zipf", type=_float_list, default="1.0,1.2", help="Zipf exponents (default 1.0,1.2)")
+    p.add_argument("--hours", type=_positive_float, default=24.0)
+    p.add_argument("--step-s", type=_positive_float, default=60.0, help="simulated seconds per step (default 60)")
+    p.add_argument("--peak-streams-per-character", type=_positive_float, default=0.25,
+                   help="concurrent live streams at the daily peak, per character (default 0.25)")
+    p.add_argument("--spikes", type=int, default=8, help="spikes of a cold character in the run (default 8)")
+    p.add_argument("--spike-streams", type=_positive, default=40, help="streams a spike reaches (default 40)")
+    p.add_argument("--pod-fps", type=_positive_float, help="frames/s one pod serves (default: --engine-json, else 400)")
+    p.add_argument("--engine-json", type=Path, help="a `lipsync bench engine` JSON: pod capacity = its best "
+                                                    "end-to-end FPS")
+    p.add_argument("--package", type=Path, help="a character package: the footprint from its manifest")
+    p.add_argument("--footprint-mb", type=_positive_float, help="memory one character takes (overrides --package)")
+    p.add_argument("--pod-memory-gib", type=_positive_float, default=64.0, help="model memory per pod (default 64)")
+    p.add_argument("--demand-per-copy", type=_positive_float, default=100.0,
+                   help="frames/s one copy should carry (default 100: 4 live streams)")
+    p.add_argument("--max-copies", type=_positive, default=100, help="most copies of one character (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=Path("bench-results/pool"))
+    p.set_defaults(func=run_pool)
+
 
 def run_engine(args: argparse.Namespace) -> int:
     from inference_pod.bench.engine_bench import EngineBenchConfig, run
@@ -129,6 +176,30 @@ def run_service(args: argparse.Namespace) -> int:
         cache_pairs=args.cache_pairs, scenarios=args.scenarios, torch_threads=args.torch_threads,
         server_args=args.server_args, identity_network=args.identity_network,
         max_scenario_s=args.max_scenario_s, seed=args.seed, out_dir=args.out_dir, progress=not args.no_progress)
+    result = run(cfg)
+    print()
+    print(result["markdown"])
+    files = result["files"]
+    print(f"\nJSON: {files['json']}\nMarkdown: {files['markdown']}\nChart: {files['chart']}")
+    return 0
+
+
+def run_pool(args: argparse.Namespace) -> int:
+    from inference_pod.bench.pool_bench import PoolBenchConfig, resolve_inputs, run
+    from inference_pod.errors import InvalidInput
+
+    if args.spikes < 0:
+        raise InvalidInput("--spikes must be 0 or more")
+    cfg = PoolBenchConfig(
+        characters=args.characters, zipf=args.zipf, hours=args.hours, step_s=args.step_s,
+        peak_streams_per_character=args.peak_streams_per_character, spikes_per_day=args.spikes,
+        spike_streams=args.spike_streams, pod_fps=args.pod_fps, engine_json=args.engine_json, package=args.package,
+        footprint_mb=args.footprint_mb, pod_memory_gib=args.pod_memory_gib, demand_per_copy=args.demand_per_copy,
+        max_copies=args.max_copies, seed=args.seed, out_dir=args.out_dir)
+    try:
+        resolve_inputs(cfg)   # a missing or wrong --engine-json: one line, before any work
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidInput(f"bench pool: {exc}") from None
     result = run(cfg)
     print()
     print(result["markdown"])

@@ -43,6 +43,8 @@ class OperatorConfig:
     retry_max_seconds: float = 300.0
     http_timeout_seconds: float = 5.0      # registry index and package HEAD requests
     api_timeout_seconds: float = 30.0      # Kubernetes API requests
+    pool_interval_seconds: float = 15.0    # how often each LipSyncPool's placement is reconsidered
+    pod_grpc_port: int = 50051             # where the operator reaches pool pods (their gRPC port)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -67,6 +69,8 @@ class OperatorConfig:
             retry_max_seconds=get("RETRY_MAX_SECONDS", defaults.retry_max_seconds),
             http_timeout_seconds=get("HTTP_TIMEOUT_SECONDS", defaults.http_timeout_seconds),
             api_timeout_seconds=get("API_TIMEOUT_SECONDS", defaults.api_timeout_seconds),
+            pool_interval_seconds=get("POOL_INTERVAL_SECONDS", defaults.pool_interval_seconds),
+            pod_grpc_port=get("POD_GRPC_PORT", defaults.pod_grpc_port),
         )
 
     def backoff(self, retry: int) -> float:

@@ -8,6 +8,8 @@
 - A deleted child (Deployment, Service, HPA, PDB, PodMonitor) is recreated at once.
 - Deletion needs no handler and no finalizer: the children carry owner references and the garbage
   collector removes them; deleting a LipSyncModel never waits for the operator.
+- LipSyncPools: create / update / resume apply the pool's Deployment, HPA and PDB; a daemon per pool runs
+  its placement rounds (lipsync_operator.pool), which load pooled models onto the pool's pods.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from lipsync_operator.children import MANAGED_BY_LABEL
 from lipsync_operator.config import FINALIZER, GROUP, OPERATOR_NAME, PLURAL, VERSION, OperatorConfig
 from lipsync_operator.kube import KubeClient
 from lipsync_operator.reconcile import GiveUp, Reconciler, RetryLater, controller_owner
+from lipsync_operator.spec import InvalidSpec
 
 LSM = {"group": GROUP, "version": VERSION, "plural": PLURAL}
+LSP = {"group": GROUP, "version": VERSION, "plural": "lipsyncpools"}
 OWNED = {MANAGED_BY_LABEL: OPERATOR_NAME}
 STORAGE_PREFIX = f"operator.{GROUP}"
 CHILD_RESOURCES = [("apps", "v1", "deployments"), ("", "v1", "services"),
@@ -96,6 +100,35 @@ def _child_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_
 for _group, _version, _plural in CHILD_RESOURCES:
     kopf.on.event(_group, _version, _plural, labels=OWNED, id=f"{_plural}_deleted",
                   when=lambda event, **_: event.get("type") == "DELETED")(_child_deleted)
+
+
+# ------------------------------------------------------------------------------------- LipSyncPools
+
+
+@kopf.on.resume(**LSP)
+@kopf.on.create(**LSP)
+@kopf.on.update(**LSP)
+def reconcile_pool(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    try:
+        summary = memo.reconciler.pools.reconcile(_plain(body))
+    except InvalidSpec as exc:
+        kopf.warn(body, reason="InvalidSpec", message=str(exc))
+        raise kopf.PermanentError(f"invalid spec: {exc}") from None
+    if summary:
+        kopf.info(body, reason="Reconciled", message=summary)
+
+
+@kopf.daemon(**LSP, cancellation_timeout=5.0)
+def place_pool(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: logging.Logger, **_) -> None:
+    """Each pool's placement rounds, one after another, until the pool goes (or the operator stops)."""
+    pools = memo.reconciler.pools
+    namespace, name = body.metadata.namespace, body.metadata.name
+    while not stopped:
+        try:
+            pools.run_round(namespace, name)
+        except Exception as exc:   # one failed round (API or pod trouble) must not end the pool's rounds
+            logger.warning("pool %s/%s: placement round failed: %s", namespace, name, exc)
+        stopped.wait(pools.config.pool_interval_seconds)
 
 
 def _plain(body: kopf.Body) -> dict:

@@ -71,8 +71,12 @@ SECRET = Kind("v1", "Secret", "secrets")
 HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 PDB = Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 PODMONITOR = Kind("monitoring.coreos.com/v1", "PodMonitor", "podmonitors")
+LIPSYNCPOOL = Kind(API_VERSION, "LipSyncPool", "lipsyncpools")
+POD = Kind("v1", "Pod", "pods")
+EVENT = Kind("v1", "Event", "events")
 
-KINDS = {(k.api_version, k.kind): k for k in (LIPSYNCMODEL, DEPLOYMENT, SERVICE, SECRET, HPA, PDB, PODMONITOR)}
+KINDS = {(k.api_version, k.kind): k
+         for k in (LIPSYNCMODEL, LIPSYNCPOOL, DEPLOYMENT, SERVICE, SECRET, HPA, PDB, PODMONITOR, POD)}
 
 
 def kind_of(obj: dict) -> Kind:
@@ -137,6 +141,10 @@ class KubeClient:
             return self.request("GET", kind.path(namespace, name))
         except NotFound:
             return None
+
+    def list(self, kind: Kind, namespace: str | None, label_selector: str | None = None) -> list[dict]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        return (self.request("GET", kind.path(namespace), query=query) or {}).get("items") or []
 
     def apply(self, obj: dict, *, field_manager: str = FIELD_MANAGER) -> dict:
         """Server-side apply: creates or updates the fields this manager owns; fields it stops sending go

@@ -29,6 +29,8 @@ from lipsync_operator.kube import (
     Unreachable,
     kind_of,
 )
+from lipsync_operator.pool import PoolController
+from lipsync_operator.pool import model_service as pooled_service
 from lipsync_operator.registry import PackageCheck, check_package
 from lipsync_operator.spec import InvalidSpec, normalize
 
@@ -92,6 +94,7 @@ class Reconciler:
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self._monitoring: tuple[bool, float] | None = None
+        self.pools = PoolController(kube, config)
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         # The change handlers and the child watchers run in kopf's thread pool: one at a time per object.
@@ -123,6 +126,8 @@ class Reconciler:
             package = self._check_package(namespace, spec)
             pkg_condition = status.condition("PackageAvailable", package.available, package.reason,
                                              package.message, generation)
+            if "pool" in spec:
+                return self._reconcile_pooled(lsm, spec, package, pkg_condition, retry)
             if not package.available:
                 # Leave any running Deployment alone: its pods keep serving the package they have.
                 self.write_status(namespace, name, observed_generation=generation, package_condition=pkg_condition,
@@ -183,6 +188,42 @@ class Reconciler:
                 summary += f"; no {', '.join(k.kind for k in unwanted)}"
             log.info("reconciled %s/%s: %s", namespace, name, summary)
             return summary
+
+    def _reconcile_pooled(self, lsm: dict, spec: dict, package: PackageCheck, pkg_condition: dict,
+                          retry: int) -> str:
+        """A pooled model owns only its Service; the pool's placement rounds load it onto pool pods."""
+        meta = lsm["metadata"]
+        namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation", 0)
+
+        def report(problem, with_package: bool = False) -> None:
+            self.pools.write_model_status(lsm, spec, observed_generation=generation, package_condition=pkg_condition,
+                                          problem=problem, package=package if with_package else None)
+
+        if not package.available:
+            report(None)
+            delay = self.config.backoff(retry)
+            raise RetryLater(package.reason, f"package unavailable ({package.reason}): {package.message}; "
+                             f"retrying in {delay:g}s", delay)
+        try:
+            self._apply_owned(pooled_service(lsm, spec), meta["uid"])
+            for kind in (DEPLOYMENT, HPA, PDB, PODMONITOR):   # what it owned as a dedicated model
+                if kind is not PODMONITOR or self._monitoring_installed():
+                    self._delete_owned(kind, namespace, name, meta["uid"])
+        except ChildConflict as exc:
+            report(("ChildConflict", str(exc)))
+            delay = self.config.backoff(retry)
+            raise RetryLater("ChildConflict", f"{exc}; retrying in {delay:g}s", delay) from None
+        except Unreachable:
+            raise
+        except ApiError as exc:
+            message = f"Service {name}: {exc.status} {exc.reason}: {exc.message}"
+            report(("ApplyFailed", message))
+            delay = self.config.backoff(retry)
+            raise RetryLater("ApplyFailed", f"{message}; retrying in {delay:g}s", delay) from None
+        report(None, with_package=True)
+        summary = f"{package.name} {package.version}: applied Service; placed by pool {spec['pool']}"
+        log.info("reconciled %s/%s: %s", namespace, name, summary)
+        return summary
 
     def heal(self, namespace: str, name: str, uid: str) -> str | None:
         """A child went away (e.g. a deleted Deployment): reconcile its owner, if the owner is still there."""

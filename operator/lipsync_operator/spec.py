@@ -53,6 +53,18 @@ DEFAULTS: dict[str, Any] = {
     "monitoring": {},
     "monitoring.enabled": True,
     "monitoring.interval": "15s",
+    "placement.minCopies": 1,
+    "placement.maxCopies": 4,
+    "placement.demandPerCopy": 100,
+}
+
+# A LipSyncPool's defaults: its pods' runtime, resources, cache, ... are a LipSyncModel's.
+POOL_DEFAULTS: dict[str, Any] = {
+    **{path: value for path, value in DEFAULTS.items()
+       if path.split(".")[0] in ("autoscaling", "runtime", "resources", "cache", "scheduling", "disruptionBudget",
+                                 "monitoring")},
+    "capacityFps": 400,
+    "resources.modelsVolume": "64Gi",
 }
 
 
@@ -60,11 +72,11 @@ class InvalidSpec(ValueError):
     """The spec breaks a rule the CRD's schema cannot express (or that an older CRD did not enforce)."""
 
 
-def with_defaults(spec: dict) -> dict:
+def with_defaults(spec: dict, defaults: dict[str, Any] = DEFAULTS) -> dict:
     """A copy of ``spec`` with the CRD's defaults applied the way the API server does: parents first,
     and only inside objects that are present."""
     out = copy.deepcopy(spec)
-    for path in sorted(DEFAULTS, key=lambda p: p.count(".")):
+    for path in sorted(defaults, key=lambda p: p.count(".")):
         *parents, leaf = path.split(".")
         node = out
         for key in parents:
@@ -73,7 +85,7 @@ def with_defaults(spec: dict) -> dict:
                 break
         else:
             if leaf not in node:
-                node[leaf] = copy.deepcopy(DEFAULTS[path])
+                node[leaf] = copy.deepcopy(defaults[path])
     return out
 
 
@@ -92,17 +104,14 @@ def normalize(spec: dict) -> dict:
         raise InvalidSpec("spec.package.name is required")
     if pkg.get("uri") and pkg.get("registry"):
         raise InvalidSpec("package.uri and package.registry are alternatives")
-    if "replicas" in s and "autoscaling" in s:
-        raise InvalidSpec("set either spec.replicas or spec.autoscaling, not both")
-    auto = s.get("autoscaling")
-    if auto is not None:
-        if "maxReplicas" not in auto:
-            raise InvalidSpec("spec.autoscaling.maxReplicas is required")
-        if auto["minReplicas"] > auto["maxReplicas"]:
-            raise InvalidSpec("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
-        auto["targetAverageValue"] = _positive_quantity(auto["targetAverageValue"], "autoscaling.targetAverageValue")
-    else:
-        s.setdefault("replicas", 1)
+    if "pool" in s:
+        if "replicas" in s or "autoscaling" in s:
+            raise InvalidSpec("a pooled model (spec.pool) has no replicas or autoscaling; spec.placement sets its copies")
+        s["placement"] = with_defaults({"placement": s.get("placement") or {}})["placement"]
+        _check_placement(s["placement"])
+    elif "placement" in s:
+        raise InvalidSpec("spec.placement needs spec.pool")
+    _check_scaling(s, pooled="pool" in s)
     cache = s["cache"]
     if cache.get("redisUrl") and cache.get("redisSecret"):
         raise InvalidSpec("cache.redisUrl and cache.redisSecret are alternatives")
@@ -112,4 +121,39 @@ def normalize(spec: dict) -> dict:
     budget = s["disruptionBudget"]["maxUnavailable"]
     if isinstance(budget, str) and not PERCENT.match(budget) or isinstance(budget, int) and budget < 0:
         raise InvalidSpec(f"disruptionBudget.maxUnavailable must be a count or a percentage, got {budget!r}")
+    return s
+
+
+def _check_scaling(s: dict, pooled: bool = False) -> None:
+    if "replicas" in s and "autoscaling" in s:
+        raise InvalidSpec("set either spec.replicas or spec.autoscaling, not both")
+    auto = s.get("autoscaling")
+    if auto is not None:
+        if "maxReplicas" not in auto:
+            raise InvalidSpec("spec.autoscaling.maxReplicas is required")
+        if auto["minReplicas"] > auto["maxReplicas"]:
+            raise InvalidSpec("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
+        auto["targetAverageValue"] = _positive_quantity(auto["targetAverageValue"], "autoscaling.targetAverageValue")
+    elif not pooled:
+        s.setdefault("replicas", 1)
+
+
+def _check_placement(placement: dict) -> None:
+    if placement["minCopies"] > placement["maxCopies"]:
+        raise InvalidSpec("placement.minCopies must not exceed placement.maxCopies")
+
+
+def normalize_pool(spec: dict) -> dict:
+    """A LipSyncPool's spec with its defaults applied and its rules checked; raises InvalidSpec."""
+    s = with_defaults(spec or {}, POOL_DEFAULTS)
+    budget = s.get("modelMemoryBudgetMb")
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 64:
+        raise InvalidSpec(f"spec.modelMemoryBudgetMb is required: the memory each pod gives its models, in MiB "
+                          f"(at least 64), got {budget!r}")
+    if isinstance(s["capacityFps"], bool) or not s["capacityFps"] > 0:
+        raise InvalidSpec(f"spec.capacityFps must be positive, got {s['capacityFps']!r}")
+    _check_scaling(s)
+    res = s["resources"]
+    for key in ("memory", "cpu", "sharedMemory", "modelsVolume"):
+        res[key] = _positive_quantity(res[key], f"resources.{key}")
     return s

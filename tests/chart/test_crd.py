@@ -128,6 +128,8 @@ def test_there_are_examples():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_validate_against_the_crd_schema(path):
     for resource in resources(path):
+        if resource["kind"] == "LipSyncPool":
+            continue   # tests/operator/test_pool_crd.py checks these against their own CRD
         assert (resource["apiVersion"], resource["kind"]) == ("synctalk.io/v1alpha1", "LipSyncModel")
         VALIDATOR.validate(resource)
         jsonschema.Draft7Validator(SCHEMA["properties"]["metadata"]).validate(resource["metadata"])

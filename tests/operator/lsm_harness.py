@@ -51,10 +51,13 @@ import lipsync_operator  # noqa: F401  (registers the handlers in kopf's default
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "lipsyncmodels.synctalk.io.yaml"
+POOL_CRD_PATH = ROOT / "crds" / "lipsyncpools.synctalk.io.yaml"
 APPLY = "application/apply-patch+yaml"
 NAMESPACE = "studio"
 
 LSM = kmock.resource("synctalk.io", "v1alpha1", "lipsyncmodels")
+LSP = kmock.resource("synctalk.io", "v1alpha1", "lipsyncpools")
+PODS = kmock.resource("", "v1", "pods")
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
 SERVICES = kmock.resource("", "v1", "services")
 SECRETS = kmock.resource("", "v1", "secrets")
@@ -289,6 +292,12 @@ def declare_resources(cluster: Cluster, *, monitoring: bool = False) -> None:
         kind=names["kind"], singular=names["singular"], namespaced=crd["spec"]["scope"] == "Namespaced",
         shortnames=set(names["shortNames"]), categories=set(names.get("categories", [])), verbs=verbs,
         subresources=set(version["subresources"]))
+    pool = yaml.safe_load(POOL_CRD_PATH.read_text())
+    pool_names, pool_version = pool["spec"]["names"], pool["spec"]["versions"][0]
+    cluster.resources[f"{pool['spec']['group']}/{pool_version['name']}/{pool_names['plural']}"] = kmock.ResourceInfo(
+        kind=pool_names["kind"], singular=pool_names["singular"], namespaced=True,
+        shortnames=set(pool_names["shortNames"]), categories=set(pool_names["categories"]), verbs=verbs,
+        subresources=set(pool_version["subresources"]))
     # kopf's own backbone: it waits for namespaces and CRDs to be discoverable before watching anything.
     cluster.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=verbs)
     cluster.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
@@ -298,7 +307,8 @@ def declare_resources(cluster: Cluster, *, monitoring: bool = False) -> None:
                "v1/secrets": ("Secret", set()),
                "v1/events": ("Event", set()),
                "autoscaling/v2/horizontalpodautoscalers": ("HorizontalPodAutoscaler", {"status"}),
-               "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", {"status"})}
+               "policy/v1/poddisruptionbudgets": ("PodDisruptionBudget", {"status"}),
+               "v1/pods": ("Pod", {"status"})}
     if monitoring:
         builtin["monitoring.coreos.com/v1/podmonitors"] = ("PodMonitor", set())
     for key, (kind, subresources) in builtin.items():

@@ -1,0 +1,501 @@
+"""LipSyncPools: identical inference pods that host many characters, and the placement of pooled models on them.
+
+A pool owns one Deployment of pods that preload nothing (plus its HPA and PDB). A pooled LipSyncModel owns only
+its Service, which selects the pool's pods carrying the label ``models.synctalk.io/<model>: "true"``. Every
+``poolIntervalSeconds`` the operator asks each ready pool pod (gRPC at its pod IP) what it holds and how many
+frames each model generated, computes the next placement (lipsync_operator.placement) and carries it out:
+
+- placing: LoadModel on the pod, then label the pod (the Service sends requests only once the copy is loaded);
+- unplacing: remove the label first, wait until the pod's queue for that model is empty, then UnloadModel;
+- a pod that is gone, unready or unreachable holds nothing: its models are placed elsewhere at once;
+- anything loaded on a pool pod that no pooled model of this pool asks for is unloaded (a deleted model).
+
+What the pods report is the truth: after an operator restart the same placement is read back and kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from lipsync_operator import children, status
+from lipsync_operator.config import API_VERSION, OPERATOR_NAME, OperatorConfig
+from lipsync_operator.kube import (
+    EVENT,
+    HPA,
+    LIPSYNCMODEL,
+    LIPSYNCPOOL,
+    PDB,
+    POD,
+    PODMONITOR,
+    ApiError,
+    Conflict,
+    KubeClient,
+    NotFound,
+)
+from lipsync_operator.placement import MIB, Model, Placement, Pod, place, pods_needed
+from lipsync_operator.podclient import PodClient, PodReport, PodUnreachable
+from lipsync_operator.spec import InvalidSpec, normalize, normalize_pool
+
+log = logging.getLogger(__name__)
+
+POOL_LABEL = "synctalk.io/pool"
+MODEL_LABEL_PREFIX = "models.synctalk.io/"
+POOL_KIND = "LipSyncPool"
+DEFAULT_FOOTPRINT = 1024 * MIB
+DRAIN_POLL_SECONDS = 0.2
+TARGET_LOAD = 0.7          # pods for load: demand at this share of capacity (the HPA adds more on queues)
+
+
+def model_label(model: str) -> str:
+    return MODEL_LABEL_PREFIX + model
+
+
+def pool_selector_labels(pool: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "lipsync-inference", POOL_LABEL: pool}
+
+
+def selector_string(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def model_service_selector(pool: str, model: str) -> dict[str, str]:
+    return {**pool_selector_labels(pool), model_label(model): "true"}
+
+
+def _memory(n: int) -> str:
+    return f"{n / (1 << 30):.1f}Gi"
+
+
+# ------------------------------------------------------------------------------------------ children
+
+
+def _pool_metadata(owner: dict, labels: dict[str, str] | None = None) -> dict:
+    meta = owner["metadata"]
+    return {"name": meta["name"], "namespace": meta["namespace"],
+            "labels": {**pool_selector_labels(meta["name"]), "app.kubernetes.io/component": "inference",
+                       "app.kubernetes.io/part-of": "lipsync", children.MANAGED_BY_LABEL: OPERATOR_NAME,
+                       **(labels or {})},
+            "ownerReferences": [{"apiVersion": API_VERSION, "kind": POOL_KIND, "name": meta["name"],
+                                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]}
+
+
+@dataclass(frozen=True)
+class _NoPackage:
+    """A pool pod preloads nothing: the dedicated pod's manifest, without a package."""
+    registry: str
+    name: str = ""
+    version: str = ""
+    sha256: str = ""
+
+
+def pool_deployment(owner: dict, spec: dict, config: OperatorConfig) -> dict:
+    """A dedicated model's Deployment, less its package: no fetch init container, no --preload; the pods
+    load what the operator asks for from the registry, within the pool's model memory budget."""
+    name = owner["metadata"]["name"]
+    as_model = {**copy.deepcopy(spec), "package": {}}
+    as_model["runtime"]["memoryBudgetMb"] = spec["modelMemoryBudgetMb"]
+    dep = children.deployment({**owner, "metadata": {**owner["metadata"]}}, as_model,
+                              _NoPackage(registry=config.registry_url), config)
+    pod = dep["spec"]["template"]
+    server = pod["spec"]["containers"][0]
+    if server["args"][-2:-1] == ["--preload"]:
+        server["args"] = server["args"][:-2]
+    pod["spec"].pop("initContainers", None)
+    pod["metadata"]["labels"] = _pool_metadata(owner)["labels"]
+    pod["metadata"]["annotations"] = {k: v for k, v in pod["metadata"]["annotations"].items()
+                                      if not k.startswith("synctalk.io/package")}
+    pod["spec"]["topologySpreadConstraints"][0]["labelSelector"] = {"matchLabels": pool_selector_labels(name)}
+    dep["metadata"] = _pool_metadata(owner)
+    dep["spec"]["selector"] = {"matchLabels": pool_selector_labels(name)}
+    return dep
+
+
+def pool_hpa(owner: dict, spec: dict, min_pods: int) -> dict:
+    hpa = children.horizontal_pod_autoscaler(owner, spec)
+    hpa["metadata"] = _pool_metadata(owner)
+    auto = spec["autoscaling"]
+    # Never below what the copies need in memory; never above the pool's maximum.
+    hpa["spec"]["minReplicas"] = max(auto["minReplicas"], min(auto["maxReplicas"], min_pods))
+    return hpa
+
+
+def pool_pdb(owner: dict, spec: dict) -> dict:
+    pdb = children.pod_disruption_budget(owner, spec)
+    pdb["metadata"] = _pool_metadata(owner)
+    pdb["spec"]["selector"] = {"matchLabels": pool_selector_labels(owner["metadata"]["name"])}
+    return pdb
+
+
+def pool_pod_monitor(owner: dict, spec: dict, config: OperatorConfig) -> dict:
+    """Scrapes the pool's pods; the dashboard's pool view groups them by the ``lipsyncpool`` label."""
+    monitor = children.pod_monitor(owner, spec, config)
+    monitor["metadata"] = _pool_metadata(owner, config.monitor_labels)
+    monitor["spec"]["selector"] = {"matchLabels": pool_selector_labels(owner["metadata"]["name"])}
+    monitor["spec"]["podMetricsEndpoints"][0]["relabelings"] = [
+        {"sourceLabels": ["__meta_kubernetes_pod_label_synctalk_io_pool"], "targetLabel": "lipsyncpool"}]
+    return monitor
+
+
+def model_service(lsm: dict, spec: dict) -> dict:
+    """The pooled model's Service: the dedicated model's, selecting the pool pods that hold a copy."""
+    svc = children.service(lsm, spec)
+    svc["spec"]["selector"] = model_service_selector(spec["pool"], lsm["metadata"]["name"])
+    return svc
+
+
+# ------------------------------------------------------------------------------------------ status
+
+
+def compose_model_status(current: dict, *, generation: int, package_condition, problem, pool: str,
+                         copies: int | None = None, ready_copies: int | None = None, wanted: int | None = None,
+                         full: str | None = None) -> dict:
+    """A pooled model's status: Ready while one copy serves; Progressing while copies are being placed;
+    Degraded when the spec, the package or the pool (full) stands in the way."""
+    old = current.get("conditions") or []
+    copies = current.get("copies", 0) if copies is None else copies
+    ready_copies = current.get("readyCopies", 0) if ready_copies is None else ready_copies
+    if package_condition is status.KEEP:
+        package_condition = status.find(old, "PackageAvailable") or status.condition(
+            "PackageAvailable", None, "Checking", "the package has not been checked yet", generation)
+    counts = f"{ready_copies} of {copies} copies ready in pool {pool}"
+    ready = status.condition("Ready", ready_copies > 0, "Available" if ready_copies else "NoCopyReady", counts,
+                             generation)
+    placing = wanted is not None and ready_copies < wanted
+    progressing = status.condition("Progressing", placing, "PlacingCopies" if placing else "Placed", counts,
+                                   generation)
+    if problem:
+        degraded = status.condition("Degraded", True, problem[0], problem[1], generation)
+    elif package_condition["status"] != "True":
+        degraded = status.condition("Degraded", True, "PackageUnavailable", package_condition.get("message", ""),
+                                    generation)
+    elif full:
+        degraded = status.condition("Degraded", True, "PoolFull", full, generation)
+    else:
+        degraded = status.condition("Degraded", False, "AsExpected", "", generation)
+    return {"conditions": status.merge_conditions(old, [ready, package_condition, progressing, degraded],
+                                                  status.now()),
+            "pool": pool, "copies": copies, "readyCopies": ready_copies}
+
+
+# ---------------------------------------------------------------------------------------- placement
+
+
+@dataclass
+class _Live:
+    name: str
+    ip: str
+    report: PodReport
+    labels: dict[str, str]
+    schedulable: bool
+
+
+class PoolController:
+    def __init__(self, kube: KubeClient, config: OperatorConfig):
+        self.kube = kube
+        self.config = config
+        self.pod_port = config.pod_grpc_port
+        self._samples: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}   # (ns, pod) -> (t, frames)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+        self._full: dict[str, str] = {}     # "ns/model" -> the last PoolFull message posted
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(f"{namespace}/{name}", threading.Lock())
+
+    # ----------------------------------------------------------------------------------- the pool
+
+    def reconcile(self, lsp: dict) -> str | None:
+        """The pool's own objects: Deployment, HPA (or none), PDB (or none). Raises InvalidSpec."""
+        namespace, name = lsp["metadata"]["namespace"], lsp["metadata"]["name"]
+        spec = normalize_pool(lsp.get("spec") or {})
+        desired = [pool_deployment(lsp, spec, self.config)]
+        if "autoscaling" in spec:
+            desired.append(pool_hpa(lsp, spec, spec["autoscaling"]["minReplicas"]))
+        if spec["disruptionBudget"]["enabled"]:
+            desired.append(pool_pdb(lsp, spec))
+        served = self.kube.served_resources(PODMONITOR.api_version)
+        monitoring = served is not None and PODMONITOR.plural in served
+        if monitoring and spec["monitoring"]["enabled"]:
+            desired.append(pool_pod_monitor(lsp, spec, self.config))
+        for child in desired:
+            self.kube.apply(child)
+        for kind, wanted in ((HPA, "autoscaling" in spec), (PDB, spec["disruptionBudget"]["enabled"]),
+                             (PODMONITOR, not monitoring or spec["monitoring"]["enabled"])):
+            existing = None if wanted else self.kube.get(kind, namespace, name)
+            if existing is not None and _controller_uid(existing) == lsp["metadata"]["uid"]:
+                self.kube.delete(kind, namespace, name, uid=existing["metadata"]["uid"])
+        return f"applied {', '.join(c['kind'] for c in desired)}"
+
+    def run_round(self, namespace: str, pool_name: str) -> Placement | None:
+        """One placement round for a pool: read the pods, place, act, write the statuses."""
+        with self.lock(namespace, pool_name):
+            lsp = self.kube.get(LIPSYNCPOOL, namespace, pool_name)
+            if lsp is None or lsp["metadata"].get("deletionTimestamp"):
+                return None
+            try:
+                spec = normalize_pool(lsp.get("spec") or {})
+            except InvalidSpec:
+                return None
+            models = self._pooled_models(namespace, pool_name)
+            pods = self._live_pods(namespace, pool_name, spec)
+            return self._place(lsp, spec, models, pods)
+
+    def _pooled_models(self, namespace: str, pool: str) -> dict[str, tuple[dict, dict]]:
+        """model name -> (LipSyncModel, normalised spec), for the models of this pool whose package is known."""
+        out = {}
+        for lsm in self.kube.list(LIPSYNCMODEL, namespace):
+            if (lsm.get("spec") or {}).get("pool") != pool or lsm["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                spec = normalize(lsm.get("spec") or {})
+            except InvalidSpec:
+                continue
+            if not ((lsm.get("status") or {}).get("package") or {}).get("version"):
+                continue   # its package is not checked (or not available) yet: nothing to load
+            out[lsm["metadata"]["name"]] = (lsm, spec)
+        return out
+
+    def _live_pods(self, namespace: str, pool: str, spec: dict) -> list[_Live]:
+        live = []
+        for pod in self.pool_pods(namespace, pool):
+            meta, st = pod["metadata"], pod.get("status") or {}
+            ip = st.get("podIP")
+            ready = st.get("phase") == "Running" and any(
+                c.get("type") == "Ready" and c.get("status") == "True" for c in st.get("conditions") or [])
+            if not ip or not ready:
+                continue                      # not serving: holds nothing, is given nothing
+            try:
+                with self._client(ip) as client:
+                    report = client.report()
+            except PodUnreachable as exc:
+                log.warning("pool %s: pod %s unreachable: %s", pool, meta["name"], exc)
+                continue
+            live.append(_Live(meta["name"], ip, report, dict(meta.get("labels") or {}),
+                              schedulable=not meta.get("deletionTimestamp") and not report.draining))
+        return live
+
+    def pool_pods(self, namespace: str, pool: str) -> list[dict]:
+        selector = pool_selector_labels(pool)
+        pods = self.kube.list(POD, namespace, selector_string(selector))
+        # The selector again, here: an API server that ignored it must not hand us other pods.
+        return [p for p in pods if all((p["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())]
+
+    def _client(self, ip: str) -> PodClient:
+        return PodClient(f"{ip}:{self.pod_port}", timeout_s=self.config.api_timeout_seconds)
+
+    def _place(self, lsp: dict, spec: dict, models: dict[str, tuple[dict, dict]], pods: list[_Live]) -> Placement:
+        namespace, pool = lsp["metadata"]["namespace"], lsp["metadata"]["name"]
+        now = time.monotonic()
+        package = {m: s["package"]["name"] for m, (_, s) in models.items()}
+        by_package = {p: m for m, p in package.items()}
+        current = {m: [p.name for p in pods if package[m] in p.report.loaded] for m in models}
+        measured = [b for p in pods for b in p.report.loaded.values()]
+        budget_default = spec["modelMemoryBudgetMb"] * MIB
+
+        demand = self._demand(namespace, pods, package, now)
+        placement_models = []
+        for m, (_, s) in models.items():
+            reported = [p.report.loaded[package[m]] for p in pods if package[m] in p.report.loaded]
+            footprint = max(reported) if reported else (
+                s["placement"]["memoryMb"] * MIB if s["placement"].get("memoryMb")
+                else max(measured) if measured else DEFAULT_FOOTPRINT)
+            pl = s["placement"]
+            placement_models.append(Model(m, footprint, demand_fps=demand.get(m), demand_per_copy=pl["demandPerCopy"],
+                                          min_copies=pl["minCopies"], max_copies=pl["maxCopies"]))
+        pool_pods = [Pod(p.name, p.report.memory_budget_bytes or budget_default, float(spec["capacityFps"]),
+                         schedulable=p.schedulable) for p in pods]
+        plan = place(pool_pods, placement_models, current)
+
+        by_name = {p.name: p for p in pods}
+        loaded = {p.name: set(p.report.loaded) for p in pods}
+        for m, pod in plan.load:
+            lsm, _ = models[m]
+            version = lsm["status"]["package"]["version"]
+            try:
+                with self._client(by_name[pod].ip) as client:
+                    client.load(package[m], version)
+                loaded[pod].add(package[m])
+                log.info("pool %s: loaded %s on %s", pool, m, pod)
+            except PodUnreachable as exc:
+                log.warning("pool %s: loading %s on %s failed: %s", pool, m, pod, exc)
+        # Labels follow what is loaded and placed; then copies that go are unloaded, once drained.
+        leaving = {(m, pod) for m, pod in plan.unload}
+        for p in pods:
+            want = {model_label(m) for m in models if package[m] in loaded[p.name] and (m, p.name) not in leaving}
+            self._set_labels(namespace, p, want)
+        for m, pod in plan.unload:
+            self._unload(by_name[pod], package.get(m, m), spec["runtime"]["drainSeconds"])
+            loaded[pod].discard(package.get(m, m))
+        for p in pods:   # loaded, but no pooled model of this pool asks for it (a deleted model)
+            for orphan in sorted(loaded[p.name] - set(by_package)):
+                self._unload(p, orphan, spec["runtime"]["drainSeconds"])
+                loaded[p.name].discard(orphan)
+
+        ready_copies = {m: sum(1 for p in pods if package[m] in loaded[p.name]) for m in models}
+        for m, (lsm, _) in models.items():
+            full = None
+            if m in plan.missing and plan.full is not None:
+                full = f"{plan.missing[m]} of {plan.wanted[m]} copies fit on no pod of pool {pool}: " + plan.full.message()
+            self._write_model_status(lsm, pool, copies=len(plan.copies[m]), ready_copies=ready_copies[m],
+                                     wanted=plan.wanted[m], full=full)
+        needed = pods_needed(placement_models, {m: len(c) for m, c in current.items()}, budget_default,
+                             float(spec["capacityFps"]), TARGET_LOAD)
+        if "autoscaling" in spec:
+            self.kube.apply(pool_hpa(lsp, spec, needed))
+        self._write_pool_status(lsp, pods, plan, needed)
+        return plan
+
+    def _demand(self, namespace: str, pods: list[_Live], package: dict[str, str], now: float) -> dict:
+        """Frames/s per model since the previous round; a model held by a pod seen for the first time has
+        no measure yet (None: its copies stay as they are)."""
+        rates: dict[str, float] = {}
+        unknown: set[str] = set()
+        seen = {(namespace, p.name) for p in pods}
+        for key in [k for k in self._samples if k[0] == namespace and k not in seen]:
+            del self._samples[key]          # a pod that went: its counters mean nothing any more
+        for p in pods:
+            previous = self._samples.get((namespace, p.name))
+            self._samples[(namespace, p.name)] = (now, dict(p.report.frames))
+            for m, pkg in package.items():
+                if pkg not in p.report.loaded:
+                    continue
+                if previous is None or now <= previous[0]:
+                    unknown.add(m)
+                    continue
+                delta = p.report.frames.get(pkg, 0) - previous[1].get(pkg, 0)
+                rates[m] = rates.get(m, 0.0) + max(0, delta) / (now - previous[0])
+        return {m: (None if m in unknown else rates.get(m, 0.0)) for m in package}
+
+    def _set_labels(self, namespace: str, pod: _Live, want: set[str]) -> None:
+        have = {k for k in pod.labels if k.startswith(MODEL_LABEL_PREFIX)}
+        if have == want:
+            return
+        patch = {k: None for k in have - want} | {k: "true" for k in want - have}
+        try:
+            self.kube.patch(POD, namespace, pod.name, {"metadata": {"labels": patch}})
+            pod.labels = {**{k: v for k, v in pod.labels.items() if k not in have - want},
+                          **{k: "true" for k in want - have}}
+        except NotFound:
+            pass
+
+    def _unload(self, pod: _Live, model: str, drain_seconds: float) -> None:
+        """Its label is already gone: wait for the requests the Service sent before to finish, then unload."""
+        deadline = time.monotonic() + drain_seconds
+        try:
+            with self._client(pod.ip) as client:
+                while time.monotonic() < deadline and client.report().queue_depth.get(model, 0) > 0:
+                    time.sleep(DRAIN_POLL_SECONDS)
+                client.unload(model)
+            log.info("unloaded %s from %s", model, pod.name)
+        except PodUnreachable as exc:
+            log.warning("unloading %s from %s: %s", model, pod.name, exc)
+
+    # -------------------------------------------------------------------------------------- status
+
+    def write_model_status(self, lsm: dict, spec: dict, *, observed_generation: int | None, package_condition,
+                           problem, package=None) -> None:
+        """From the model's own reconcile: its package and problems; the copies stay as last counted."""
+        self._patch_status(LIPSYNCMODEL, lsm["metadata"]["namespace"], lsm["metadata"]["name"], lambda cur, gen: {
+            **compose_model_status(cur, generation=gen, package_condition=package_condition, problem=problem,
+                                   pool=spec["pool"]),
+            "endpoint": children.endpoint(lsm["metadata"]["name"], lsm["metadata"]["namespace"]),
+            **({"observedGeneration": observed_generation} if observed_generation is not None else {}),
+            **({"package": package.status()} if package is not None else {})})
+
+    def _write_model_status(self, lsm: dict, pool: str, *, copies: int, ready_copies: int, wanted: int,
+                            full: str | None) -> None:
+        namespace, name = lsm["metadata"]["namespace"], lsm["metadata"]["name"]
+        key = f"{namespace}/{name}"
+        if full and self._full.get(key) != full:
+            self._event(lsm, "LipSyncModel", "Warning", "PoolFull", full)
+        if not full and key in self._full:
+            self._event(lsm, "LipSyncModel", "Normal", "Placed", f"all {wanted} copies placed in pool {pool}")
+        if full:
+            self._full[key] = full
+        else:
+            self._full.pop(key, None)
+
+        def compose(cur: dict, gen: int) -> dict:
+            degraded = status.find(cur.get("conditions"), "Degraded") or {}
+            problem = ((degraded["reason"], degraded.get("message", ""))
+                       if degraded.get("status") == "True" and degraded.get("reason") in status.RECONCILE_PROBLEMS
+                       else None)
+            return compose_model_status(cur, generation=gen, package_condition=status.KEEP, problem=problem,
+                                        pool=pool, copies=copies, ready_copies=ready_copies, wanted=wanted,
+                                        full=full)
+        self._patch_status(LIPSYNCMODEL, namespace, name, compose, expect_uid=lsm["metadata"]["uid"])
+
+    def _write_pool_status(self, lsp: dict, pods: list[_Live], plan: Placement, needed: int) -> None:
+        namespace, name = lsp["metadata"]["namespace"], lsp["metadata"]["name"]
+        all_pods = self.pool_pods(namespace, name)
+        used = sum(u.memory_bytes for p, u in plan.use.items())
+        budget = sum(p.report.memory_budget_bytes or lsp["spec"]["modelMemoryBudgetMb"] * MIB for p in pods)
+        full = plan.full.message() if plan.full else ""
+        if plan.full and self._full.get(f"{namespace}/lsp/{name}") != full:
+            self._event(lsp, POOL_KIND, "Warning", "PoolFull", full)
+        self._full[f"{namespace}/lsp/{name}"] = full
+
+        def compose(cur: dict, gen: int) -> dict:
+            conditions = [
+                status.condition("Ready", bool(pods), "PodsReady" if pods else "NoPodReady",
+                                 f"{len(pods)} of {len(all_pods)} pods ready", gen),
+                status.condition("Full", plan.full is not None, "CopiesDoNotFit" if plan.full else "Room",
+                                 full or f"{needed} pods needed", gen),
+            ]
+            old = cur.get("conditions") or []
+            merged = []
+            stamp = status.now()
+            for c in conditions:
+                prev = status.find(old, c["type"])
+                same = prev is not None and prev.get("status") == c["status"] and "lastTransitionTime" in prev
+                merged.append({**c, "lastTransitionTime": prev["lastTransitionTime"] if same else stamp})
+            return {"replicas": len(all_pods), "readyReplicas": len(pods), "observedGeneration": gen,
+                    "selector": selector_string(pool_selector_labels(name)), "podsNeeded": needed,
+                    "models": sum(1 for c in plan.copies.values() if c),
+                    "copies": sum(len(c) for c in plan.copies.values()),
+                    "memoryUsed": _memory(used), "memoryFree": _memory(max(0, budget - used)),
+                    "conditions": merged}
+        self._patch_status(LIPSYNCPOOL, namespace, name, compose, expect_uid=lsp["metadata"]["uid"])
+
+    def _patch_status(self, kind, namespace: str, name: str, compose, expect_uid: str | None = None) -> None:
+        for _ in range(5):
+            obj = self.kube.get(kind, namespace, name)
+            if obj is None or (expect_uid and obj["metadata"].get("uid") != expect_uid):
+                return
+            new = compose(obj.get("status") or {}, obj["metadata"].get("generation", 0))
+            patch = {"status": new, "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}}
+            try:
+                self.kube.patch(kind, namespace, name, patch, subresource="status")
+                return
+            except Conflict:
+                continue
+            except NotFound:
+                return
+
+    def _event(self, obj: dict, kind: str, type_: str, reason: str, message: str) -> None:
+        """A Kubernetes event on ``obj`` (kubectl describe shows it), named uniquely as kubectl's are."""
+        meta = obj["metadata"]
+        stamp = status.now()
+        event = {"apiVersion": "v1", "kind": "Event",
+                 "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+                 "involvedObject": {"apiVersion": API_VERSION, "kind": kind, "name": meta["name"],
+                                    "namespace": meta["namespace"], "uid": meta.get("uid")},
+                 "type": type_, "reason": reason, "message": message[:1024], "count": 1,
+                 "firstTimestamp": stamp, "lastTimestamp": stamp, "source": {"component": OPERATOR_NAME}}
+        try:
+            self.kube.request("POST", EVENT.path(meta["namespace"]), body=event)
+        except ApiError as exc:   # events are best effort: never fail a round for one
+            log.warning("event %s on %s: %s", reason, meta["name"], exc)
+
+
+def _controller_uid(obj: dict) -> str | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None

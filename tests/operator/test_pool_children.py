@@ -1,0 +1,97 @@
+"""What a LipSyncPool and a pooled LipSyncModel own, built from their specs (pure functions)."""
+
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+
+from lipsync_operator.config import OperatorConfig
+from lipsync_operator.pool import (
+    compose_model_status,
+    model_label,
+    model_service,
+    pool_deployment,
+    pool_hpa,
+    pool_pod_monitor,
+    pool_selector_labels,
+)
+from lipsync_operator.spec import normalize, normalize_pool
+from lipsync_operator.status import KEEP, condition
+
+CONFIG = OperatorConfig(registry_url="http://registry.models.svc/", inference_image="lipsync-inference:1",
+                        monitor_labels={"release": "prom"})
+POOL = {"apiVersion": "synctalk.io/v1alpha1", "kind": "LipSyncPool",
+        "metadata": {"name": "studio", "namespace": "ns", "uid": "u-pool"}}
+MODEL = {"apiVersion": "synctalk.io/v1alpha1", "kind": "LipSyncModel",
+         "metadata": {"name": "alice", "namespace": "ns", "uid": "u-alice"}}
+
+
+def pool_spec(**extra) -> dict:
+    return normalize_pool({"modelMemoryBudgetMb": 40960, **extra})
+
+
+def owner(obj: dict) -> dict:
+    (ref,) = obj["metadata"]["ownerReferences"]
+    return ref
+
+
+def test_pool_pods_preload_nothing_and_keep_to_the_model_budget():
+    dep = pool_deployment(POOL, pool_spec(), CONFIG)
+    pod = dep["spec"]["template"]
+    (server,) = pod["spec"]["containers"]
+    args = server["args"]
+    assert "--preload" not in args and "initContainers" not in pod["spec"]
+    assert args[args.index("--memory-budget-mb") + 1] == "40960"
+    assert args[args.index("--registry-url") + 1] == CONFIG.registry_url
+    assert dep["spec"]["selector"]["matchLabels"] == pool_selector_labels("studio")
+    assert pool_selector_labels("studio").items() <= pod["metadata"]["labels"].items()
+    assert "synctalk.io/model" not in pod["metadata"]["labels"]       # no dedicated model's Service picks them
+    assert not any(k.startswith("synctalk.io/package") for k in pod["metadata"]["annotations"])
+    assert owner(dep)["kind"] == "LipSyncPool" and owner(dep)["uid"] == "u-pool"
+    assert dep["spec"]["replicas"] == 1
+    for version in ("1.29", "1.37"):
+        kubernetes_validate.validate(dep, version, strict=True)
+
+
+@pytest.mark.parametrize("needed, expected", [(0, 2), (3, 3), (50, 10)])
+def test_the_pool_hpa_keeps_the_pods_the_copies_need_within_its_bounds(needed, expected):
+    spec = pool_spec(autoscaling={"minReplicas": 2, "maxReplicas": 10})
+    hpa = pool_hpa(POOL, spec, needed)
+    assert hpa["spec"]["minReplicas"] == expected and hpa["spec"]["maxReplicas"] == 10
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "studio" and owner(hpa)["kind"] == "LipSyncPool"
+
+
+def test_the_pool_monitor_labels_series_with_the_pool():
+    monitor = pool_pod_monitor(POOL, pool_spec(), CONFIG)
+    assert monitor["spec"]["selector"]["matchLabels"] == pool_selector_labels("studio")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["relabelings"] == [{"sourceLabels": ["__meta_kubernetes_pod_label_synctalk_io_pool"],
+                                        "targetLabel": "lipsyncpool"}]
+
+
+@pytest.mark.parametrize("service_type, headless", [("ClusterIP", False), ("Headless", True)])
+def test_a_pooled_models_service_selects_the_pool_pods_labelled_for_it(service_type, headless):
+    spec = normalize({"package": {"name": "alice"}, "pool": "studio", "service": {"type": service_type}})
+    svc = model_service(MODEL, spec)
+    assert svc["metadata"]["name"] == "alice"          # alice.ns.svc:50051, as for a dedicated model
+    assert svc["spec"]["selector"] == {**pool_selector_labels("studio"), model_label("alice"): "true"}
+    assert (svc["spec"].get("clusterIP") == "None") is headless
+    assert owner(svc)["kind"] == "LipSyncModel" and owner(svc)["uid"] == "u-alice"
+
+
+def test_a_pooled_models_status_says_copies_and_why_not():
+    ok = condition("PackageAvailable", True, "Verified", "", 1)
+    st = compose_model_status({}, generation=1, package_condition=ok, problem=None, pool="studio", copies=2,
+                              ready_copies=1, wanted=2)
+    conds = {c["type"]: c for c in st["conditions"]}
+    assert (st["pool"], st["copies"], st["readyCopies"]) == ("studio", 2, 1)
+    assert conds["Ready"]["status"] == "True" and conds["Progressing"]["reason"] == "PlacingCopies"
+    assert conds["Degraded"]["status"] == "False"
+    full = compose_model_status(st, generation=1, package_condition=KEEP, problem=None, pool="studio", copies=0,
+                                ready_copies=0, wanted=1, full="1 of 1 copies fit on no pod")
+    conds = {c["type"]: c for c in full["conditions"]}
+    assert conds["Ready"]["status"] == "False" and conds["Degraded"]["reason"] == "PoolFull"
+    assert conds["PackageAvailable"]["status"] == "True"      # kept
+    kept = compose_model_status(full, generation=1, package_condition=KEEP, problem=None, pool="studio")
+    assert (kept["copies"], kept["readyCopies"]) == (0, 0)
