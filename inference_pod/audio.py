@@ -122,7 +122,7 @@ def load_audio(path: str, max_seconds: float | None = None) -> np.ndarray:
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise AudioError(f"audio file {path} does not exist") from None
+        raise AudioError(f"audio file {path} does not exist — check the path") from None
     except IsADirectoryError:
         raise AudioError(f"audio file {path} is a directory") from None
     return decode_audio(data, max_seconds=max_seconds, source=str(path))

@@ -132,14 +132,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Writes pool.json, pool.md and pool.png.")
     p.add_argument("--characters", type=_int_list, default="1000,10000", help="comma-separated (default 1000,10000)")
     p.add_argument("--zipf", type=_float_list, default="1.0,1.2", help="Zipf exponents (default 1.0,1.2)")
-    p.add_argument("--hours", type=_positive_float, default=24.0)
+    p.add_argument("--hours", type=_positive_float, default=24.0, help="simulated hours")
     p.add_argument("--step-s", type=_positive_float, default=60.0, help="simulated seconds per step (default 60)")
     p.add_argument("--peak-streams-per-character", type=_positive_float, default=0.25,
                    help="concurrent live streams at the daily peak, per character (default 0.25)")
     p.add_argument("--spikes", type=int, default=8, help="spikes of a cold character in the run (default 8)")
     p.add_argument("--spike-streams", type=_positive, default=40, help="streams a spike reaches (default 40)")
     p.add_argument("--pod-fps", type=_positive_float, help="frames/s one pod serves (default: --engine-json, else 400)")
-    p.add_argument("--engine-json", type=Path, help="a `lipsync bench engine` JSON: pod capacity = its best "
+    p.add_argument("--engine-json", type=Path, help="a lipsync bench engine JSON: pod capacity = its best "
                                                     "end-to-end FPS")
     p.add_argument("--package", type=Path, help="a character package: the footprint from its manifest")
     p.add_argument("--footprint-mb", type=_positive_float, help="memory one character takes (overrides --package)")
@@ -147,8 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--demand-per-copy", type=_positive_float, default=100.0,
                    help="frames/s one copy should carry (default 100: 4 live streams)")
     p.add_argument("--max-copies", type=_positive, default=100, help="most copies of one character (default 100)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", type=Path, default=Path("bench-results/pool"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated demand")
+    p.add_argument("--out-dir", type=Path, default=Path("bench-results/pool"),
+                   help="directory for pool.json, pool.md and pool.png")
     p.set_defaults(func=run_pool)
 
 

@@ -230,7 +230,8 @@ def run_stream_audio(client, args) -> int:
 
     from inference_pod import audio
 
-    wav = audio.load_audio(str(args.audio))
+    # read here, like every client command's audio, so a missing file is the CLI's one line naming AUDIO
+    wav = audio.decode_audio(args.audio.read_bytes(), source=str(args.audio))
     pcm = (np.clip(wav, -1.0, 1.0) * 32767).astype("<i2").tobytes()
     step = max(2, int(audio.SAMPLE_RATE * args.chunk_ms / 1000) * 2)
 

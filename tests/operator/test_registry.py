@@ -145,7 +145,7 @@ _BLOCK_HEAVY = r"""
 import sys
 
 class Refuse:
-    HEAVY = {"torch", "numpy", "cv2", "grpc", "soundfile", "soxr", "PIL", "redis"}  # the pod's stack
+    HEAVY = {"torch", "numpy", "cv2", "soundfile", "soxr", "PIL", "redis"}  # the pod's stack (grpc is in both)
 
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in self.HEAVY:
@@ -189,6 +189,9 @@ def test_the_operator_imports_without_torch_from_what_its_image_copies(registry,
                 target.mkdir(parents=True, exist_ok=True)
                 shutil.copy(root / source, target)
     assert sorted(p.name for p in (app / "inference_pod").iterdir()) == ["__init__.py", "registry_index.py"]
+    # the image's stubs stage generates lipsync/v1 from proto/; here they are the ones setup.py generated
+    assert "COPY --from=stubs /out/lipsync /app/lipsync" in dockerfile
+    shutil.copytree(root / "proto" / "lipsync", app / "lipsync", ignore=shutil.ignore_patterns("*.proto", "*.pyi"))
     registry.add("alice", "2.0")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(app)}
     proc = subprocess.run([sys.executable, "-c", _BLOCK_HEAVY, registry.url], capture_output=True, text=True,
