@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -46,6 +47,8 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 ENCODER_BATCH = 256
 # Template encodings kept for splicing full-frame JPEGs: about 200 KB per 1080p template and quality.
 DEFAULT_JPEG_CACHE_BYTES = 256 << 20
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def mouth_mask() -> np.ndarray:
     return canvas.astype(np.float32)
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
+def fold_batchnorm(module: ModuleT) -> ModuleT:
     """Fold every Conv2d followed by BatchNorm2d (eval mode) into the conv: one kernel instead of two."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -103,9 +106,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
                 module._modules[a] = fuse_conv_bn_eval(conv, bn)
                 module._modules[b] = nn.Identity()
     for conv_name, bn_name in (("conv3", "bn3"), ("conv5", "bn5")):  # the audio branch's named pairs
-        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+        named_conv, named_bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        if isinstance(named_conv, nn.Conv2d) and isinstance(named_bn, nn.BatchNorm2d):
+            setattr(module, conv_name, fuse_conv_bn_eval(named_conv, named_bn))
             setattr(module, bn_name, nn.Identity())
     return module
 
@@ -243,7 +246,8 @@ class Engine:
             net = fold_batchnorm(net)
         # channels_last: what cuDNN's tensor-core kernels and oneDNN's CPU kernels both run fastest on
         # (CPU: 1.6x at width 32, 4x at width 4, bit-identical results).
-        self.net = net.to(self.device, self._dtype).to(memory_format=torch.channels_last)
+        # torch's stubs leave memory_format out of Module.to's overloads; the runtime takes it.
+        self.net = net.to(self.device, self._dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
         self.encoder: AveAudioEncoder | None = None
         encoder_state = package.audio_encoder_state()
@@ -287,6 +291,7 @@ class Engine:
             prepared = list(pool.map(prepare, range(n)))
         self._boxes: list[CropBox] = [box for box, _ in prepared]
         first = prepared[0][1]
+        assert first is not None  # prepare keeps template 0's full frame
         self._crops = crops  # host copy for compositing
         self._frames = _TemplateFrames(encoded, frame_budget_bytes, first)
         inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
@@ -304,13 +309,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------- audio
 
-    def track_features(self, wav16k: np.ndarray) -> np.ndarray:
-        """AVE features of a whole 16 kHz track, first and last repeated: one row per output frame."""
+    def _audio_encoder(self) -> AveAudioEncoder:
         if self.encoder is None:
             raise AudioError(
                 f"model {self.name!r} uses {self.mode} features, which this server cannot compute from raw "
                 "audio; send precomputed features or use the package's default track"
             )
+        return self.encoder
+
+    def track_features(self, wav16k: np.ndarray) -> np.ndarray:
+        """AVE features of a whole 16 kHz track, first and last repeated: one row per output frame."""
+        self._audio_encoder()
         if len(wav16k) < audio.MIN_SAMPLES:
             raise AudioError(f"audio too short: {len(wav16k)} samples at 16 kHz, need at least {audio.MIN_SAMPLES}")
         windows = audio.mel_windows(audio.melspectrogram(wav16k))
@@ -318,11 +327,12 @@ class Engine:
 
     def encode_windows(self, windows: np.ndarray) -> np.ndarray:
         """(n, 1, 80, 16) mel windows -> (n, 512) AVE embeddings."""
+        encoder = self._audio_encoder()
         outs = []
         with torch.inference_mode():
             for start in range(0, len(windows), ENCODER_BATCH):
                 chunk = torch.from_numpy(np.ascontiguousarray(windows[start : start + ENCODER_BATCH]))
-                outs.append(self.encoder(chunk.to(self.device)).float().cpu())
+                outs.append(encoder(chunk.to(self.device)).float().cpu())
         return torch.cat(outs).numpy()
 
     def windows(self, features: np.ndarray, frame_ids: Sequence[int]) -> np.ndarray:
@@ -392,8 +402,7 @@ class Engine:
         settings = grid.settings(quality)
         region = grid.region(box.x1, box.y1, box.x2, box.y2)
         key = (template_id, quality)
-        template = self._template_scans.get(key) if region is not None else None
-        if template is not None:
+        if region is not None and (template := self._template_scans.get(key)) is not None:
             part = frame[region.y0 : region.y1, region.x0 : region.x1].copy()
             self._paste(template_id, prediction,
                         part[box.y1 - region.y0 : box.y2 - region.y0, box.x1 - region.x0 : box.x2 - region.x0])
@@ -419,8 +428,8 @@ class Engine:
     def close(self) -> None:
         """Release device memory now rather than at garbage collection."""
         self._graphed = None
-        self.net = None
         self.encoder = None
-        self._templates = None
+        if hasattr(self, "net"):  # the network and the resident templates: the engine is unusable after
+            del self.net, self._templates
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
