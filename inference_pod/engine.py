@@ -246,8 +246,9 @@ class Engine:
             net = fold_batchnorm(net)
         # channels_last: what cuDNN's tensor-core kernels and oneDNN's CPU kernels both run fastest on
         # (CPU: 1.6x at width 32, 4x at width 4, bit-identical results).
-        # torch's stubs leave memory_format out of Module.to's overloads; the runtime takes it.
-        self.net = net.to(self.device, self._dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # (torch's stubs leave memory_format out of Module.to's overloads; the runtime takes it.)
+        net = net.to(self.device, self._dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.net: nn.Module | None = net  # None once closed
 
         self.encoder: AveAudioEncoder | None = None
         encoder_state = package.audio_encoder_state()
@@ -295,10 +296,7 @@ class Engine:
         self._crops = crops  # host copy for compositing
         self._frames = _TemplateFrames(encoded, frame_budget_bytes, first)
         inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
-        if self.device.type == "cuda":
-            self._templates = inner.to(self.device)
-        else:
-            self._templates = inner
+        self._templates: torch.Tensor | None = inner.to(self.device) if self.device.type == "cuda" else inner
         self.num_templates = n
 
     def template_index(self, frame_id: int) -> int:
@@ -341,11 +339,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------------- inference
 
+    def _resident(self) -> tuple[nn.Module, torch.Tensor]:
+        """The network and the device-resident templates: what close() releases."""
+        if self.net is None or self._templates is None:
+            raise RuntimeError(f"the engine of model {self.name!r} is closed")
+        return self.net, self._templates
+
     def _step(self, index: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
         """Device-side batch: gather templates, [reference, masked] / 255, network, x255 truncated to uint8."""
-        reference = self._templates.index_select(0, index).to(self._dtype) / 255.0
+        net, templates = self._resident()
+        reference = templates.index_select(0, index).to(self._dtype) / 255.0
         image = torch.cat([reference, reference * self._mask], dim=1).contiguous(memory_format=torch.channels_last)
-        out = self.net(image, audio_windows)
+        out = net(image, audio_windows)
         return (out.float() * 255).to(torch.uint8).permute(0, 2, 3, 1)
 
     def predict(self, template_ids: Sequence[int], audio_windows) -> np.ndarray:
@@ -419,17 +424,18 @@ class Engine:
     def memory_bytes(self) -> int:
         """Bytes this engine holds (weights, resident templates, decoded frames, template JPEGs): for the
         memory budget."""
-        params = sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
+        net, templates = self._resident()
+        params = sum(t.numel() * t.element_size() for t in net.state_dict().values())
         if self.encoder is not None:
             params += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
-        return (params + self._templates.numel() + self._crops.nbytes + self._frames.nbytes()
+        return (params + templates.numel() + self._crops.nbytes + self._frames.nbytes()
                 + self._template_scans.nbytes)
 
     def close(self) -> None:
         """Release device memory now rather than at garbage collection."""
         self._graphed = None
+        self.net = None
         self.encoder = None
-        if hasattr(self, "net"):  # the network and the resident templates: the engine is unusable after
-            del self.net, self._templates
+        self._templates = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
