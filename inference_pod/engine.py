@@ -20,7 +20,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -35,6 +34,7 @@ from inference_pod.model import (
     CROP_SIZE,
     MODEL_INPUT_SIZE,
     AveAudioEncoder,
+    M,
     build_strict,
     build_unet,
 )
@@ -47,8 +47,6 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 ENCODER_BATCH = 256
 # Template encodings kept for splicing full-frame JPEGs: about 200 KB per 1080p template and quality.
 DEFAULT_JPEG_CACHE_BYTES = 256 << 20
-
-ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -92,7 +90,7 @@ def mouth_mask() -> np.ndarray:
     return canvas.astype(np.float32)
 
 
-def fold_batchnorm(module: ModuleT) -> ModuleT:
+def fold_batchnorm(module: M) -> M:
     """Fold every Conv2d followed by BatchNorm2d (eval mode) into the conv: one kernel instead of two."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
