@@ -17,6 +17,7 @@ import threading
 from functools import lru_cache
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from inference_pod.errors import AudioError
 
@@ -134,7 +135,6 @@ def _decode_soundfile(sound, max_seconds: float | None, source: str) -> np.ndarr
     declared = int(sound.frames)  # from the header; formats that do not know say so with a huge number
     if max_seconds is not None and 0 < declared < 1 << 62 and declared / rate > max_seconds:
         raise too_long(declared / rate, max_seconds, source)
-    limit = None if max_seconds is None else int(max_seconds * rate)
     resampler = None
     if rate != SAMPLE_RATE:
         import soxr
@@ -147,7 +147,7 @@ def _decode_soundfile(sound, max_seconds: float | None, source: str) -> np.ndarr
             block = sound.read(DECODE_BLOCK, dtype="float32", always_2d=True)
             last = len(block) < DECODE_BLOCK
             decoded += len(block)
-            if limit is not None and decoded > limit:
+            if max_seconds is not None and decoded > int(max_seconds * rate):
                 raise too_long(None, max_seconds, source)
             mono = block[:, 0] if channels == 1 else block.mean(axis=1, dtype=np.float32)
             if not np.all(np.isfinite(mono)):
@@ -170,24 +170,31 @@ def _decode_with_ffmpeg(data: bytes, max_seconds: float | None, source: str) -> 
     if ffmpeg is None:
         raise AudioError(f"cannot decode {source}: it is not {FORMATS.split(' (')[0]}, "
                          "and ffmpeg (for other formats) is not installed")
-    limit = None if max_seconds is None else 4 * (int(max_seconds * SAMPLE_RATE) + 1)
     proc = subprocess.Popen(
         [ffmpeg, "-nostdin", "-v", "error", "-i", "pipe:0", "-vn", "-f", "f32le", "-ac", "1",
          "-ar", str(SAMPLE_RATE), "pipe:1"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
+    stdin, stdout, stderr_pipe = proc.stdin, proc.stdout, proc.stderr
+    assert stdin is not None and stdout is not None and stderr_pipe is not None  # all three opened as PIPE
     stderr: list[bytes] = []
-    threads = [threading.Thread(target=_feed, args=(proc.stdin, data), daemon=True),
-               threading.Thread(target=lambda: stderr.append(proc.stderr.read(1 << 16)), daemon=True)]
+    threads = [threading.Thread(target=_feed, args=(stdin, data), daemon=True),
+               threading.Thread(target=lambda: stderr.append(stderr_pipe.read(1 << 16)), daemon=True)]
     timed_out = threading.Event()
-    timer = threading.Timer(FFMPEG_TIMEOUT_S, lambda: (timed_out.set(), proc.kill()))  # a hung decoder is stopped
+
+    def stop_hung_decoder() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(FFMPEG_TIMEOUT_S, stop_hung_decoder)
     for thread in (*threads, timer):
         thread.start()
     chunks, size = [], 0
     try:
-        while chunk := proc.stdout.read(1 << 20):
+        while chunk := stdout.read(1 << 20):
             size += len(chunk)
-            if limit is not None and size > limit:
+            # 4 bytes per f32le sample, one sample of slack
+            if max_seconds is not None and size > 4 * (int(max_seconds * SAMPLE_RATE) + 1):
                 raise too_long(None, max_seconds, source)
             chunks.append(chunk)
         returncode = proc.wait()
@@ -198,7 +205,7 @@ def _decode_with_ffmpeg(data: bytes, max_seconds: float | None, source: str) -> 
             proc.wait()
         for thread in threads:
             thread.join(timeout=5)
-        for pipe in (proc.stdout, proc.stderr):
+        for pipe in (stdout, stderr_pipe):
             pipe.close()
     if timed_out.is_set():
         raise AudioError(f"cannot decode {source}: decoding took longer than {FFMPEG_TIMEOUT_S} s")
@@ -237,7 +244,7 @@ def preemphasis(wav: np.ndarray, k: float = PREEMPHASIS) -> np.ndarray:
     return y
 
 
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+def _hz_to_mel(hz: ArrayLike) -> np.ndarray:
     """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, dtype=np.float64)
     f_sp = 200.0 / 3

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from google.protobuf.descriptor import FieldDescriptor
@@ -27,6 +28,14 @@ FORMATS = {"jpeg": pb.IMAGE_FORMAT_JPEG, "png": pb.IMAGE_FORMAT_PNG, "raw": pb.I
 REGIONS = {"full": pb.OUTPUT_REGION_FULL_FRAME, "prediction": pb.OUTPUT_REGION_PREDICTION}
 FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "raw": "bgr"}
+
+
+class FrameStream(Protocol):
+    """A server-streaming call as grpc returns it: the frames as they come, and a way to stop them."""
+
+    def __iter__(self) -> Iterator[pb.Frame]: ...
+    def __next__(self) -> pb.Frame: ...
+    def cancel(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -164,12 +173,12 @@ class LipSyncClient(_Common):
         return list(self._call(self.stub.GenerateBatch, pb.GenerateBatchRequest(items=list(items))).results)
 
     def stream_frames(self, model: str, first: int = 0, last: int | None = None, audio: AudioLike = None,
-                      **options) -> Iterator[pb.Frame]:
+                      **options) -> FrameStream:
         return self.stub.StreamFrames(stream_frames_request(model, first, last, audio, **options),
                                       metadata=self._metadata)
 
     def stream_audio(self, model: str, chunks: Iterable[bytes], sample_rate: int = 16000, channels: int = 1,
-                     **output) -> Iterator[pb.Frame]:
+                     **output) -> FrameStream:
         """Send PCM16 chunks as they come (e.g. from a microphone); frames come back as they are ready."""
 
         def requests():

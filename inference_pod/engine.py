@@ -34,6 +34,7 @@ from inference_pod.model import (
     CROP_SIZE,
     MODEL_INPUT_SIZE,
     AveAudioEncoder,
+    M,
     build_strict,
     build_unet,
 )
@@ -89,7 +90,7 @@ def mouth_mask() -> np.ndarray:
     return canvas.astype(np.float32)
 
 
-def fold_batchnorm(module: nn.Module) -> nn.Module:
+def fold_batchnorm(module: M) -> M:
     """Fold every Conv2d followed by BatchNorm2d (eval mode) into the conv: one kernel instead of two."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -103,9 +104,9 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
                 module._modules[a] = fuse_conv_bn_eval(conv, bn)
                 module._modules[b] = nn.Identity()
     for conv_name, bn_name in (("conv3", "bn3"), ("conv5", "bn5")):  # the audio branch's named pairs
-        conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-            setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
+        named_conv, named_bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+        if isinstance(named_conv, nn.Conv2d) and isinstance(named_bn, nn.BatchNorm2d):
+            setattr(module, conv_name, fuse_conv_bn_eval(named_conv, named_bn))
             setattr(module, bn_name, nn.Identity())
     return module
 
@@ -243,7 +244,9 @@ class Engine:
             net = fold_batchnorm(net)
         # channels_last: what cuDNN's tensor-core kernels and oneDNN's CPU kernels both run fastest on
         # (CPU: 1.6x at width 32, 4x at width 4, bit-identical results).
-        self.net = net.to(self.device, self._dtype).to(memory_format=torch.channels_last)
+        # (torch's stubs leave memory_format out of Module.to's overloads; the runtime takes it.)
+        net = net.to(self.device, self._dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.net: nn.Module | None = net  # None once closed
 
         self.encoder: AveAudioEncoder | None = None
         encoder_state = package.audio_encoder_state()
@@ -287,13 +290,11 @@ class Engine:
             prepared = list(pool.map(prepare, range(n)))
         self._boxes: list[CropBox] = [box for box, _ in prepared]
         first = prepared[0][1]
+        assert first is not None  # prepare keeps template 0's full frame
         self._crops = crops  # host copy for compositing
         self._frames = _TemplateFrames(encoded, frame_budget_bytes, first)
         inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
-        if self.device.type == "cuda":
-            self._templates = inner.to(self.device)
-        else:
-            self._templates = inner
+        self._templates: torch.Tensor | None = inner.to(self.device) if self.device.type == "cuda" else inner
         self.num_templates = n
 
     def template_index(self, frame_id: int) -> int:
@@ -304,13 +305,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------- audio
 
-    def track_features(self, wav16k: np.ndarray) -> np.ndarray:
-        """AVE features of a whole 16 kHz track, first and last repeated: one row per output frame."""
+    def _audio_encoder(self) -> AveAudioEncoder:
         if self.encoder is None:
             raise AudioError(
                 f"model {self.name!r} uses {self.mode} features, which this server cannot compute from raw "
                 "audio; send precomputed features or use the package's default track"
             )
+        return self.encoder
+
+    def track_features(self, wav16k: np.ndarray) -> np.ndarray:
+        """AVE features of a whole 16 kHz track, first and last repeated: one row per output frame."""
+        self._audio_encoder()  # no encoder: the clear error before any work
         if len(wav16k) < audio.MIN_SAMPLES:
             raise AudioError(f"audio too short: {len(wav16k)} samples at 16 kHz, need at least {audio.MIN_SAMPLES}")
         windows = audio.mel_windows(audio.melspectrogram(wav16k))
@@ -318,11 +323,12 @@ class Engine:
 
     def encode_windows(self, windows: np.ndarray) -> np.ndarray:
         """(n, 1, 80, 16) mel windows -> (n, 512) AVE embeddings."""
+        encoder = self._audio_encoder()
         outs = []
         with torch.inference_mode():
             for start in range(0, len(windows), ENCODER_BATCH):
                 chunk = torch.from_numpy(np.ascontiguousarray(windows[start : start + ENCODER_BATCH]))
-                outs.append(self.encoder(chunk.to(self.device)).float().cpu())
+                outs.append(encoder(chunk.to(self.device)).float().cpu())
         return torch.cat(outs).numpy()
 
     def windows(self, features: np.ndarray, frame_ids: Sequence[int]) -> np.ndarray:
@@ -331,11 +337,18 @@ class Engine:
 
     # ------------------------------------------------------------------------------------- inference
 
+    def _resident(self) -> tuple[nn.Module, torch.Tensor]:
+        """The network and the device-resident templates: what close() releases."""
+        if self.net is None or self._templates is None:
+            raise RuntimeError(f"the engine of model {self.name!r} is closed")
+        return self.net, self._templates
+
     def _step(self, index: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
         """Device-side batch: gather templates, [reference, masked] / 255, network, x255 truncated to uint8."""
-        reference = self._templates.index_select(0, index).to(self._dtype) / 255.0
+        net, templates = self._resident()
+        reference = templates.index_select(0, index).to(self._dtype) / 255.0
         image = torch.cat([reference, reference * self._mask], dim=1).contiguous(memory_format=torch.channels_last)
-        out = self.net(image, audio_windows)
+        out = net(image, audio_windows)
         return (out.float() * 255).to(torch.uint8).permute(0, 2, 3, 1)
 
     def predict(self, template_ids: Sequence[int], audio_windows) -> np.ndarray:
@@ -392,8 +405,7 @@ class Engine:
         settings = grid.settings(quality)
         region = grid.region(box.x1, box.y1, box.x2, box.y2)
         key = (template_id, quality)
-        template = self._template_scans.get(key) if region is not None else None
-        if template is not None:
+        if region is not None and (template := self._template_scans.get(key)) is not None:
             part = frame[region.y0 : region.y1, region.x0 : region.x1].copy()
             self._paste(template_id, prediction,
                         part[box.y1 - region.y0 : box.y2 - region.y0, box.x1 - region.x0 : box.x2 - region.x0])
@@ -410,10 +422,11 @@ class Engine:
     def memory_bytes(self) -> int:
         """Bytes this engine holds (weights, resident templates, decoded frames, template JPEGs): for the
         memory budget."""
-        params = sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
+        net, templates = self._resident()
+        params = sum(t.numel() * t.element_size() for t in net.state_dict().values())
         if self.encoder is not None:
             params += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
-        return (params + self._templates.numel() + self._crops.nbytes + self._frames.nbytes()
+        return (params + templates.numel() + self._crops.nbytes + self._frames.nbytes()
                 + self._template_scans.nbytes)
 
     def close(self) -> None:

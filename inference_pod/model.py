@@ -331,7 +331,7 @@ def infer_unet_config(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
     return "ave", base_width
 
 
-def random_weights(module: nn.Module, seed: int) -> nn.Module:
+def random_weights(module: M, seed: int) -> M:
     """Seeded random weights, with non-trivial BatchNorm statistics so that folding and precision are exercised."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

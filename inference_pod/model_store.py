@@ -133,7 +133,7 @@ class ModelStore:
         self._on_loaded = on_loaded
         self._on_unloaded = on_unloaded
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
-        self._loads: dict[str, tuple[asyncio.Task, str | None]] = {}  # name -> (load, version asked for)
+        self._loads: dict[str, tuple[asyncio.Task[tuple[LoadedModel, str]], str | None]] = {}  # name -> (load, version asked for)
         self._retiring: set[asyncio.Task] = set()
         self._manifests: dict[Path, tuple[tuple[int, int], Manifest | None]] = {}
         self._catalog: dict[str, list[LocalPackage]] = {}
@@ -261,12 +261,12 @@ class ModelStore:
         if running is None or (version and running[1] != version):
             task = asyncio.get_running_loop().create_task(self._load(name, version), name=f"load-{name}")
             self._loads[name] = (task, version)
-            task.add_done_callback(lambda t, n=name: self._forget_load(n, t))
+            task.add_done_callback(lambda t: self._forget_load(name, t))
         else:
             task = running[0]
         # Shielded: a caller that gives up (client cancelled) must not cancel the load for everyone else.
-        model, source = await asyncio.shield(task)
-        return model, source, time.perf_counter() - started
+        loaded, source = await asyncio.shield(task)
+        return loaded, source, time.perf_counter() - started
 
     def _forget_load(self, name: str, task: asyncio.Task) -> None:
         if name in self._loads and self._loads[name][0] is task:

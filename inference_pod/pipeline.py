@@ -131,7 +131,7 @@ class FramePipeline:
         self.metrics = metrics
         self.cpu_pool = cpu_pool
         self.max_audio_seconds = max_audio_seconds
-        self._feature_jobs: dict[str, asyncio.Task] = {}
+        self._feature_jobs: dict[str, asyncio.Task[np.ndarray]] = {}
 
     # -------------------------------------------------------------------------------------- entry points
 
@@ -212,7 +212,7 @@ class FramePipeline:
             if job is None:
                 job = asyncio.get_running_loop().create_task(self._compute_features(engine, audio_input, key))
                 self._feature_jobs[key] = job
-                job.add_done_callback(lambda _t, k=key: self._feature_jobs.pop(k, None))
+                job.add_done_callback(lambda _t: self._feature_jobs.pop(key, None))
             features = await asyncio.shield(job)
         return Track(features, audio_input.digest, time.perf_counter() - started)
 

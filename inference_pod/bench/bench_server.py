@@ -90,20 +90,20 @@ class BenchServer:
             env["OMP_NUM_THREADS"] = str(self.torch_threads)  # torch's intra-op threads, read at import
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            self._wait_serving()
+            self._wait_serving(proc)
         except BaseException:  # interrupted or failed: leave no server behind
             self.stop()
             raise
         return self
 
-    def _wait_serving(self) -> None:
+    def _wait_serving(self, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         with LipSyncClient(self.target, timeout=2.0) as client:
             while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the benchmark's server exited with {self.proc.returncode}:\n{self.log_tail()}")
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the benchmark's server exited with {proc.returncode}:\n{self.log_tail()}")
                 try:
                     if client.health() == "SERVING":  # after the preload list is loaded
                         return
@@ -114,9 +114,11 @@ class BenchServer:
 
     def cpu_seconds(self) -> float | None:
         """CPU seconds the server process has used (user + system, all threads); None off Linux."""
+        if self.proc is None:  # not started
+            return None
         try:
             fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, AttributeError, IndexError):
+        except (OSError, IndexError):
             return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 

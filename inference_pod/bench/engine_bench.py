@@ -15,9 +15,10 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,7 +70,8 @@ def _bench_naive(package, engine: Engine, features: np.ndarray, cfg: EngineBench
     return {"frames": len(times), "fps": len(times) / sum(times), **latency_summary(times)}
 
 
-def _bench_batched(engine: Engine, features: np.ndarray, batch: int, cfg: EngineBenchConfig, pool) -> dict:
+def _bench_batched(engine: Engine, features: np.ndarray, batch: int, cfg: EngineBenchConfig,
+                   pool: Executor) -> dict[str, Any]:
     n = max(cfg.frames, batch)
     n_tracks = len(features)
     ids = [i % n_tracks for i in range(n + cfg.warmup_batches * batch)]
@@ -89,7 +91,7 @@ def _bench_batched(engine: Engine, features: np.ndarray, batch: int, cfg: Engine
 
     # End to end: the same, plus compositing every frame into its full template, overlapped in a pool.
     t0 = time.perf_counter()
-    futures = []
+    futures: list[Future[np.ndarray]] = []
     for chunk in batches[cfg.warmup_batches :]:
         templates = [engine.template_index(i) for i in chunk]
         preds = engine.predict(templates, engine.windows(features, chunk))
@@ -124,7 +126,8 @@ OUTPUTS: dict[str, Callable[[Engine, int, np.ndarray], bytes]] = {
     "prediction region": _prediction_jpeg, "full frame": _full_jpeg, "full frame, whole-frame encode": _full_jpeg_whole}
 
 
-def _bench_outputs(engine: Engine, features: np.ndarray, cfg: EngineBenchConfig, pool) -> list[dict]:
+def _bench_outputs(engine: Engine, features: np.ndarray, cfg: EngineBenchConfig,
+                   pool: Executor) -> list[dict[str, Any]]:
     """Each output as a request gets it (default JPEG), batches predicted then encoded in the pool, overlapped
     as in the pod. Every template's first full frame (its encoding is kept for splicing) is made before the
     clock starts: the steady state of a pod that has served the model a while. Any prediction will do for
@@ -133,7 +136,7 @@ def _bench_outputs(engine: Engine, features: np.ndarray, cfg: EngineBenchConfig,
         _full_jpeg(engine, t, engine.template_crop(t))
     n_tracks = len(features)
     ids = [i % n_tracks for i in range(max(cfg.frames, cfg.output_batch))]
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, encode in OUTPUTS.items():
         warm = ids[: cfg.output_batch]  # untimed: the pool's threads and buffers, as for the other rows
         chosen = [engine.template_index(i) for i in warm]
@@ -141,7 +144,7 @@ def _bench_outputs(engine: Engine, features: np.ndarray, cfg: EngineBenchConfig,
                   zip(chosen, engine.predict(chosen, engine.windows(features, warm)), strict=True)]:
             f.result()
         cpu0, t0 = time.process_time(), time.perf_counter()
-        futures, size = [], 0
+        futures: list[Future[bytes]] = []
         for start in range(0, len(ids), cfg.output_batch):
             chunk = ids[start : start + cfg.output_batch]
             chosen = [engine.template_index(i) for i in chunk]
@@ -181,7 +184,7 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
             log(f"naive SyncTalk_2D loop, {cfg.naive_frames} frames ...")
             baseline = _bench_naive(package, engine, features, cfg, workdir)
             log(f"  {baseline['fps']:.2f} frames/s")
-        rows = []
+        rows: list[dict[str, Any]] = []
         with ThreadPoolExecutor(max_workers=cfg.composite_workers) as pool:
             for batch in cfg.batch_sizes:
                 row = _bench_batched(engine, features, batch, cfg, pool)
@@ -192,7 +195,7 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
         for row in outputs:
             log(f"  {row['output']:<17}: {row['fps']:8.1f} fps, {row['cpu_ms_per_frame']:.2f} ms CPU a frame "
                 f"({row['fps_per_core']:.0f} frames/s per core)")
-        result = {
+        result: dict[str, Any] = {
             "benchmark": "engine",
             "machine": machine_info(cfg.device),
             "identity_network": cfg.identity_network,

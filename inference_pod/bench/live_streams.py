@@ -149,7 +149,9 @@ def run_level(target: str, model: str, streams: int, *, seconds: float, chunk_ms
         raise real[0]
 
     budget_s = budget_ms / 1000.0
-    latencies, missed, late_at_end, ok_frames, expected, errors = [], 0, 0, 0, 0, {}
+    latencies: list[float] = []
+    missed, late_at_end, ok_frames, expected = 0, 0, 0, 0
+    errors: dict[str, int] = {}
     last_received = started[0]
     for r in records:
         expected += r.expected

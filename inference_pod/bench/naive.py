@@ -83,7 +83,10 @@ def run_loop(
     shape = AUDIO_FEATURE_SHAPES[net.mode]
     total = features.shape[0] if limit is None else min(limit, features.shape[0])
     for i, img_idx in enumerate(template_walk(last_template, total)):
-        img = cv2.imread(str(img_dir / f"{img_idx}.jpg"))
+        img_path = img_dir / f"{img_idx}.jpg"
+        img = cv2.imread(str(img_path))
+        if img is None:
+            raise FileNotFoundError(f"cannot read template frame {img_path}")
         rows = [np.array(line.split(" "), dtype=np.float32) for line in (lms_dir / f"{img_idx}.lms").read_text().splitlines()]
         lms = np.array(rows, dtype=np.int32)
         xmin, ymin, xmax = lms[1][0], lms[52][1], lms[31][0]

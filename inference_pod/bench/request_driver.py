@@ -80,8 +80,9 @@ class Tally:
     finished: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def start(self) -> None:
+    def start(self) -> float:
         self.started = time.perf_counter()
+        return self.started
 
     def record(self, frames: int, ok: int, cached: int, errors: Sequence[str], latency_s: float) -> None:
         with self._lock:
@@ -167,8 +168,7 @@ def drive(target: str, queues: Sequence[Sequence[Job]], *, max_seconds: float, t
     deadline: list[float] = []
 
     def begin() -> None:  # runs once, when the last client has connected
-        tally.start()
-        deadline.append(tally.started + max_seconds)
+        deadline.append(tally.start() + max_seconds)
 
     barrier = threading.Barrier(len(queues), action=begin)
     failures: list[BaseException] = []

@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ from inference_pod.bench.report import machine_info, markdown_table, write_json
 from inference_pod.bench.request_driver import FrameIds, batch, connect, drive, single
 
 # The replaced service's published figures (measured on its own GPU): what users compare us with.
-REFERENCE = {
+REFERENCE: dict[str, dict[str, float] | list[float]] = {
     "sequential": {"fps": 36.0},
     "batch5": {"fps": 39.6},
     "batch50": {"fps": 53.6},
@@ -74,7 +75,7 @@ class ServiceBenchConfig:
         """Defaults for a full run (or a quick one: every scenario, a few frames each); ``given`` values
         that are not None win. On CUDA: the full-width model, torch's own threads, and more live streams."""
         given = {k: v for k, v in given.items() if v is not None}
-        values = dict(QUICK) if quick else {}
+        values: dict[str, Any] = dict(QUICK) if quick else {}
         if given.get("device", "cpu").startswith("cuda"):
             values.update(width=32, torch_threads=0, streams=48)
         values.update(given)
@@ -109,6 +110,7 @@ def track_frames_needed(cfg: ServiceBenchConfig) -> tuple[int, int]:
 def run(cfg: ServiceBenchConfig, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="lipsync-bench-service-") as tmp, contextlib.ExitStack() as stack:
         workdir = Path(tmp)
+        package: Path | None
         if cfg.target is None:
             first, other = track_frames_needed(cfg)
             seconds = [(first if k == 0 else other) / 25 + 1 for k in range(cfg.models)]
@@ -217,8 +219,8 @@ def _run_against(target: str, names: list[str] | None, package: Path | None, cfg
         else:
             new = sc.SCENARIOS[name](ctx)
         for row in new:
-            ref = REFERENCE.get(row["scenario"], {})
-            row["reference_fps"] = ref.get("fps")
+            ref = REFERENCE.get(row["scenario"])
+            row["reference_fps"] = ref.get("fps") if isinstance(ref, dict) else None
             log(f"  {row['label']:<38} {_num(row['fps'], '.1f'):>8} FPS  p50 {_num(row['p50_ms'], '.1f')} ms  "
                 f"success {_pct(row['success_rate'])}  cache hits {row['cache_hits']}")
         rows.extend(new)

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 from inference_pod.errors import PackageError
 from inference_pod.package.character import CharacterPackage
@@ -118,6 +118,12 @@ def _warn_damaged(zip_path: Path, dest_dir: Path, problem: str) -> str:
                "from it: replace the zip")
     log.warning("%s", message)
     return message
+
+
+class _Sink(Protocol):
+    """Where a member's bytes go: an open file, or _Discard when only its digest is wanted."""
+
+    def write(self, data: bytes, /) -> object: ...
 
 
 class _Discard:
@@ -307,7 +313,7 @@ def _extract_member(
     return size
 
 
-def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: BinaryIO, limit: int) -> tuple[int, str]:
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, out: _Sink, limit: int) -> tuple[int, str]:
     sha = hashlib.sha256()
     size = 0
     try:

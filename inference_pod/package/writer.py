@@ -80,7 +80,7 @@ def write_package(
     if not frames:
         raise PackageError("a package needs at least one template frame")
 
-    image_size = None
+    image_size: tuple[int, int] | None = None
     for i, data in enumerate(frames):
         with error_context(f"frame {i}"):
             size = image_dimensions(io.BytesIO(data), frame_ext)
@@ -89,6 +89,7 @@ def write_package(
         elif size != image_size:
             raise PackageError(f"frame {i} is {size[0]}x{size[1]} but frame 0 is {image_size[0]}x{image_size[1]}")
         check_decodes(bytes(data), f"frame {i}", image_size)  # a build must not carry a broken frame
+    assert image_size is not None  # frames is not empty (checked above)
 
     boxes = np.asarray(crop_boxes)
     if boxes.dtype.kind not in "iu":
