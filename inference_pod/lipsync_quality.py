@@ -1,0 +1,101 @@
+"""The lip-sync quality gate: does the rendered mouth follow the voice, and in time?
+
+Speech the demo never heard is rendered through the engine as any client's audio would be. In every
+rendered frame the mouth's opening is measured from the pixels alone (how many pixels of the mouth
+region are the dark inside of an open mouth), and compared with the opening the drawing code would have
+given that audio (``demo_character.mouth_track``): Pearson correlation at offset 0, and the frame offset
+at which the cross-correlation peaks. Good lip sync means a high correlation with the peak at 0; audio
+and frames drifting apart moves the peak, a network deaf to the audio drops the correlation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from inference_pod import audio
+from inference_pod.demo_character import Utterance, mouth_track, speech_track
+from inference_pod.engine import CropBox, Engine
+from inference_pod.synctalk_dataset import encode_wav_pcm16
+
+# Other text, other voices than TRAINING_SPEECH.
+HELD_OUT_SPEECH = (
+    Utterance("Jack quietly moved up front and seized the big ball of wax.", "en-gb-scotland", 145, 40),
+    Utterance("My neighbour grows tomatoes, beans and tall yellow sunflowers.", "en-gb-x-gbcwmd", 170, 65),
+)
+MAX_OFFSET = 6  # frames either way searched for the cross-correlation peak
+DARK_GRAY = 60  # gray level below which a mouth-region pixel counts as the open mouth's inside
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    correlation: float  # Pearson r between measured and true opening at offset 0
+    peak_offset: int  # frames the rendered mouth lags the voice at the cross-correlation peak (+ = late)
+    correlations: dict[int, float]  # offset -> r
+    measured: np.ndarray  # dark mouth pixels per rendered frame
+    truth: np.ndarray  # drawn opening per frame (0..1)
+
+    def summary(self) -> str:
+        return f"r={self.correlation:.3f} at offset 0, peak at offset {self.peak_offset:+d} (r={self.correlations[self.peak_offset]:.3f}), {len(self.truth)} frames"
+
+
+def mouth_region(frame: np.ndarray, box: CropBox) -> np.ndarray:
+    """The part of a full frame where the mouth is: the middle of the face crop, below the nose."""
+    side = box.size
+    y0, y1 = box.y1 + int(0.15 * side), box.y1 + int(0.65 * side)
+    x0, x1 = box.x1 + int(0.15 * side), box.x1 + int(0.85 * side)
+    return frame[y0:y1, x0:x1]
+
+
+def mouth_opening_pixels(frame: np.ndarray, box: CropBox) -> int:
+    """How many pixels of the mouth region are dark enough to be the inside of an open mouth."""
+    gray = cv2.cvtColor(np.ascontiguousarray(mouth_region(frame, box)), cv2.COLOR_BGR2GRAY)
+    return int(np.count_nonzero(gray < DARK_GRAY))
+
+
+def measure_openings(engine: Engine, wav16k: np.ndarray) -> np.ndarray:
+    """Render ``wav16k`` through ``engine`` (full composited frames) and measure each frame's mouth opening."""
+    features = engine.track_features(wav16k)
+    counts = np.empty(len(features), dtype=np.float64)
+    for start in range(0, len(features), BATCH):
+        ids = list(range(start, min(start + BATCH, len(features))))
+        templates = [engine.template_index(i) for i in ids]
+        predictions = engine.predict(templates, engine.windows(features, ids))
+        for i, t, prediction in zip(ids, templates, predictions, strict=True):
+            counts[i] = mouth_opening_pixels(engine.composite(t, prediction), engine.crop_box(t))
+    return counts
+
+
+def sync_score(measured: np.ndarray, truth: np.ndarray, max_offset: int = MAX_OFFSET) -> tuple[float, int, dict[int, float]]:
+    """(r at offset 0, offset of the peak, {offset: r}); offset k compares frame i+k's measurement with truth i."""
+    measured = np.asarray(measured, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    n = min(len(measured), len(truth))
+    correlations = {}
+    for k in range(-max_offset, max_offset + 1):
+        m = measured[max(k, 0) : n + min(k, 0)]
+        t = truth[max(-k, 0) : n - max(k, 0)]
+        correlations[k] = float(np.corrcoef(m, t)[0, 1]) if m.std() > 0 and t.std() > 0 else 0.0
+    peak = max(correlations, key=lambda k: (correlations[k], -abs(k)))
+    return correlations[0], peak, correlations
+
+
+def evaluate(engine: Engine, wav16k: np.ndarray, shift_frames: int = 0) -> SyncReport:
+    """Score ``engine`` on ``wav16k``; ``shift_frames`` > 0 delays the audio it hears (not the truth) by that many frames."""
+    wav16k = np.asarray(wav16k, dtype=np.float32)
+    heard = wav16k
+    if shift_frames:
+        delay = np.zeros(shift_frames * audio.SAMPLE_RATE // audio.VIDEO_FPS, dtype=np.float32)
+        heard = np.concatenate([delay, wav16k])[: len(wav16k)]
+    measured = measure_openings(engine, heard)
+    truth = mouth_track(wav16k, len(measured))[:, 0]
+    r0, peak, correlations = sync_score(measured, truth)
+    return SyncReport(r0, peak, correlations, measured, truth)
+
+
+def held_out_speech() -> np.ndarray:
+    """The gate's speech (espeak-ng), as the PCM16 a client would send."""
+    return audio.decode_audio(encode_wav_pcm16(speech_track(HELD_OUT_SPEECH)))
