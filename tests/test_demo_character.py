@@ -29,7 +29,7 @@ from inference_pod.demo_character import (
 from inference_pod.errors import InvalidInput
 from inference_pod.model import AveAudioEncoder, LipSyncUNet, load_strict
 from inference_pod.package import verify_package
-from inference_pod.synctalk_dataset import ave_features, read_dataset, read_landmarks
+from inference_pod.synctalk_dataset import ave_features, encode_wav_pcm16, read_dataset, read_landmarks
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -159,3 +159,36 @@ def test_trained_weights_only_for_the_character_they_were_trained_on(tmp_path):
     with pytest.raises(InvalidInput, match="--random-weights"):
         build_demo_package("demo", tmp_path / "x.zip", width=8, frames=2, trained=True)
     assert not (tmp_path / "x.zip").exists()
+
+
+def test_cli_builds_the_trained_demo_by_default_and_random_weights_on_request(tmp_path, capsys):
+    from inference_pod import cli
+    from inference_pod.demo_character import TRAINED
+    from inference_pod.package import open_package
+
+    assert cli.main(["package", "demo", "--out", str(tmp_path / "t.zip"), "--frames", "4", "--audio-seconds", "0.5"]) == 0
+    trained = open_package(tmp_path / "t.zip", cache_dir=tmp_path / "s").unet_state()
+    committed = torch.load(TRAINED.path, weights_only=True)
+    assert trained.keys() == committed.keys() and all(torch.equal(trained[k], committed[k]) for k in committed)
+
+    assert cli.main(["package", "demo", "--random-weights", "--out", str(tmp_path / "r.zip"), "--frames", "4",
+                     "--audio-seconds", "0.5"]) == 0
+    assert verify_package(tmp_path / "r.zip").model_width == 8
+    capsys.readouterr()
+    assert cli.main(["package", "demo", "--width", "8", "--out", str(tmp_path / "x.zip")]) == 2
+    assert "use those, or ask for random weights (--random-weights)" in capsys.readouterr().err
+    assert not (tmp_path / "x.zip").exists()
+
+
+def test_cli_demo_renders_a_wav_the_user_passes(tmp_path, capsys):
+    from inference_pod import cli
+
+    wav = tmp_path / "mine.wav"
+    wav.write_bytes(encode_wav_pcm16(speech_like_audio(0.6, seed=9)))
+    out = tmp_path / "out"
+    argv = ["demo", "--out", str(out), "--frames", "4", "--no-video", "--audio", str(wav)]
+    assert cli.main(argv) == 0
+    assert len(list((out / "frames").glob("frame_*.png"))) == audio.frame_count(int(0.6 * audio.SAMPLE_RATE))
+    capsys.readouterr()
+    assert cli.main(["demo", "--out", str(out), "--audio", str(tmp_path / "nope.wav")]) == 2
+    assert capsys.readouterr().err.strip() == f"lipsync: error: --audio {tmp_path / 'nope.wav'}: no such file"
