@@ -6,7 +6,7 @@ DEMO_TRAIN_STEPS ?= 400
 # The interpreter's scripts folder first on PATH, so `lipsync` is found in an unactivated venv too.
 export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))"):$(PATH)
 
-.PHONY: setup system-deps python-deps demo demo-weights test lint
+.PHONY: setup system-deps browser-deps python-deps demo demo-weights test lint
 
 # espeak-ng: the demo character's voice (training speech, default track, the lip-sync quality gate).
 system-deps:
@@ -14,6 +14,14 @@ system-deps:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server ffmpeg espeak-ng) >/dev/null || \
 	  (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server ffmpeg espeak-ng) >/dev/null; }
+
+# Headless Chromium for tests/test_live_page.py; the test skips (with the reason) when this fails.
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
+	  echo "chromium could not be installed: the browser test will be skipped"; }
 
 # torch first, pinned, so pip takes the local CPU build instead of pulling the CUDA one.
 python-deps:
@@ -37,5 +45,5 @@ demo-weights: setup
 lint:
 	$(PYTHON) -m ruff check .
 
-test: setup lint
+test: setup browser-deps lint
 	$(PYTHON) -m pytest -q

@@ -3,11 +3,17 @@ that speaks into a fake microphone and watches the trained demo answer."""
 
 from __future__ import annotations
 
+import base64
+import os
 import re
+import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 from serving_support import LOOPBACK, ServerThread, free_port, models_dir_with
 
@@ -57,4 +63,87 @@ def test_page_and_its_files_are_served_without_third_party_scripts(tmp_path, key
         assert _get(base + "/models")[0] == 401
         assert _get(base + "/models", {"X-API-Key": KEY})[0] == 200
     finally:
+        pod.close()
+
+
+def _browser_missing() -> str | None:
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    for exe in ("chromium", "chromedriver"):
+        if shutil.which(exe) is None:
+            return f"{exe} is not installed (apt-get install chromium chromium-driver; make test does it)"
+    if shutil.which("espeak-ng") is None:
+        return "espeak-ng is not installed (make setup)"
+    return None
+
+
+def _canvas(driver) -> np.ndarray:
+    url = driver.execute_script("return document.getElementById('screen').toDataURL('image/png');")
+    data = np.frombuffer(base64.b64decode(url.split(",", 1)[1]), dtype=np.uint8)
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def test_speaking_into_the_page_animates_the_trained_demo(tmp_path, keys_file):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from inference_pod.demo_character import TRAINED, build_demo_package, default_speech
+    from inference_pod.lipsync_quality import held_out_speech
+    from inference_pod.synctalk_dataset import encode_wav_pcm16
+
+    models = tmp_path / "models"
+    models.mkdir()
+    build_demo_package("demo", models / "demo-1.zip", width=TRAINED.width, speech=default_speech(), trained=True)
+    voice = tmp_path / "voice.wav"  # the fake microphone plays this in a loop
+    voice.write_bytes(encode_wav_pcm16(held_out_speech()))
+
+    pod = ServerThread(_settings(models, keys_file))
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,900",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={voice}", "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(f"http://{LOOPBACK}:{pod.server.gateway.port}/")
+        driver.find_element(By.ID, "api-key").send_keys(KEY)
+        driver.find_element(By.ID, "refresh").click()
+        WebDriverWait(driver, 30).until(lambda d: "demo" in [o.text for o in Select(d.find_element(By.ID, "model")).options])
+        Select(driver.find_element(By.ID, "model")).select_by_visible_text("demo")
+        driver.find_element(By.ID, "mic").click()
+
+        last = lambda d: int(d.execute_script("return Number(document.body.dataset.lastFrame || -1);"))  # noqa: E731
+        WebDriverWait(driver, 60).until(lambda d: last(d) >= 25)  # the first second of voice has come back
+        # Pace: over the next 4 s of voice, frames keep coming at the audio's 25 per second.
+        start_frame, start = last(driver), time.monotonic()
+        darkness = []
+        while time.monotonic() - start < 4.0:
+            frame = _canvas(driver)
+            h, w = frame.shape[:2]
+            mouth = cv2.cvtColor(frame[int(0.55 * h) : int(0.8 * h), int(0.3 * w) : int(0.7 * w)], cv2.COLOR_BGR2GRAY)
+            darkness.append(float((mouth < 0.6 * np.median(mouth)).mean()))
+            time.sleep(0.1)
+        elapsed, frames = time.monotonic() - start, last(driver) - start_frame
+        print(f"{frames} frames in {elapsed:.1f} s ({frames / elapsed:.1f}/s); mouth darkness "
+              f"{min(darkness):.3f}..{max(darkness):.3f}; shown: {driver.find_element(By.ID, 'fps').text} frames/s, "
+              f"delay {driver.find_element(By.ID, 'delay').text}")
+        assert frames / elapsed > 0.8 * 25, f"{frames} frames in {elapsed:.1f} s: behind the voice"
+        assert max(darkness) > 2 * min(darkness) + 0.01, darkness  # the mouth opens and closes
+        assert driver.find_element(By.ID, "status").get_attribute("class") != "error"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # take the screenshot mid-word, mouth open
+            mouth = cv2.cvtColor(_canvas(driver), cv2.COLOR_BGR2GRAY)[int(0.55 * h) : int(0.8 * h), int(0.3 * w) : int(0.7 * w)]
+            if (mouth < 0.6 * np.median(mouth)).mean() > np.percentile(darkness, 75):
+                break
+        driver.save_screenshot(str(tmp_path / "live-page.png"))
+        if os.environ.get("LIPSYNC_UPDATE_SCREENSHOT"):  # refresh the one in docs/
+            shutil.copy(tmp_path / "live-page.png", DOCS / "live-page.png")
+    finally:
+        driver.quit()
         pod.close()
