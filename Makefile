@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
-DEMO_TRAIN_STEPS ?= 400
+DEMO_TRAIN_STEPS ?= 500
 # The interpreter's scripts folder first on PATH, so `lipsync` is found in an unactivated venv too.
 export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))"):$(PATH)
 
