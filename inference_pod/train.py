@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,7 +132,13 @@ def train(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("--device cuda requested but CUDA is not available")
     out = Path(out)
-    package = open_package(package_path, cache_dir=out.parent / f".{out.name}.store")
+    with tempfile.TemporaryDirectory(prefix="lipsync-train-") as scratch:  # the extracted input, removed after
+        package = open_package(package_path, cache_dir=scratch)
+        return _train(package, out, config, dev, checkpoint_dir, resume, version, export_unet, progress)
+
+
+def _train(package, out: Path, config: TrainConfig, dev: torch.device, checkpoint_dir, resume, version,
+           export_unet, progress: bool) -> TrainResult:
     manifest = package.manifest
     version = version or next_version(manifest.version)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out.parent / f"{out.stem}.checkpoints"

@@ -47,6 +47,7 @@ def test_training_writes_a_new_version_that_differs_only_in_weights(tiny_package
     assert "inc.inconv.0.conv.0.weight" in changed and "audio_model.conv1.conv.0.weight" in changed
     assert np.isfinite(result.first_loss) and np.isfinite(result.last_loss)
     assert sorted(p.name for p in (tmp_path / "out.checkpoints").iterdir()) == ["step-000001.pt", "step-000002.pt"]
+    assert {p.name for p in tmp_path.iterdir()} == {"out.zip", "out.checkpoints", "a", "b"}  # nothing else left behind
 
 
 def test_same_seed_same_bits_and_resume_equals_uninterrupted(tiny_package, tmp_path):
