@@ -2,17 +2,28 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
+DEMO_TRAIN_STEPS ?= 500
 # The interpreter's scripts folder first on PATH, so `lipsync` is found in an unactivated venv too.
 export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))"):$(PATH)
 
-.PHONY: setup system-deps python-deps demo test lint
+.PHONY: setup system-deps browser-deps python-deps demo demo-weights test lint
 
-# nodejs runs the README's JavaScript example in tests/test_readme.py.
+# nodejs runs the README's JavaScript example in tests/test_readme.py; espeak-ng is the demo character's
+# voice (training speech, default track, the lip-sync quality gate).
 system-deps:
-	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && command -v node >/dev/null || { \
+	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && command -v node >/dev/null \
+	  && command -v espeak-ng >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  (apt-get update -qq && apt-get install -y -qq redis-server ffmpeg nodejs) >/dev/null || \
-	  (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server ffmpeg nodejs) >/dev/null; }
+	  (apt-get update -qq && apt-get install -y -qq redis-server ffmpeg nodejs espeak-ng) >/dev/null || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server ffmpeg nodejs espeak-ng) >/dev/null; }
+
+# Headless Chromium for tests/test_live_page.py; the test skips (with the reason) when this fails.
+browser-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
+	  echo "chromium could not be installed: the browser test will be skipped"; }
 
 # torch first, pinned, so pip takes the local CPU build instead of pulling the CUDA one.
 python-deps:
@@ -21,11 +32,21 @@ python-deps:
 
 setup: system-deps python-deps
 
+# `make demo WAV=speech.wav` renders that instead of the demo's own line.
 demo: setup
-	$(PYTHON) -m inference_pod.cli demo --out demo-output
+	$(PYTHON) -m inference_pod.cli demo --out demo-output $(if $(WAV),--audio $(WAV))
+
+# Regenerates inference_pod/assets/demo_unet_w4.pth bit for bit (CPU, same torch version and CPU kind).
+DEMO_TRAIN_DIR ?= build/demo-train
+demo-weights: setup
+	$(PYTHON) -m inference_pod.cli package demo --training-set --version train --out $(DEMO_TRAIN_DIR)/demo-train.zip
+	$(PYTHON) -m inference_pod.cli train $(DEMO_TRAIN_DIR)/demo-train.zip --out $(DEMO_TRAIN_DIR)/demo-trained.zip \
+	  --device cpu --threads 1 --seed 0 --steps $(DEMO_TRAIN_STEPS) --batch-size 4 --learning-rate 2e-3 \
+	  --export-unet inference_pod/assets/demo_unet_w4.pth
 
 lint:
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 
-test: setup lint
+test: setup browser-deps lint
 	$(PYTHON) -m pytest -q

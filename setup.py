@@ -40,6 +40,6 @@ package_dir = {"lipsync": "proto/lipsync", "lipsync_operator": "operator/lipsync
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"lipsync": ["**/*.proto", "**/*.pyi"], "inference_pod": ["assets/*"]},
+    package_data={"lipsync": ["**/*.proto", "**/*.pyi"], "inference_pod": ["assets/*", "web/*"]},
     cmdclass={"build_py": BuildWithStubs},
 )

@@ -40,6 +40,7 @@ from inference_pod.gateway_json import (
     parse_json,
     reject_unknown,
 )
+from inference_pod.gateway_web import web_routes
 from inference_pod.gateway_ws import WebSocketSession
 from inference_pod.openapi import openapi_document
 from inference_pod.pipeline import FrameRequest, FrameResult
@@ -158,6 +159,7 @@ class HttpGateway:
             web.post("/generate/batch", self.generate_batch),
             web.get("/ws", self.websocket),
         ])
+        self.app.add_routes(web_routes())  # the live page (gateway_web)
 
     # -------------------------------------------------------------------------------------- lifecycle
 

@@ -241,6 +241,16 @@ def openapi_document(version: str, max_batch_items: int, *, keys_required: bool)
                 "openapi", "this document", {"description": "OpenAPI 3.1",
                                              "content": {"application/json": {"schema": {"type": "object"}}}},
                 (), security=OPEN)},
+            "/": {"get": _operation(
+                "livePage", "the live page: microphone or audio file in, frames out (it sends your key to /ws)",
+                {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}, (),
+                security=OPEN)},
+            "/web/{name}": {"get": _operation(
+                "livePageFile", "the live page's files: app.js, worklet.js, style.css",
+                {"description": "the file", "content": {"text/javascript": {"schema": {"type": "string"}},
+                                                        "text/css": {"schema": {"type": "string"}}}}, ("404",),
+                security=OPEN, parameters=[{"name": "name", "in": "path", "required": True,
+                                            "schema": {"enum": ["app.js", "worklet.js", "style.css"]}}])},
             "/status": {"get": _operation("status", "server state; answers while draining too",
                                           _json("Status", "state"), authed)},
             "/stats": {"get": _operation("stats", "the numbers of gRPC GetStats", _json("Stats", "stats"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import wave
 from pathlib import Path
 
@@ -13,16 +14,22 @@ import torch
 
 from inference_pod import audio
 from inference_pod.demo_character import (
+    DEFAULT_SPEECH,
+    Utterance,
     build_demo_package,
+    default_speech,
     demo_audio_encoder,
+    espeak,
+    mouth_track,
     speech_like_audio,
+    speech_track,
     write_checkpoints,
     write_synctalk_dataset,
 )
 from inference_pod.errors import InvalidInput
 from inference_pod.model import AveAudioEncoder, LipSyncUNet, load_strict
 from inference_pod.package import verify_package
-from inference_pod.synctalk_dataset import ave_features, read_dataset, read_landmarks
+from inference_pod.synctalk_dataset import ave_features, encode_wav_pcm16, read_dataset, read_landmarks
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -115,3 +122,73 @@ def test_demo_package_is_reproducible_and_valid(tmp_path, monkeypatch):
 def test_demo_refuses_bad_arguments(kwargs, message, tmp_path):
     with pytest.raises(InvalidInput, match=message):
         write_synctalk_dataset(tmp_path / "d", **kwargs)
+
+
+def test_the_drawn_mouth_follows_the_voice(tmp_path):
+    """Loud frames open the mouth, silent ones close it: the opening is a function of the audio at that frame."""
+    sr = audio.SAMPLE_RATE
+    voice = speech_like_audio(2.0, seed=4)
+    silence_then_voice = np.concatenate([np.zeros(sr, np.float32), voice])
+    n = audio.frame_count(len(silence_then_voice))
+    mouth = mouth_track(silence_then_voice, n)
+    assert mouth.shape == (n, 2) and mouth.dtype == np.float32
+    assert np.all(mouth[:20, 0] == 0) and np.all(mouth[:20, 1] == 1)  # the first second is silent: closed, neutral
+    assert mouth[30:, 0].max() > 0.8 and 0.85 <= mouth[:, 1].min() and mouth[:, 1].max() <= 1.15
+    # Frame i depends on the audio near frame i only: the same voice a second later moves the mouth a second later.
+    assert np.allclose(mouth_track(voice, n - 25)[5:-5], mouth[30:-5], atol=0.01)
+
+    dataset = write_synctalk_dataset(tmp_path / "d", frames=None, size=(96, 96), seed=0, speech=silence_then_voice)
+    openings = np.array([np.ptp(read_landmarks(dataset / "landmarks" / f"{i}.lms")[97:105, 1]) for i in range(n)])
+    assert len(list((dataset / "full_body_img").iterdir())) == n  # one frame per frame of the track
+    assert np.corrcoef(openings, mouth[:, 0])[0, 1] > 0.99
+
+
+@pytest.mark.skipif(not shutil.which("espeak-ng"), reason="espeak-ng is not installed (make setup)")
+def test_espeak_speech_and_the_default_voice():
+    line = Utterance("Hello there.", "en-gb", 150, 40)
+    wav = espeak(line)
+    assert wav.dtype == np.float32 and 0.5 < len(wav) / audio.SAMPLE_RATE < 3 and np.abs(wav).max() > 0.1
+    assert np.array_equal(wav, espeak(line))
+    track = speech_track([line, line], pause_s=0.5)
+    assert len(track) == len(wav) * 2 + 3 * audio.SAMPLE_RATE // 2
+    assert np.array_equal(default_speech(), speech_track(DEFAULT_SPEECH))
+    assert len(default_speech(audio_seconds=1.0)) == audio.SAMPLE_RATE  # a length asked for: synthetic syllables
+
+
+def test_trained_weights_only_for_the_character_they_were_trained_on(tmp_path):
+    with pytest.raises(InvalidInput, match="--random-weights"):
+        build_demo_package("demo", tmp_path / "x.zip", width=8, frames=2, trained=True)
+    assert not (tmp_path / "x.zip").exists()
+
+
+def test_cli_builds_the_trained_demo_by_default_and_random_weights_on_request(tmp_path, capsys):
+    from inference_pod import cli
+    from inference_pod.demo_character import TRAINED
+    from inference_pod.package import open_package
+
+    assert cli.main(["package", "demo", "--out", str(tmp_path / "t.zip"), "--frames", "4", "--audio-seconds", "0.5"]) == 0
+    trained = open_package(tmp_path / "t.zip", cache_dir=tmp_path / "s").unet_state()
+    committed = torch.load(TRAINED.path, weights_only=True)
+    assert trained.keys() == committed.keys() and all(torch.equal(trained[k], committed[k]) for k in committed)
+
+    assert cli.main(["package", "demo", "--random-weights", "--out", str(tmp_path / "r.zip"), "--frames", "4",
+                     "--audio-seconds", "0.5"]) == 0
+    assert verify_package(tmp_path / "r.zip").model_width == 8
+    capsys.readouterr()
+    assert cli.main(["package", "demo", "--width", "8", "--out", str(tmp_path / "x.zip")]) == 2
+    assert "use those, or ask for random weights (--random-weights)" in capsys.readouterr().err
+    assert not (tmp_path / "x.zip").exists()
+
+
+def test_cli_demo_renders_a_wav_the_user_passes(tmp_path, capsys):
+    from inference_pod import cli
+
+    wav = tmp_path / "mine.wav"
+    wav.write_bytes(encode_wav_pcm16(speech_like_audio(0.6, seed=9)))
+    out = tmp_path / "out"
+    argv = ["demo", "--out", str(out), "--frames", "4", "--no-video", "--audio", str(wav)]
+    assert cli.main(argv) == 0
+    assert len(list((out / "frames").glob("frame_*.png"))) == audio.frame_count(int(0.6 * audio.SAMPLE_RATE))
+    capsys.readouterr()
+    assert cli.main(["demo", "--out", str(out), "--audio", str(tmp_path / "nope.wav")]) == 2
+    assert capsys.readouterr().err.strip() == f"lipsync: error: --audio {tmp_path / 'nope.wav'}: no such file"

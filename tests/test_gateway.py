@@ -511,7 +511,7 @@ async def test_openapi_documents_every_route(pod, spec):
     documented = {(method.upper(), path) for path, item in spec["paths"].items() for method in item}
     assert routes == documented
     open_paths = {path for path, item in spec["paths"].items() if item.get("get", {}).get("security") == []}
-    assert open_paths == {"/health", "/metrics", "/openapi.json"}
+    assert open_paths == {"/health", "/metrics", "/openapi.json", "/", "/web/{name}"}
     assert spec["security"] and "401" in spec["paths"]["/models"]["get"]["responses"]
 
 

@@ -567,7 +567,7 @@ def test_manifest_from_dict_round_trips(demo_members):
 
 def test_cli_demo_inspect_verify(tmp_path, capsys):
     out = tmp_path / "d.zip"
-    argv = ["package", "demo", "--name", "cli-demo", "--out", str(out), "--width", "4", "--frames", "6",
+    argv = ["package", "demo", "--random-weights", "--name", "cli-demo", "--out", str(out), "--width", "4", "--frames", "6",
             "--size", "64x48", "--audio-seconds", "0.5", "--seed", "3"]  # fmt: skip
     assert cli.main(argv) == 0
     assert "frames:        6 x 64x48 jpg" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """``lipsync demo``: the embedded default — a demo character rendered to PNG frames and an mp4, on CPU.
 
-Needs no trained weights, no GPU, no Redis and no cluster: the character is generated (drawn frames,
-seeded weights, a synthetic voice track), packaged with the real converter, then rendered.
+Needs no GPU, no Redis and no cluster: the character is generated (drawn frames, the committed trained
+weights, an espeak-ng voice), packaged with the real converter, then rendered speaking its own line or
+any audio file passed with --audio.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate a demo character and render it to frames and an mp4 (CPU)")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output directory (default demo-output)")
     p.add_argument("--name", default="demo", help="character name")
-    p.add_argument("--width", type=int, default=8, help="U-Net base width (32 = SyncTalk_2D's full model)")
+    p.add_argument("--audio", type=Path, metavar="FILE", help="speech to render (wav, mp3, ...; default: the demo's own line)")
+    p.add_argument("--random-weights", action="store_true", help="untrained, seeded random weights (the mouth will not move)")
+    p.add_argument("--width", type=int, help="U-Net base width with --random-weights (default 8)")
     p.add_argument("--frames", type=int, default=50, help="template frames to draw")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-video", action="store_true", help="PNG frames only")
@@ -23,19 +26,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference_pod.demo_character import build_demo_package
+    from inference_pod.demo_character import TRAINED, build_demo_package, default_speech
     from inference_pod.engine import Engine
+    from inference_pod.errors import InvalidInput
     from inference_pod.package import open_package
     from inference_pod.render import render, track_for
 
+    if args.audio is not None and not args.audio.is_file():
+        raise InvalidInput(f"--audio {args.audio}: no such file")
+    if args.width is not None and not args.random_weights:
+        raise InvalidInput(f"--width applies to --random-weights only: the trained demo is width {TRAINED.width}")
     args.out.mkdir(parents=True, exist_ok=True)
     package_path = args.out / f"{args.name}.zip"
-    build_demo_package(args.name, package_path, width=args.width, frames=args.frames)
+    width = TRAINED.width if not args.random_weights else (args.width or 8)
+    build_demo_package(args.name, package_path, width=width, frames=args.frames, speech=default_speech(),
+                       trained=not args.random_weights)
     print(f"demo character package: {package_path}")
     package = open_package(package_path, cache_dir=args.out / "store")
     engine = Engine.from_package(package, device=args.device)
     video = None if args.no_video or shutil.which("ffmpeg") is None else args.out / f"{args.name}.mp4"
-    result = render(engine, args.out / "frames", track_for(engine, None, None), video=video,
-                    audio_path=package.default_audio_path())
+    audio_path = args.audio or package.default_audio_path()
+    result = render(engine, args.out / "frames", track_for(engine, args.audio, None), video=video, audio_path=audio_path)
     print(f"rendered {result.frames} frames to {result.out_dir}" + (f", video {result.video}" if result.video else ""))
     return 0

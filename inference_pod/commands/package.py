@@ -28,14 +28,19 @@ def register(subparsers) -> None:
     b.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="package to write")
     b.set_defaults(func=_build)
 
-    d = sub.add_parser("demo", help="build the synthetic demo character (drawn face, random weights)")
+    d = sub.add_parser("demo", help="build the demo character (drawn face, trained weights, espeak-ng voice)")
     d.add_argument("--name", default="demo", help="character name (default demo)")
     d.add_argument("--version", default="1", help="package version (default 1)")
     d.add_argument("--out", type=Path, required=True, metavar="FILE.zip", help="package to write")
-    d.add_argument("--width", type=int, default=8, help="U-Net base width (default 8; SyncTalk_2D's is 32)")
+    d.add_argument("--random-weights", action="store_true",
+                   help="seeded random U-Net weights instead of the trained ones (any width, seed and size)")
+    d.add_argument("--training-set", action="store_true",
+                   help="one frame per frame of the training speech, random weights: what lipsync train learns from")
+    d.add_argument("--width", type=int, help="U-Net base width (default: the trained 4; 8 with --random-weights)")
     d.add_argument("--frames", type=int, default=50, help="template frames (default 50)")
     d.add_argument("--size", type=_size, default=(256, 256), metavar="WxH", help="frame size (default 256x256)")
-    d.add_argument("--audio-seconds", type=float, default=3.0, help="length of the default track (default 3)")
+    d.add_argument("--audio-seconds", type=float,
+                   help="default track of this many seconds of synthetic syllables (default: espeak-ng speech)")
     d.add_argument("--seed", type=int, default=0, help="seed for drawing, audio and weights (default 0)")
     d.set_defaults(func=_demo)
 
@@ -84,14 +89,26 @@ def _build(args) -> int:
 
 
 def _demo(args) -> int:
-    from inference_pod.demo_character import build_demo_package
+    from inference_pod.demo_character import (
+        TRAINED,
+        TRAINING_SPEECH,
+        build_demo_package,
+        default_speech,
+        speech_track,
+    )
     from inference_pod.package import package_summary
 
-    if args.width < 2 or args.width % 2:
-        raise InvalidInput(f"--width must be an even number >= 2, got {args.width}")
+    trained = not (args.random_weights or args.training_set)
+    width = args.width if args.width is not None else (TRAINED.width if trained or args.training_set else 8)
+    if width < 2 or width % 2:
+        raise InvalidInput(f"--width must be an even number >= 2, got {width}")
+    if args.training_set:
+        speech, frames = speech_track(TRAINING_SPEECH), None
+    else:
+        speech, frames = default_speech(args.audio_seconds, args.seed), args.frames
     manifest = build_demo_package(
-        args.name, args.out, width=args.width, frames=args.frames, seed=args.seed, size=args.size,
-        audio_seconds=args.audio_seconds, version=args.version,
+        args.name, args.out, width=width, frames=frames, seed=args.seed, size=args.size, version=args.version,
+        speech=speech, trained=trained,
     )  # fmt: skip
     print(f"wrote {args.out}\n{package_summary(manifest)}")
     return 0
