@@ -34,6 +34,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -45,8 +46,18 @@ MODEL_INPUT, CROP = 320, 328     # the engine's resident template (device) and c
 FRAME_CACHE_BYTES = 1 << 30      # Engine's default frame_budget_bytes: decoded full frames kept per model
 UNET_PARAMS_W32 = 12_251_587     # LipSyncUNet("ave", 32)
 ENCODER_PARAMS = 2_817_101       # AveAudioEncoder (fp32 in the engine)
-DEFAULT_CHARACTER = {"frame_count": 1500, "image_size": (1280, 720), "jpeg_bytes": 80_000,
-                     "unet_params": UNET_PARAMS_W32}
+
+
+class Character(TypedDict):
+    """footprint_bytes's inputs that describe one character."""
+    frame_count: int
+    image_size: tuple[int, int]
+    jpeg_bytes: int
+    unet_params: int
+
+
+DEFAULT_CHARACTER: Character = {"frame_count": 1500, "image_size": (1280, 720), "jpeg_bytes": 80_000,
+                                "unet_params": UNET_PARAMS_W32}
 HOUR = 3600.0
 DAY = 24 * HOUR
 
@@ -125,6 +136,7 @@ def resolve_inputs(cfg: PoolBenchConfig) -> dict:
         pod_fps, fps_source = pod_fps_from_engine_json(cfg.engine_json), f"bench engine: {cfg.engine_json}"
     else:
         pod_fps, fps_source = DEFAULT_POD_FPS, "assumed (no GPU bench engine run committed yet)"
+    fp_source: dict[str, Any]
     if cfg.footprint_mb is not None:
         footprint, fp_source = int(cfg.footprint_mb * MIB), {"given": "--footprint-mb"}
     elif cfg.package is not None:
@@ -257,11 +269,11 @@ def _simulate(cfg: PoolBenchConfig, inputs: dict, characters: int, zipf: float) 
 
         # 3. the operator: measured demand -> placement; the pool's size follows memory and load.
         models = list(idle)
-        for i in active:
-            i, d = int(i), float(demand[i])
-            if last_model[i].demand_fps != d:   # demand comes in whole streams: it often repeats
-                last_model[i] = model(i, d)
-            models[i] = last_model[i]
+        for who in active:
+            k, d = int(who), float(demand[who])
+            if last_model[k].demand_fps != d:   # demand comes in whole streams: it often repeats
+                last_model[k] = model(k, d)
+            models[k] = last_model[k]
         for when, name in [p for p in pending if p[0] <= t]:
             ready[name] = Pod(name, budget, cap)
             pending.remove((when, name))
@@ -357,7 +369,7 @@ def run(cfg: PoolBenchConfig, log=print) -> dict:
             scenarios.append(row)
     config = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
               for k, v in asdict(cfg).items() if k not in ("out_dir", "extra")}
-    result = {"benchmark": "pool", "machine": machine_info("cpu"), "config": {**config, **cfg.extra},
+    result: dict[str, Any] = {"benchmark": "pool", "machine": machine_info("cpu"), "config": {**config, **cfg.extra},
               "inputs": inputs, "scenarios": scenarios}
     result["markdown"] = _markdown(result)
     if cfg.out_dir is not None:

@@ -8,9 +8,9 @@ replica count, the API server's defaults, a `kubectl rollout restart` annotation
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 from lipsync_operator.config import API_VERSION, KIND, OPERATOR_NAME, OperatorConfig
-from lipsync_operator.registry import PackageCheck
 from lipsync_operator.spec import METRICS
 
 GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8080, 9090
@@ -20,6 +20,19 @@ RUN_AS = 10001                      # the inference image's non-root user (docke
 PRESTOP_SECONDS = 5                 # endpoints controllers and kube-proxy catch up before SIGTERM
 MODEL_LABEL = "synctalk.io/model"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+
+
+class PackageRef(Protocol):
+    """What a Deployment names of its package: a resolved registry.PackageCheck, or none (a pool pod)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def registry(self) -> str: ...
 
 
 def selector_labels(name: str) -> dict[str, str]:
@@ -65,7 +78,7 @@ def _secret_env(name: str, secret: dict) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret["name"], "key": secret["key"]}}}
 
 
-def server_args(spec: dict, package: PackageCheck) -> list[str]:
+def server_args(spec: dict, package: PackageRef) -> list[str]:
     rt, cache = spec["runtime"], spec["cache"]
     args = ["serve", "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT), "--http-port", str(HTTP_PORT),
             "--models-dir", MODELS_DIR, "--device", rt["device"], "--precision", rt["precision"],
@@ -83,7 +96,7 @@ def server_args(spec: dict, package: PackageCheck) -> list[str]:
     return args + ["--preload", package.name]
 
 
-def fetch_args(package: PackageCheck) -> list[str]:
+def fetch_args(package: PackageRef) -> list[str]:
     return ["lipsync", "package", "fetch", package.name, "--registry", package.registry,
             "--version", package.version, "--sha256", package.sha256, "--out", MODELS_DIR]
 
@@ -98,7 +111,7 @@ def _redis_env(spec: dict, config: OperatorConfig) -> list[dict]:
     return [{"name": "LIPSYNC_REDIS_URL", "value": url}] if url else []
 
 
-def deployment(owner: dict, spec: dict, package: PackageCheck, config: OperatorConfig) -> dict:
+def deployment(owner: dict, spec: dict, package: PackageRef, config: OperatorConfig) -> dict:
     name = owner["metadata"]["name"]
     rt, res, sched = spec["runtime"], spec["resources"], spec["scheduling"]
     image = rt.get("image") or config.inference_image
@@ -132,8 +145,8 @@ def deployment(owner: dict, spec: dict, package: PackageCheck, config: OperatorC
            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
            *_redis_env(spec, config)]
-    mounts = [models_mount, tmp_mount, {"name": "dshm", "mountPath": "/dev/shm"}]
-    volumes = [
+    mounts: list[dict[str, Any]] = [models_mount, tmp_mount, {"name": "dshm", "mountPath": "/dev/shm"}]
+    volumes: list[dict[str, Any]] = [
         {"name": "models", "emptyDir": {"sizeLimit": res["modelsVolume"]}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res["sharedMemory"]}},

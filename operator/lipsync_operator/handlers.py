@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit
 
 import kopf
@@ -25,8 +26,7 @@ from lipsync_operator.kube import KubeClient
 from lipsync_operator.reconcile import GiveUp, Reconciler, RetryLater, controller_owner
 from lipsync_operator.spec import InvalidSpec
 
-LSM = {"group": GROUP, "version": VERSION, "plural": PLURAL}
-LSP = {"group": GROUP, "version": VERSION, "plural": "lipsyncpools"}
+POOL_PLURAL = "lipsyncpools"
 OWNED = {MANAGED_BY_LABEL: OPERATOR_NAME}
 STORAGE_PREFIX = f"operator.{GROUP}"
 CHILD_RESOURCES = [("apps", "v1", "deployments"), ("", "v1", "services"),
@@ -35,7 +35,7 @@ CHILD_RESOURCES = [("apps", "v1", "deployments"), ("", "v1", "services"),
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     # Progress and the diff base live in annotations: the API server prunes unknown status fields. kopf
     # ignores every annotation under its prefix, so it is not synctalk.io/ (synctalk.io/reconcile is the
     # user's way to ask for a reconcile).
@@ -57,16 +57,16 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.
 
 
 @kopf.on.cleanup()
-def close(memo: kopf.Memo, **_) -> None:
+def close(memo: kopf.Memo, **_: Any) -> None:
     reconciler = getattr(memo, "reconciler", None)
     if reconciler is not None:
         reconciler.kube.close()
 
 
-@kopf.on.resume(**LSM)
-@kopf.on.create(**LSM)
-@kopf.on.update(**LSM)
-def reconcile_model(body: kopf.Body, retry: int, memo: kopf.Memo, **_) -> None:
+@kopf.on.resume(group=GROUP, version=VERSION, plural=PLURAL)
+@kopf.on.create(group=GROUP, version=VERSION, plural=PLURAL)
+@kopf.on.update(group=GROUP, version=VERSION, plural=PLURAL)
+def reconcile_model(body: kopf.Body, retry: int, memo: kopf.Memo, **_: Any) -> None:
     try:
         summary = memo.reconciler.reconcile(_plain(body), retry=retry)
     except RetryLater as exc:
@@ -80,13 +80,13 @@ def reconcile_model(body: kopf.Body, retry: int, memo: kopf.Memo, **_) -> None:
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED, when=lambda event, **_: event.get("type") != "DELETED")
-def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+def deployment_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     owner = controller_owner(_plain(body))
     if owner is not None:
         memo.reconciler.sync_status(body.metadata.namespace, owner["name"], owner["uid"], _plain(body))
 
 
-def _child_deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+def _child_deleted(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     owner = controller_owner(_plain(body))
     if owner is None:
         return
@@ -105,10 +105,10 @@ for _group, _version, _plural in CHILD_RESOURCES:
 # ------------------------------------------------------------------------------------- LipSyncPools
 
 
-@kopf.on.resume(**LSP)
-@kopf.on.create(**LSP)
-@kopf.on.update(**LSP)
-def reconcile_pool(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+@kopf.on.resume(group=GROUP, version=VERSION, plural=POOL_PLURAL)
+@kopf.on.create(group=GROUP, version=VERSION, plural=POOL_PLURAL)
+@kopf.on.update(group=GROUP, version=VERSION, plural=POOL_PLURAL)
+def reconcile_pool(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     try:
         summary = memo.reconciler.pools.reconcile(_plain(body))
     except InvalidSpec as exc:
@@ -118,8 +118,9 @@ def reconcile_pool(body: kopf.Body, memo: kopf.Memo, **_) -> None:
         kopf.info(body, reason="Reconciled", message=summary)
 
 
-@kopf.daemon(**LSP, cancellation_timeout=5.0)
-def place_pool(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: logging.Logger, **_) -> None:
+@kopf.daemon(group=GROUP, version=VERSION, plural=POOL_PLURAL, cancellation_timeout=5.0)
+def place_pool(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger,
+               **_: Any) -> None:
     """Each pool's placement rounds, one after another, until the pool goes (or the operator stops)."""
     pools = memo.reconciler.pools
     namespace, name = body.metadata.namespace, body.metadata.name
@@ -131,12 +132,12 @@ def place_pool(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, lo
         stopped.wait(pools.config.pool_interval_seconds)
 
 
-def _plain(body: kopf.Body) -> dict:
+def _plain(body: kopf.Body) -> dict[str, Any]:
     """kopf's live body view as a plain dict snapshot."""
     return {key: _thaw(value) for key, value in body.items()}
 
 
-def _thaw(value):
+def _thaw(value: Any) -> Any:
     if hasattr(value, "items"):
         return {k: _thaw(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

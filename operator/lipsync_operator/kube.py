@@ -146,7 +146,7 @@ class KubeClient:
         query = {"labelSelector": label_selector} if label_selector else None
         return (self.request("GET", kind.path(namespace), query=query) or {}).get("items") or []
 
-    def apply(self, obj: dict, *, field_manager: str = FIELD_MANAGER) -> dict:
+    def apply(self, obj: dict, *, field_manager: str = FIELD_MANAGER) -> dict | None:
         """Server-side apply: creates or updates the fields this manager owns; fields it stops sending go
         away (unless another manager owns them too)."""
         kind = kind_of(obj)
@@ -157,7 +157,7 @@ class KubeClient:
             body=obj, content_type="application/apply-patch+yaml")
 
     def patch(self, kind: Kind, namespace: str | None, name: str, patch: dict, *,
-              subresource: str | None = None) -> dict:
+              subresource: str | None = None) -> dict | None:
         return self.request("PATCH", kind.path(namespace, name, subresource), body=patch,
                             content_type="application/merge-patch+json")
 

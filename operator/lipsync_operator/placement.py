@@ -24,7 +24,7 @@ demand and capacity frames per second. The operator and ``lipsync bench pool`` b
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -118,27 +118,27 @@ def wanted_copies(model: Model, current: int) -> int:
     return max(model.min_copies, min(model.max_copies, n))
 
 
-def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, Iterable[str]]) -> Placement:
+def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, Collection[str]]) -> Placement:
     """The next placement. ``current``: model -> pods that hold (or are loading) a copy; models not in
     ``models`` (deleted) lose all their copies; pods not in ``pods`` are gone."""
-    pods = {p.name: p for p in pods}
-    live = {name for name, p in pods.items() if p.schedulable}
-    use = {name: PodUse() for name in pods}
-    models = sorted(models, key=attrgetter("name"))
-    by_name = {m.name: m for m in models}
+    pod_by_name = {p.name: p for p in pods}
+    live = {name for name, p in pod_by_name.items() if p.schedulable}
+    use = {name: PodUse() for name in pod_by_name}
+    ordered = sorted(models, key=attrgetter("name"))
+    by_name = {m.name: m for m in ordered}
     unload: list[tuple[str, str]] = []
 
     # Copies of deleted models come off every live pod.
     for name in sorted(set(current) - set(by_name)):
-        unload.extend((name, pod) for pod in sorted(set(current[name])) if pod in pods)
+        unload.extend((name, pod) for pod in sorted(set(current[name])) if pod in pod_by_name)
 
     # 1-3: keep what runs on schedulable pods, within memory; drop the rest.
     kept: dict[str, list[str]] = {}
     wanted: dict[str, int] = {}
     shares: dict[str, float] = {}     # each copy's part of its model's demand
     surplus, short = [], []
-    budget = {name: p.memory_bytes for name, p in pods.items()}
-    for m in models:   # the hot loop at 10,000 models: plain and local
+    budget = {name: p.memory_bytes for name, p in pod_by_name.items()}
+    for m in ordered:   # the hot loop at 10,000 models: plain and local
         name, footprint = m.name, m.footprint_bytes
         held = current.get(name, ())
         if len(held) > 1:
@@ -157,7 +157,7 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
                     u.memory_bytes += footprint
                     u.load_fps += share
                     continue
-            if pod in pods:                       # draining, or over the budget (a footprint grew)
+            if pod in pod_by_name:                # draining, or over the budget (a footprint grew)
                 unload.append((name, pod))        # (a pod that is gone has nothing to unload)
         kept[name], wanted[name], shares[name] = keep, want, share
         if len(keep) > want:
@@ -168,7 +168,7 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
     for m in surplus:
         extra = len(kept[m.name]) - wanted[m.name]
         # The remaining copies each carry the model's share; the surplus ones carried it too until now.
-        for pod in sorted(kept[m.name], key=lambda p: (-_busy(use[p], pods[p]), p))[:extra]:
+        for pod in sorted(kept[m.name], key=lambda p: (-_busy(use[p], pod_by_name[p]), p))[:extra]:
             kept[m.name].remove(pod)
             use[pod].memory_bytes -= m.footprint_bytes
             use[pod].load_fps -= shares[m.name]
@@ -177,28 +177,30 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
     # 4: place what is missing, busiest model first (first fit decreasing by share, then by size).
     load: list[tuple[str, str]] = []
     missing: dict[str, int] = {}
-    last_idle = None   # where the last copy without demand went: see _still_best
+    last_idle: str | None = None   # where the last copy without demand went: see _still_best
     for m in sorted(short, key=lambda m: (-shares[m.name], -m.footprint_bytes, m.name)):
         share = shares[m.name]
         for _ in range(wanted[m.name] - len(kept[m.name])):
-            if share <= 0 and last_idle is not None and _still_best(m, last_idle, kept[m.name], pods, use):
-                pod = last_idle
+            dest: str | None
+            if share <= 0 and last_idle is not None and _still_best(m, last_idle, kept[m.name], pod_by_name,
+                                                                    use):
+                dest = last_idle
             else:
                 # Below min copies a busy pod, or the reserve, is still better than no copy at all.
-                pod = _choose(m, share, kept[m.name], pods, live, use,
-                              overload_ok=len(kept[m.name]) < max(1, m.min_copies))
-            last_idle = pod if share <= 0 else None
-            if pod is None:
+                dest = _choose(m, share, kept[m.name], pod_by_name, live, use,
+                               overload_ok=len(kept[m.name]) < max(1, m.min_copies))
+            last_idle = dest if share <= 0 else None
+            if dest is None:
                 missing[m.name] = missing.get(m.name, 0) + 1
                 continue
-            kept[m.name].append(pod)
-            use[pod].memory_bytes += m.footprint_bytes
-            use[pod].load_fps += share
-            load.append((m.name, pod))
+            kept[m.name].append(dest)
+            use[dest].memory_bytes += m.footprint_bytes
+            use[dest].load_fps += share
+            load.append((m.name, dest))
 
     # 5: an overloaded pod hands copies to pods with headroom (a move: load there first, then unload here).
-    overloaded = sorted((p for p in live if use[p].load_fps > pods[p].capacity_fps + 1e-9),
-                        key=lambda p: (-_busy(use[p], pods[p]), p))
+    overloaded = sorted((p for p in live if use[p].load_fps > pod_by_name[p].capacity_fps + 1e-9),
+                        key=lambda p: (-_busy(use[p], pod_by_name[p]), p))
     holders: dict[str, list[str]] = {p: [] for p in overloaded}
     if overloaded:
         for name, held in kept.items():
@@ -207,11 +209,11 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
                     holders[pod].append(name)
     for pod in overloaded:
         for name in sorted(holders[pod], key=lambda n: (-shares[n], n)):
-            if use[pod].load_fps <= pods[pod].capacity_fps + 1e-9:
+            if use[pod].load_fps <= pod_by_name[pod].capacity_fps + 1e-9:
                 break
             m = by_name[name]
             share = shares[name]
-            target = _choose(m, share, kept[name], pods, live, use, overload_ok=False)
+            target = _choose(m, share, kept[name], pod_by_name, live, use, overload_ok=False)
             if target is None:
                 continue
             kept[name].remove(pod)
@@ -227,13 +229,13 @@ def place(pods: Iterable[Pod], models: Iterable[Model], current: Mapping[str, It
 
     full = None
     if missing:
-        free = [pods[p].memory_bytes - use[p].memory_bytes for p in live]
+        free = [pod_by_name[p].memory_bytes - use[p].memory_bytes for p in live]
         full = PoolFull(
             missing_copies=sum(missing.values()), models=tuple(sorted(missing)),
             memory_needed_bytes=sum(by_name[n].footprint_bytes * k for n, k in missing.items()),
             memory_free_bytes=max(0, sum(free)), largest_free_bytes=max([0, *free]),
             demand_unplaced_fps=sum(shares[n] * k for n, k in missing.items()),
-            pods=len(live), pod_memory_bytes=max([0, *(pods[p].memory_bytes for p in live)]))
+            pods=len(live), pod_memory_bytes=max([0, *(pod_by_name[p].memory_bytes for p in live)]))
     return Placement(copies={n: tuple(sorted(p)) if len(p) > 1 else tuple(p) for n, p in kept.items()},
                      wanted=wanted,
                      load=sorted(load), unload=sorted(unload), use=use, missing=missing, full=full)

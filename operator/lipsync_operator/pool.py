@@ -453,8 +453,11 @@ class PoolController:
             stamp = status.now()
             for c in conditions:
                 prev = status.find(old, c["type"])
-                same = prev is not None and prev.get("status") == c["status"] and "lastTransitionTime" in prev
-                merged.append({**c, "lastTransitionTime": prev["lastTransitionTime"] if same else stamp})
+                if prev is not None and prev.get("status") == c["status"] and "lastTransitionTime" in prev:
+                    since = prev["lastTransitionTime"]
+                else:
+                    since = stamp
+                merged.append({**c, "lastTransitionTime": since})
             return {"replicas": len(all_pods), "readyReplicas": len(pods), "observedGeneration": gen,
                     "selector": selector_string(pool_selector_labels(name)), "podsNeeded": needed,
                     "models": sum(1 for c in plan.copies.values() if c),

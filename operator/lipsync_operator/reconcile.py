@@ -110,9 +110,10 @@ class Reconciler:
         with self._lock(namespace, name):
             # The body a handler got can be stale (a queued watch event): act on what the API has now, and
             # never recreate the children of a model that is gone (they would only be garbage again).
-            lsm = self.kube.get(LIPSYNCMODEL, namespace, name)
-            if lsm is None or lsm["metadata"].get("uid") != uid:
+            live = self.kube.get(LIPSYNCMODEL, namespace, name)
+            if live is None or live["metadata"].get("uid") != uid:
                 return None
+            lsm = live
             meta = lsm["metadata"]
             generation = meta.get("generation", 0)
             if meta.get("deletionTimestamp"):
@@ -152,7 +153,7 @@ class Reconciler:
                 else:
                     unwanted.append(PODMONITOR)
 
-            applied: dict[str, dict] = {}
+            applied: dict[str, dict | None] = {}
             try:
                 for child in desired:
                     try:
@@ -236,7 +237,7 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------------- children
 
-    def _apply_owned(self, child: dict, owner_uid: str) -> dict:
+    def _apply_owned(self, child: dict, owner_uid: str) -> dict | None:
         kind = kind_of(child)
         meta = child["metadata"]
         existing = self.kube.get(kind, meta["namespace"], meta["name"])
@@ -291,7 +292,7 @@ class Reconciler:
 
     def write_status(self, namespace: str, name: str, *, observed_generation: int | None = None,
                      package_condition=status.KEEP, problem=status.KEEP, package: PackageCheck | None = None,
-                     deployment: dict | None | object = status.KEEP, expect_uid: str | None = None) -> None:
+                     deployment: dict | None | status.Keep = status.KEEP, expect_uid: str | None = None) -> None:
         """Read-modify-write of the status, guarded by resourceVersion: concurrent writers retry on 409."""
         for _ in range(STATUS_WRITE_ATTEMPTS):
             lsm = self.kube.get(LIPSYNCMODEL, namespace, name)

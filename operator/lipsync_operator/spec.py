@@ -80,9 +80,10 @@ def with_defaults(spec: dict, defaults: dict[str, Any] = DEFAULTS) -> dict:
         *parents, leaf = path.split(".")
         node = out
         for key in parents:
-            node = node.get(key)
-            if not isinstance(node, dict):
+            child = node.get(key)
+            if not isinstance(child, dict):
                 break
+            node = child
         else:
             if leaf not in node:
                 node[leaf] = copy.deepcopy(defaults[path])

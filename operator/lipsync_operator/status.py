@@ -15,12 +15,21 @@ Conditions (metav1.Condition-shaped):
 from __future__ import annotations
 
 import datetime
+import enum
 from dataclasses import dataclass
+from typing import Any, Final
 
 CONDITION_TYPES = ("Ready", "PackageAvailable", "Progressing", "Degraded")
 # Problems only a reconcile can detect (and clear): the Deployment watcher carries them over.
 RECONCILE_PROBLEMS = ("InvalidSpec", "ChildConflict", "ApplyFailed", "PullSecretMissing")
-KEEP = object()   # "keep what the status says" for the package condition and the problem
+
+
+class Keep(enum.Enum):
+    """KEEP's type: an enum member, so ``x is KEEP`` narrows ``x``."""
+    KEEP = "keep"
+
+
+KEEP: Final = Keep.KEEP   # "keep what the status says" for the package condition and the problem
 
 
 def now() -> str:
@@ -28,7 +37,7 @@ def now() -> str:
 
 
 def condition(type_: str, status: bool | None, reason: str, message: str, generation: int | None) -> dict:
-    out = {"type": type_, "status": {True: "True", False: "False", None: "Unknown"}[status],
+    out: dict[str, Any] = {"type": type_, "status": {True: "True", False: "False", None: "Unknown"}[status],
            "reason": reason, "message": message}
     if generation is not None:
         out["observedGeneration"] = generation
@@ -44,8 +53,11 @@ def merge_conditions(old: list[dict] | None, new: list[dict], timestamp: str) ->
     out = []
     for cond in sorted(new, key=lambda c: CONDITION_TYPES.index(c["type"])):
         prev = find(old, cond["type"])
-        changed = prev is None or prev.get("status") != cond["status"] or "lastTransitionTime" not in prev
-        out.append({**cond, "lastTransitionTime": timestamp if changed else prev["lastTransitionTime"]})
+        if prev is not None and prev.get("status") == cond["status"] and "lastTransitionTime" in prev:
+            since = prev["lastTransitionTime"]
+        else:
+            since = timestamp
+        out.append({**cond, "lastTransitionTime": since})
     return out
 
 
@@ -129,7 +141,7 @@ def compose(current: dict, *, generation: int, deployment: dict | None, package_
     else:
         degraded = condition("Degraded", False, "AsExpected", "", generation)
 
-    status = {"conditions": merge_conditions(old, [ready, package_condition, progressing, degraded], timestamp)}
+    status: dict[str, Any] = {"conditions": merge_conditions(old, [ready, package_condition, progressing, degraded], timestamp)}
     if state is not None:
         status.update(replicas=state.replicas, readyReplicas=state.ready, updatedReplicas=state.updated)
     return status
