@@ -9,6 +9,7 @@ import http.server
 import io
 import shutil
 import socket
+import struct
 import subprocess
 import tempfile
 import threading
@@ -17,7 +18,9 @@ import wave
 from functools import partial
 from pathlib import Path
 
+import grpc
 import numpy as np
+import soundfile
 
 from inference_pod.demo_character import build_demo_package, speech_like_audio
 
@@ -80,6 +83,40 @@ def wav_bytes(pcm: bytes, rate: int = 16000) -> bytes:
         w.setframerate(rate)
         w.writeframes(pcm)
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ hostile audio
+
+
+def claimed_wav(rate: int, samples: int) -> bytes:
+    """A PCM16 mono WAV written byte by byte, so its header can claim any rate (1 Hz: the resampler's worst
+    case) for silent samples that are really there."""
+    data = bytes(2 * samples)
+    fmt = struct.pack("<HHIIHH", 1, 1, rate, 2 * rate, 2, 16)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def silent_flac(path: Path, seconds: int, rate: int = 8000) -> bytes:
+    """Long silence that compresses to almost nothing: a small file that decodes to a lot of audio."""
+    with soundfile.SoundFile(path, "w", rate, 1, format="FLAC", subtype="PCM_16") as out:
+        block = np.zeros(rate * 60, np.int16)
+        for _ in range(seconds // 60):
+            out.write(block)
+    return path.read_bytes()
+
+
+def wait_serving(client, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until the pod started as ``proc`` reports SERVING (after its preload list); fails if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if client.health() == "SERVING":
+                return
+        except grpc.RpcError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "pod did not come up"
+        time.sleep(0.2)
 
 
 class RedisServer:

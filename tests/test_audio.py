@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 from scipy import signal
+from serving_support import claimed_wav, silent_flac
 
 from inference_pod import audio
 from inference_pod.bench import naive
@@ -198,27 +199,10 @@ def _peak_while_decoding(path) -> tuple[str, int]:
     return verdict, int(grown_mib)
 
 
-def _wav_header(rate: int, samples: int) -> bytes:
-    """A PCM16 mono WAV, written byte by byte so that the rate can be anything the field holds."""
-    import struct
-
-    data = bytes(2 * samples)
-    fmt = struct.pack("<HHIIHH", 1, 1, rate, 2 * rate, 2, 16)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
-
-def _silent_flac(path, seconds: int, rate: int = 8000) -> None:
-    with soundfile.SoundFile(path, "w", rate, 1, format="FLAC", subtype="PCM_16") as out:
-        block = np.zeros(rate * 60, np.int16)
-        for _ in range(seconds // 60):
-            out.write(block)
-
-
 def test_a_one_hertz_wav_is_refused_from_its_header_without_growing(tmp_path):
     # 78 KiB claiming 40,000 s at 1 Hz: resampled to 16 kHz it would be 640 million samples (2.5 GB).
     path = tmp_path / "one-hertz.wav"
-    path.write_bytes(_wav_header(rate=1, samples=40_000))
+    path.write_bytes(claimed_wav(rate=1, samples=40_000))
     assert soundfile.info(path).samplerate == 1
     verdict, grown = _peak_while_decoding(path)
     assert verdict.startswith("REFUSED") and "sample rate of 1 Hz" in verdict and "8000..192000" in verdict
@@ -227,7 +211,7 @@ def test_a_one_hertz_wav_is_refused_from_its_header_without_growing(tmp_path):
 
 def test_an_hour_of_silent_flac_is_refused_from_its_header(tmp_path):
     path = tmp_path / "hour.flac"
-    _silent_flac(path, 3600)
+    silent_flac(path, 3600)
     assert path.stat().st_size < 200_000  # small on the wire, 28.8 million samples decoded
     verdict, grown = _peak_while_decoding(path)
     assert verdict == "REFUSED audio is 3600.0 s long; the limit is 600 s"
@@ -236,7 +220,7 @@ def test_an_hour_of_silent_flac_is_refused_from_its_header(tmp_path):
 
 def test_a_flac_that_hides_its_length_is_cut_off_while_decoding(tmp_path):
     path = tmp_path / "hidden.flac"
-    _silent_flac(path, 3600)
+    silent_flac(path, 3600)
     data = bytearray(path.read_bytes())
     # STREAMINFO's 36-bit total-samples field (0 = unknown) ends byte 25 of the file.
     word = int.from_bytes(data[18:26], "big") & ~((1 << 36) - 1)

@@ -6,11 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
-import grpc
-from serving_support import LOOPBACK, free_port, models_dir_with
+from serving_support import LOOPBACK, free_port, models_dir_with, wait_serving
 
 from inference_pod.client import LipSyncClient
 
@@ -25,15 +23,7 @@ def test_serve_from_environment_and_sigterm(tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with LipSyncClient(f"{LOOPBACK}:{port}", timeout=5) as client:
-            deadline = time.monotonic() + 60
-            while True:  # the pod reports SERVING once the preload is done
-                try:
-                    if client.health() == "SERVING":
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None, "pod did not come up"
-                time.sleep(0.2)
+            wait_serving(client, proc, 60)  # SERVING once the preload is done
             assert client.health("demo") == "SERVING"  # preloaded from LIPSYNC_PRELOAD
             stats = client.get_stats()
             assert stats.max_batch == 4

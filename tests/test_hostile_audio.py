@@ -9,10 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import struct
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -20,24 +18,18 @@ import grpc
 import numpy as np
 import pytest
 import soundfile
-from serving_support import LOOPBACK, free_port, models_dir_with, speech_pcm16, wav_bytes
+from serving_support import (
+    LOOPBACK,
+    claimed_wav,
+    free_port,
+    models_dir_with,
+    silent_flac,
+    speech_pcm16,
+    wait_serving,
+    wav_bytes,
+)
 
 from inference_pod.client import LipSyncClient
-
-
-def _one_hertz_wav(samples: int = 40_000) -> bytes:
-    data = bytes(2 * samples)
-    fmt = struct.pack("<HHIIHH", 1, 1, 1, 2, 2, 16)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
-
-def _silent_flac(path, seconds: int, rate: int = 8000) -> bytes:
-    with soundfile.SoundFile(path, "w", rate, 1, format="FLAC", subtype="PCM_16") as out:
-        block = np.zeros(rate * 60, np.int16)
-        for _ in range(seconds // 60):
-            out.write(block)
-    return path.read_bytes()
 
 
 def _peak_mib(pid: int) -> int:
@@ -59,15 +51,7 @@ def pod(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with LipSyncClient(f"{LOOPBACK}:{port}", timeout=60) as client:
-            deadline = time.monotonic() + 90
-            while True:
-                try:
-                    if client.health() == "SERVING":
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None, "pod did not come up"
-                time.sleep(0.2)
+            wait_serving(client, proc, 90)
             yield proc, client, f"http://{LOOPBACK}:{http_port}"
     finally:
         proc.kill()
@@ -96,8 +80,8 @@ def test_hostile_audio_is_refused_without_growing_the_pod(pod, tmp_path):
     assert _http_frame(http, speech)[0] == 200
     baseline = _peak_mib(proc.pid)
 
-    hour = _silent_flac(tmp_path / "hour.flac", 3600)
-    cases = [(_one_hertz_wav(), "sample rate of 1 Hz"), (hour, "audio is 3600.0 s long; the limit is 600 s")]
+    hour = silent_flac(tmp_path / "hour.flac", 3600)
+    cases = [(claimed_wav(rate=1, samples=40_000), "sample rate of 1 Hz"), (hour, "audio is 3600.0 s long; the limit is 600 s")]
     for data, message in cases:
         for _ in range(2):  # and again: nothing is kept from a refusal
             with pytest.raises(grpc.RpcError) as refused:

@@ -177,11 +177,7 @@ def run_service(args: argparse.Namespace) -> int:
         cache_pairs=args.cache_pairs, scenarios=args.scenarios, torch_threads=args.torch_threads,
         server_args=args.server_args, identity_network=args.identity_network,
         max_scenario_s=args.max_scenario_s, seed=args.seed, out_dir=args.out_dir, progress=not args.no_progress)
-    result = run(cfg)
-    print()
-    print(result["markdown"])
-    files = result["files"]
-    print(f"\nJSON: {files['json']}\nMarkdown: {files['markdown']}\nChart: {files['chart']}")
+    _report(run(cfg))
     return 0
 
 
@@ -201,9 +197,13 @@ def run_pool(args: argparse.Namespace) -> int:
         resolve_inputs(cfg)   # a missing or wrong --engine-json: one line, before any work
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidInput(f"bench pool: {exc}") from None
-    result = run(cfg)
+    _report(run(cfg))
+    return 0
+
+
+def _report(result: dict) -> None:
+    """The Markdown tables, then where the JSON, Markdown and chart files went."""
     print()
     print(result["markdown"])
     files = result["files"]
     print(f"\nJSON: {files['json']}\nMarkdown: {files['markdown']}\nChart: {files['chart']}")
-    return 0
