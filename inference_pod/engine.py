@@ -74,10 +74,13 @@ class MemoryUse:
     """Bytes an engine holds, by where. ``device``: what the network's device holds for this model (its
     weights, and its templates when they are device-resident); ``host``: CPU memory (crops or their PNGs,
     the staging buffer, decoded full frames, template JPEGs). On a CPU engine both are RAM, split the same
-    way so the modes compare. The model store's memory budget counts ``total``."""
+    way so the modes compare. ``templates``: of those, the template store itself (device regions, host
+    crops or PNGs), the part that grows with the template count. The model store's memory budget counts
+    ``total``."""
 
     device: int
     host: int
+    templates: int
 
     @property
     def total(self) -> int:
@@ -543,13 +546,12 @@ class Engine:
         device = sum(t.numel() * t.element_size() for t in net.state_dict().values())
         if self.encoder is not None:
             device += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
-        if self._templates is not None:
-            device += self._templates.numel()
-        host = self._frames.nbytes() + self._template_scans.nbytes
-        host += self._crops.nbytes if self._crops is not None else 0
-        host += sum(len(png) for png in self._pngs) if self._pngs is not None else 0
+        on_device = self._templates.numel() if self._templates is not None else 0
+        on_host = self._crops.nbytes if self._crops is not None else 0
+        on_host += sum(len(png) for png in self._pngs) if self._pngs is not None else 0
+        host = self._frames.nbytes() + self._template_scans.nbytes + on_host
         host += self._staging.numel() if self._staging is not None else 0
-        return MemoryUse(device=device, host=host)
+        return MemoryUse(device=device + on_device, host=host, templates=on_device + on_host)
 
     def memory_bytes(self) -> int:
         """Bytes this engine holds, device and host together: what the model store's memory budget counts."""

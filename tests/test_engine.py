@@ -243,4 +243,6 @@ def test_memory_use_follows_where_templates_live(demo_character_package):
     frames = use["device"].host - n * crop  # decoded full frames and template encodings, the same in every mode
     assert frames >= 0 and use["host"].host == frames + n * crop + staging
     assert frames + staging < use["compressed"].host < use["host"].host  # PNGs: more than nothing, less than raw
+    assert [use[s].templates for s in ("device", "host")] == [n * (inner + crop), n * crop]
+    assert use["compressed"].templates == use["compressed"].host - frames - staging
     assert engines["device"].memory_bytes() == use["device"].total == use["device"].device + use["device"].host
