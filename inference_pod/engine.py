@@ -437,16 +437,16 @@ class Engine:
         if b > len(staging):
             raise InvalidInput(f"a batch of {b} templates exceeds max batch {len(staging)}")
         batch = staging[:b]
+        out, chosen = batch.numpy(), ids.tolist()
         if self._crops is not None:
-            torch.index_select(torch.from_numpy(self._crops), 0, ids, out=batch)
+            for slot, template in enumerate(chosen):  # a copy a crop: faster than index_select on uint8 here
+                out[slot] = self._crops[template]
         else:
             pngs = self._pngs
             assert pngs is not None
-            out = batch.numpy()
 
             def decode(slot: int) -> None:
-                template = int(ids[slot])
-                out[slot] = _decode_image(pngs[template], template)
+                out[slot] = _decode_image(pngs[chosen[slot]], chosen[slot])
 
             list(_cpu_pool().map(decode, range(b)))
         return batch.to(self.device, non_blocking=True) if self.device.type == "cuda" else batch

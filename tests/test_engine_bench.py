@@ -33,12 +33,13 @@ def test_identity_run_at_a_frame_size_puts_region_and_full_frames_side_by_side(t
 
 def test_template_storages_are_compared_by_where_their_bytes_live(tmp_path):
     cfg = EngineBenchConfig(width=4, frame_size=(320, 240), batch_sizes=(1, 3), frames=6, naive_frames=0,
-                            output_batch=3, out=tmp_path / "engine.json")
+                            output_batch=3, storage_rounds=2, out=tmp_path / "engine.json")
     result = run(cfg, log=lambda *_: None)
     rows = {row["template_storage"]: row for row in json.loads(cfg.out.read_text())["template_storages"]}
     assert list(rows) == ["device", "host", "compressed"] and result["config"]["template_storage"] == "device"
     for row in rows.values():
         assert row["batch"] == 3 and row["end_to_end_fps"] > 0 and row["gather_ms"] >= 0
+        assert len(row["end_to_end_fps_rounds"]) == row["rounds"] == 2
         assert row["device_bytes"] + row["host_bytes"] > row["template_bytes"] > 0
     # Off the device, only the weights stay there; compressed templates take less host memory than raw ones.
     assert rows["host"]["device_bytes"] == rows["compressed"]["device_bytes"] < rows["device"]["device_bytes"]

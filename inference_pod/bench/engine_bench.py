@@ -47,6 +47,7 @@ class EngineBenchConfig:
     warmup_batches: int = 1
     composite_workers: int = 4
     template_storages: tuple[str, ...] = TEMPLATE_STORAGES  # compared at the largest batch size; the first runs the rest
+    storage_rounds: int = 3  # turns each storage takes, alternating order
     seed: int = 0
     out: Path | None = None
     extra: dict = field(default_factory=dict)
@@ -112,33 +113,52 @@ def _bench_batched(engine: Engine, features: np.ndarray, batch: int, cfg: Engine
     }
 
 
-def _bench_storage(package, features: np.ndarray, storage: str, cfg: EngineBenchConfig,
-                   pool: Executor) -> dict[str, Any]:
-    """One template storage at the largest batch size: what it holds where, what a batch's gather costs
-    (host: gather + copy; compressed: decode + copy; device: the indices only, its gather is on the device
-    inside the step), and frames/s end to end."""
+def _gather_seconds(engine: Engine, features: np.ndarray, batch: int, cfg: EngineBenchConfig) -> list[float]:
+    n_tracks = len(features)
+    times: list[float] = []
+    for start in range(-batch, max(cfg.frames, batch), batch):  # the first batch is a warm-up
+        first = max(start, 0)
+        templates = [engine.template_index(i % n_tracks) for i in range(first, first + batch)]
+        t0 = time.perf_counter()
+        engine.gather(templates)
+        _sync(cfg.device)
+        if start >= 0:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _bench_storages(package, features: np.ndarray, cfg: EngineBenchConfig, pool: Executor) -> list[dict[str, Any]]:
+    """Each template storage at the largest batch size: what it holds where once loaded, what a batch's
+    gather costs (host: copies into the staging buffer; compressed: PNG decodes; device: the indices only,
+    its gather runs on the device inside the step), and frames/s end to end. The storages take turns, in
+    alternating order, ``storage_rounds`` times, and each reports its medians: a busy machine slows them
+    alike."""
     batch = max(cfg.batch_sizes)
-    engine = Engine.from_package(package, device=cfg.device, precision=cfg.precision, max_batch=batch,
-                                 identity_network=cfg.identity_network, template_storage=storage)
+    engines = {storage: Engine.from_package(package, device=cfg.device, precision=cfg.precision, max_batch=batch,
+                                            identity_network=cfg.identity_network, template_storage=storage)
+               for storage in cfg.template_storages}
+    use = {storage: engine.memory_use() for storage, engine in engines.items()}
+    gather: dict[str, list[float]] = {storage: [] for storage in engines}
+    fps: dict[str, list[float]] = {storage: [] for storage in engines}
     try:
-        use = engine.memory_use()
-        n_tracks = len(features)
-        gather_s: list[float] = []
-        for start in range(0, max(cfg.frames, batch), batch):
-            templates = [engine.template_index(i % n_tracks) for i in range(start, start + batch)]
-            t0 = time.perf_counter()
-            engine.gather(templates)
-            _sync(cfg.device)
-            gather_s.append(time.perf_counter() - t0)
-        row = _bench_batched(engine, features, batch, cfg, pool)
+        for round_ in range(cfg.storage_rounds):
+            for storage in (cfg.template_storages if round_ % 2 == 0 else cfg.template_storages[::-1]):
+                gather[storage] += _gather_seconds(engines[storage], features, batch, cfg)
+                fps[storage].append(_bench_batched(engines[storage], features, batch, cfg, pool)["end_to_end_fps"])
     finally:
-        engine.close()
-    return {"template_storage": storage, "batch": batch, "templates": engine.num_templates,
-            "device_bytes": use.device, "host_bytes": use.host, "template_bytes": use.templates,
-            "template_kb_each": use.templates / engine.num_templates / 1000,
-            "device_mb": use.device / 1e6, "host_mb": use.host / 1e6,
-            "gather_ms": 1000 * float(np.mean(gather_s)), "gather_p95_ms": 1000 * float(np.percentile(gather_s, 95)),
-            "model_fps": row["model_fps"], "end_to_end_fps": row["end_to_end_fps"]}
+        for engine in engines.values():
+            engine.close()
+    rows = []
+    for storage, engine in engines.items():
+        rows.append({
+            "template_storage": storage, "batch": batch, "templates": engine.num_templates,
+            "rounds": cfg.storage_rounds, "device_bytes": use[storage].device, "host_bytes": use[storage].host,
+            "template_bytes": use[storage].templates, "template_kb_each": use[storage].templates / engine.num_templates / 1000,
+            "device_mb": use[storage].device / 1e6, "host_mb": use[storage].host / 1e6,
+            "gather_ms": 1000 * float(np.median(gather[storage])),
+            "gather_p95_ms": 1000 * float(np.percentile(gather[storage], 95)),
+            "end_to_end_fps": float(np.median(fps[storage])), "end_to_end_fps_rounds": fps[storage]})
+    return rows
 
 
 def _prediction_jpeg(engine: Engine, template: int, prediction: np.ndarray) -> bytes:
@@ -224,11 +244,9 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
                 log(f"  batch {batch:3d}: model {row['model_fps']:8.1f} fps, end to end {row['end_to_end_fps']:8.1f} fps")
             outputs = _bench_outputs(engine, features, cfg, pool)
             engine.close()
-            storages = []
-            for storage in cfg.template_storages:
-                storages.append(_bench_storage(package, features, storage, cfg, pool))
-                row = storages[-1]
-                log(f"  templates {storage:<10}: device {row['device_mb']:8.1f} MB, host {row['host_mb']:8.1f} MB, "
+            storages = _bench_storages(package, features, cfg, pool)
+            for row in storages:
+                log(f"  templates {row['template_storage']:<10}: device {row['device_mb']:8.1f} MB, host {row['host_mb']:8.1f} MB, "
                     f"gather {row['gather_ms']:.2f} ms a batch, end to end {row['end_to_end_fps']:8.1f} fps")
         for row in storages[1:]:
             row["fps_vs_first"] = row["end_to_end_fps"] / storages[0]["end_to_end_fps"]
@@ -264,7 +282,7 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
         ("fps_per_core", "frames/s per core"), ("kb_per_frame", "kB a frame")]) + "\n\n" + markdown_table(storages, [
         ("template_storage", f"templates ({result['config']['templates']}), batch {max(cfg.batch_sizes)}"),
         ("device_mb", "device MB"), ("host_mb", "host MB"), ("template_kb_each", "kB a template"),
-        ("gather_ms", "gather ms a batch"), ("end_to_end_fps", "end-to-end FPS"),
+        ("gather_ms", "gather ms a batch (p50)"), ("end_to_end_fps", "end-to-end FPS"),
         ("fps_vs_first", f"vs {cfg.template_storages[0]}")])
     if cfg.out is not None:
         write_json(cfg.out, result)
