@@ -1,9 +1,13 @@
 """Batched SyncTalk_2D inference over (output frame, audio window) items.
 
 Everything a frame needs from its template is prepared once, when the model loads: every template
-frame is decoded, cropped, resized to 328x328 (bicubic) and its inner 320x320 kept resident on the
-device as uint8. A batch is then one gather, one cast, one mask multiply and one network call; on CUDA
-the whole of that is captured in a CUDA graph per batch-size bucket.
+frame is decoded, cropped and resized to 328x328 (bicubic). Where those crops then live is the
+``template_storage`` setting (see TEMPLATE_STORAGES): resident on the device as uint8 ("device": a batch
+is one gather on the device), in host memory ("host": the batch's crops are gathered into a staging
+buffer, pinned on CUDA, and copied over), or losslessly PNG-encoded in host memory ("compressed": the
+batch's crops are decoded in the engine's thread pool, then copied over). Either way a batch is then one
+cast, one mask multiply and one network call, with the same numbers; on CUDA the device side of it is
+captured in a CUDA graph per batch-size bucket.
 
 The fp32 CPU path computes what SyncTalk_2D's inference_328.py computes. Two speed-ups apply on every
 device because they keep its numbers: channels_last (bit-identical here) and BatchNorm folded into the
@@ -38,6 +42,7 @@ from inference_pod.model import (
     build_strict,
     build_unet,
 )
+from inference_pod.settings import TEMPLATE_STORAGES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,39 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 ENCODER_BATCH = 256
 # Template encodings kept for splicing full-frame JPEGs: about 200 KB per 1080p template and quality.
 DEFAULT_JPEG_CACHE_BYTES = 256 << 20
+# PNG level of "compressed" templates: decoding costs about the same at every level, encoding is once.
+PNG_LEVEL = 3
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _cpu_pool() -> ThreadPoolExecutor:
+    """The engines' shared threads for decoding templates (at load, and per batch when compressed):
+    OpenCV releases the GIL, so decoding scales with cores."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="lipsync-decode")
+        return _pool
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Bytes an engine holds, by where. ``device``: what the network's device holds for this model (its
+    weights, and its templates when they are device-resident); ``host``: CPU memory (crops or their PNGs,
+    the staging buffer, decoded full frames, template JPEGs). On a CPU engine both are RAM, split the same
+    way so the modes compare. ``templates``: of those, the template store itself (device regions, host
+    crops or PNGs), the part that grows with the template count. The model store's memory budget counts
+    ``total``."""
+
+    device: int
+    host: int
+    templates: int
+
+    @property
+    def total(self) -> int:
+        return self.device + self.host
 
 
 @dataclass(frozen=True)
@@ -140,6 +178,13 @@ class _TemplateFrames:
         return sum(f.nbytes for f in self._decoded.values()) + sum(len(b) for b in self._encoded)
 
 
+def _encode_png(crop: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", crop, [cv2.IMWRITE_PNG_COMPRESSION, PNG_LEVEL])
+    if not ok:
+        raise PackageError("a template crop cannot be PNG-encoded")
+    return data.tobytes()
+
+
 def _decode_image(data: bytes, index: int) -> np.ndarray:
     frame = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)  # BGR, like cv2.imread
     if frame is None:
@@ -154,28 +199,31 @@ class _GraphedPredictor:
     Batches are padded up to the next bucket; captured lazily on first use of each bucket.
     """
 
-    def __init__(self, step, audio_shape, dtype, device, max_batch: int):
+    def __init__(self, step, input_shape: tuple[int, ...], input_dtype: torch.dtype, audio_shape, dtype, device,
+                 max_batch: int):
         self._step = step
+        self._input_shape = input_shape  # per item: () for template indices, (328, 328, 3) for crops
+        self._input_dtype = input_dtype
         self._audio_shape = audio_shape
         self._dtype = dtype
         self._device = device
         self._buckets = sorted({1 << i for i in range(max_batch.bit_length()) if (1 << i) <= max_batch} | {max_batch})
         self._graphs: dict[int, tuple] = {}
 
-    def __call__(self, index: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
-        b = index.shape[0]
+    def __call__(self, templates: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
+        b = templates.shape[0]
         bucket = next(x for x in self._buckets if x >= b)
         if bucket not in self._graphs:
             self._graphs[bucket] = self._capture(bucket)
         graph, static_index, static_audio, static_out = self._graphs[bucket]
-        static_index[:b].copy_(index, non_blocking=True)
+        static_index[:b].copy_(templates, non_blocking=True)
         static_index[b:].zero_()
         static_audio[:b].copy_(audio_windows, non_blocking=True)
         graph.replay()
         return static_out[:b]
 
     def _capture(self, bucket: int):
-        static_index = torch.zeros(bucket, dtype=torch.long, device=self._device)
+        static_index = torch.zeros((bucket, *self._input_shape), dtype=self._input_dtype, device=self._device)
         static_audio = torch.zeros((bucket, *self._audio_shape), dtype=self._dtype, device=self._device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -205,9 +253,13 @@ class Engine:
         frame_budget_bytes: int = 1 << 30,
         jpeg_cache_bytes: int = DEFAULT_JPEG_CACHE_BYTES,
         identity_network: bool = False,
+        template_storage: str = "device",
     ):
         if precision not in PRECISIONS:
             raise InvalidInput(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if template_storage not in TEMPLATE_STORAGES:
+            raise InvalidInput(f"template storage must be one of {', '.join(TEMPLATE_STORAGES)}, got {template_storage!r}")
+        self.template_storage = template_storage
         if max_batch < 1:
             raise InvalidInput(f"max batch must be >= 1, got {max_batch}")
         self.device = torch.device(device)
@@ -261,7 +313,12 @@ class Engine:
 
         self._mask = torch.from_numpy(mouth_mask()).to(self.device, self._dtype)[None, None]
         self._predict_lock = threading.Lock()
-        self._graphed = _GraphedPredictor(self._step, self.audio_shape, self._dtype, self.device, max_batch) if cuda_graphs else None
+        if template_storage == "device":
+            graph_input: tuple[tuple[int, ...], torch.dtype] = ((), torch.long)
+        else:
+            graph_input = ((CROP_SIZE, CROP_SIZE, 3), torch.uint8)
+        self._graphed = (_GraphedPredictor(self._step, *graph_input, self.audio_shape, self._dtype, self.device,
+                                           max_batch) if cuda_graphs else None)
 
     @classmethod
     def from_package(cls, package, device: str = "cpu", precision: str = "fp32", max_batch: int = 32, **kwargs) -> Engine:
@@ -286,16 +343,27 @@ class Engine:
             return CropBox(x1, y1, x1 + w, y1 + h, w), frame if i == 0 else None  # full frames: see _TemplateFrames
 
         # Decoding thousands of template JPEGs is most of a model's load time; OpenCV releases the GIL.
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            prepared = list(pool.map(prepare, range(n)))
+        prepared = list(_cpu_pool().map(prepare, range(n)))
         self._boxes: list[CropBox] = [box for box, _ in prepared]
         first = prepared[0][1]
         assert first is not None  # prepare keeps template 0's full frame
-        self._crops = crops  # host copy for compositing
         self._frames = _TemplateFrames(encoded, frame_budget_bytes, first)
-        inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
-        self._templates: torch.Tensor | None = inner.to(self.device) if self.device.type == "cuda" else inner
         self.num_templates = n
+        # Host crops: for compositing, and what "host" gathers from; "compressed" keeps their PNGs instead.
+        self._crops: np.ndarray | None = None
+        self._pngs: list[bytes] | None = None
+        self._templates: torch.Tensor | None = None  # device-resident inner regions ("device" only)
+        self._staging: torch.Tensor | None = None  # a batch's crops on the host, pinned on CUDA
+        if self.template_storage == "compressed":  # the raw crops are dropped when this returns
+            self._pngs = list(_cpu_pool().map(_encode_png, crops))
+        else:
+            self._crops = crops
+        if self.template_storage == "device":
+            inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
+            self._templates = inner.to(self.device) if self.device.type == "cuda" else inner
+        else:
+            staging = torch.empty((self.max_batch, CROP_SIZE, CROP_SIZE, 3), dtype=torch.uint8)
+            self._staging = staging.pin_memory() if self.device.type == "cuda" else staging
 
     def template_index(self, frame_id: int) -> int:
         return pingpong_index(frame_id, self.num_templates)
@@ -337,16 +405,64 @@ class Engine:
 
     # ------------------------------------------------------------------------------------- inference
 
-    def _resident(self) -> tuple[nn.Module, torch.Tensor]:
-        """The network and the device-resident templates: what close() releases."""
-        if self.net is None or self._templates is None:
+    def _network(self) -> nn.Module:
+        if self.net is None:
             raise RuntimeError(f"the engine of model {self.name!r} is closed")
-        return self.net, self._templates
+        return self.net
 
-    def _step(self, index: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
-        """Device-side batch: gather templates, [reference, masked] / 255, network, x255 truncated to uint8."""
-        net, templates = self._resident()
-        reference = templates.index_select(0, index).to(self._dtype) / 255.0
+    def _crop(self, template_id: int, frame: np.ndarray | None = None) -> np.ndarray:
+        """The template's 328x328 crop (read-only). Compressed templates are rebuilt: from the template's
+        full frame when the caller has it decoded (the load's own crop and resize, so the same pixels),
+        else from the PNG."""
+        if self._crops is not None:
+            return self._crops[template_id]
+        assert self._pngs is not None
+        if frame is not None:
+            box = self._boxes[template_id]
+            return cv2.resize(frame[box.y1 : box.y2, box.x1 : box.x2], (CROP_SIZE, CROP_SIZE),
+                              interpolation=cv2.INTER_CUBIC)
+        return _decode_image(self._pngs[template_id], template_id)
+
+    def gather(self, template_ids: Sequence[int]) -> torch.Tensor:
+        """What a batch's network input is built from, on the device: the template indices ("device"), or
+        the templates' 328 crops gathered on the host (decoded first when "compressed") and copied over.
+        Outside ``predict``, for benchmarks: it shares ``predict``'s staging buffer."""
+        ids = torch.as_tensor(template_ids, dtype=torch.long)
+        if self.template_storage == "device":
+            return ids.to(self.device, non_blocking=True)
+        staging = self._staging
+        if staging is None:
+            raise RuntimeError(f"the engine of model {self.name!r} is closed")
+        b = len(ids)
+        if b > len(staging):
+            raise InvalidInput(f"a batch of {b} templates exceeds max batch {len(staging)}")
+        batch = staging[:b]
+        out, chosen = batch.numpy(), ids.tolist()
+        if self._crops is not None:
+            for slot, template in enumerate(chosen):  # a copy a crop: faster than index_select on uint8 here
+                out[slot] = self._crops[template]
+        else:
+            pngs = self._pngs
+            assert pngs is not None
+
+            def decode(slot: int) -> None:
+                out[slot] = _decode_image(pngs[chosen[slot]], chosen[slot])
+
+            list(_cpu_pool().map(decode, range(b)))
+        return batch.to(self.device, non_blocking=True) if self.device.type == "cuda" else batch
+
+    def _step(self, templates: torch.Tensor, audio_windows: torch.Tensor) -> torch.Tensor:
+        """Device-side batch: templates' inner regions, [reference, masked] / 255, network, x255 truncated to uint8.
+
+        ``templates`` is what ``gather`` returns: indices into the device-resident regions, or the crops."""
+        net = self._network()
+        if self.template_storage == "device":
+            if self._templates is None:
+                raise RuntimeError(f"the engine of model {self.name!r} is closed")
+            regions = self._templates.index_select(0, templates)
+        else:
+            regions = templates[:, INNER, INNER].permute(0, 3, 1, 2)
+        reference = regions.to(self._dtype) / 255.0
         image = torch.cat([reference, reference * self._mask], dim=1).contiguous(memory_format=torch.channels_last)
         out = net(image, audio_windows)
         return (out.float() * 255).to(torch.uint8).permute(0, 2, 3, 1)
@@ -363,22 +479,26 @@ class Engine:
         if int(ids.min()) < 0 or int(ids.max()) >= self.num_templates:
             raise InvalidInput(f"template index out of range 0..{self.num_templates - 1}")
         if self.identity_network:  # benchmark only: no device work at all, the templates' own regions
-            return np.ascontiguousarray(self._crops[ids.numpy()][:, INNER, INNER])
+            return np.stack([self._crop(int(t))[INNER, INNER] for t in ids])
         outputs = []
         step_size = self.device_batch
         with self._predict_lock, torch.inference_mode():
-            for start in range(0, b, step_size):
-                index = ids[start : start + step_size].to(self.device, non_blocking=True)
-                chunk = audio_t[start : start + step_size].to(self.device, self._dtype, non_blocking=True)
-                step = self._graphed if self._graphed is not None else self._step
-                outputs.append(step(index, chunk).cpu())
+            # A gather holds at most max_batch crops (the staging buffer): predict's batches are the batcher's.
+            for start in range(0, b, self.max_batch):
+                templates = self.gather(ids[start : start + self.max_batch].tolist())
+                for offset in range(0, len(templates), step_size):
+                    s = start + offset
+                    chunk = audio_t[s : s + step_size].to(self.device, self._dtype, non_blocking=True)
+                    step = self._graphed if self._graphed is not None else self._step
+                    outputs.append(step(templates[offset : offset + step_size], chunk).cpu())
         return torch.cat(outputs).numpy()
 
-    def _paste(self, template_id: int, prediction: np.ndarray, dst: np.ndarray) -> None:
+    def _paste(self, template_id: int, prediction: np.ndarray, dst: np.ndarray, frame: np.ndarray) -> None:
         """Write the crop box's new pixels into ``dst`` (the box's view of a frame or region): the
-        prediction pasted into its 328 crop, resized back (bicubic) straight into place."""
+        prediction pasted into its 328 crop, resized back (bicubic) straight into place. ``frame`` is the
+        untouched template frame."""
         box = self._boxes[template_id]
-        crop = self._crops[template_id].copy()
+        crop = self._crop(template_id, frame).copy()
         crop[INNER, INNER] = prediction
         out = cv2.resize(crop, (box.x2 - box.x1, box.y2 - box.y1), dst=dst, interpolation=cv2.INTER_CUBIC)
         if out is not dst:  # a layout OpenCV could not write into: copy
@@ -387,8 +507,9 @@ class Engine:
     def composite(self, template_id: int, prediction: np.ndarray) -> np.ndarray:
         """The full frame: a copy of the template frame with the prediction pasted into its crop box."""
         box = self._boxes[template_id]
-        frame = self._frames.get(template_id).copy()
-        self._paste(template_id, prediction, frame[box.y1 : box.y2, box.x1 : box.x2])
+        template = self._frames.get(template_id)
+        frame = template.copy()
+        self._paste(template_id, prediction, frame[box.y1 : box.y2, box.x1 : box.x2], template)
         return frame
 
     def full_frame_jpeg(self, template_id: int, prediction: np.ndarray, quality: int) -> FullFrameJpeg:
@@ -408,7 +529,7 @@ class Engine:
         if region is not None and (template := self._template_scans.get(key)) is not None:
             part = frame[region.y0 : region.y1, region.x0 : region.x1].copy()
             self._paste(template_id, prediction,
-                        part[box.y1 - region.y0 : box.y2 - region.y0, box.x1 - region.x0 : box.x2 - region.x0])
+                        part[box.y1 - region.y0 : box.y2 - region.y0, box.x1 - region.x0 : box.x2 - region.x0], frame)
             return FullFrameJpeg(splice(template, encode_jpeg(part, settings), grid, region), width, height, "spliced")
         data = encode_jpeg(self.composite(template_id, prediction), settings)
         if region is not None:
@@ -417,17 +538,24 @@ class Engine:
 
     def template_crop(self, template_id: int) -> np.ndarray:
         """The template's inner 320x320 region (BGR), for side-by-side checks."""
-        return self._crops[template_id][INNER, INNER]
+        return self._crop(template_id)[INNER, INNER]
+
+    def memory_use(self) -> MemoryUse:
+        """Bytes this engine holds, on the device and on the host (see MemoryUse)."""
+        net = self._network()
+        device = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+        if self.encoder is not None:
+            device += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
+        on_device = self._templates.numel() if self._templates is not None else 0
+        on_host = self._crops.nbytes if self._crops is not None else 0
+        on_host += sum(len(png) for png in self._pngs) if self._pngs is not None else 0
+        host = self._frames.nbytes() + self._template_scans.nbytes + on_host
+        host += self._staging.numel() if self._staging is not None else 0
+        return MemoryUse(device=device + on_device, host=host, templates=on_device + on_host)
 
     def memory_bytes(self) -> int:
-        """Bytes this engine holds (weights, resident templates, decoded frames, template JPEGs): for the
-        memory budget."""
-        net, templates = self._resident()
-        params = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-        if self.encoder is not None:
-            params += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
-        return (params + templates.numel() + self._crops.nbytes + self._frames.nbytes()
-                + self._template_scans.nbytes)
+        """Bytes this engine holds, device and host together: what the model store's memory budget counts."""
+        return self.memory_use().total
 
     def close(self) -> None:
         """Release device memory now rather than at garbage collection."""
@@ -435,5 +563,6 @@ class Engine:
         self.net = None
         self.encoder = None
         self._templates = None
+        self._staging = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -100,7 +100,8 @@ class Pod:
 
         s = self.settings
         return Engine.from_package(package, device=s.device, precision=s.precision, max_batch=s.max_batch,
-                                   identity_network=s.benchmark_identity_network)
+                                   identity_network=s.benchmark_identity_network,
+                                   template_storage=s.template_storage)
 
     def _make_batcher(self, name: str, engine: InferenceEngine) -> Batcher:
         s = self.settings

@@ -19,6 +19,9 @@ ENV_PREFIX = "LIPSYNC_"
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Where a model's template crops live (see inference_pod.engine): on the device, in host memory with a copy
+# per batch, or PNG-compressed in host memory with a decode per batch.
+TEMPLATE_STORAGES = ("device", "host", "compressed")
 _DEST_PREFIX = "setting_"
 
 
@@ -47,6 +50,10 @@ class Settings:
     device: str = field(default="cpu", metadata={"help": "inference device", "choices": DEVICES})
     precision: str = field(default="fp32", metadata={"help": "inference precision", "choices": PRECISIONS})
     max_batch: int = field(default=32, metadata={"help": "largest device batch"})
+    template_storage: str = field(default="device", metadata={
+        "help": "where each model's template crops live: device (resident, fastest; device memory grows with "
+                "the template count), host (host memory, copied to the device per batch) or compressed "
+                "(PNG in host memory, decoded per batch; smallest)", "choices": TEMPLATE_STORAGES})
     max_batch_delay_ms: float = field(default=5.0, metadata={
         "help": "longest wait for a batch to fill once its first request arrived"})
     max_queue: int = field(default=256, metadata={
@@ -119,6 +126,8 @@ class Settings:
             problems.append(f"--device must be one of {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.template_storage not in TEMPLATE_STORAGES:
+            problems.append(f"--template-storage must be one of {', '.join(TEMPLATE_STORAGES)}")
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         if (self.tls_cert is None) != (self.tls_key is None):

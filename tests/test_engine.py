@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference_pod.bench import naive
-from inference_pod.engine import MODEL_INPUT_SIZE, Engine, mouth_mask, pingpong_index
+from inference_pod.engine import CROP_SIZE, MODEL_INPUT_SIZE, Engine, mouth_mask, pingpong_index
 from inference_pod.errors import AudioError, InvalidInput
 from inference_pod.model import LipSyncUNet, random_weights
 from inference_pod.package import extract_package, write_package
@@ -102,6 +102,8 @@ def test_bad_engine_options(demo_character_package):
         Engine.from_package(demo_character_package, precision="int8")
     with pytest.raises(InvalidInput, match="max batch"):
         Engine.from_package(demo_character_package, max_batch=0)
+    with pytest.raises(InvalidInput, match="template storage must be one of device, host, compressed"):
+        Engine.from_package(demo_character_package, template_storage="disk")
     if not torch.cuda.is_available():
         with pytest.raises(InvalidInput, match="CUDA is not available"):
             Engine.from_package(demo_character_package, device="cuda")
@@ -191,3 +193,56 @@ def test_identity_network_returns_each_templates_own_region(demo_character_packa
     out = identity.predict(templates, identity.windows(identity.default_features, [0, 1, 2]))
     for t, frame in zip(templates, out, strict=True):
         assert np.array_equal(frame, identity.template_crop(t))
+
+
+@pytest.mark.parametrize("storage", ["host", "compressed"])
+@pytest.mark.parametrize("device_batch", [1, 8])
+def test_every_template_storage_gives_byte_identical_frames(engine, demo_character_package, storage, device_batch):
+    """Where the templates live changes what a batch costs, never a pixel: predictions, composites and full
+    frames are byte for byte those of device-resident templates (fp32, CPU)."""
+    other = Engine.from_package(demo_character_package, max_batch=8, device_batch=device_batch,
+                                template_storage=storage)
+    ids = list(range(14))  # two batches of 8 and 6, past both turns of the 12-template walk
+    templates = [engine.template_index(i) for i in ids]
+    windows = engine.windows(engine.default_features, ids)
+    expected, got = engine.predict(templates, windows), other.predict(templates, windows)
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
+    for t, prediction in zip(templates, expected, strict=True):
+        assert np.array_equal(other.composite(t, prediction), engine.composite(t, prediction))
+        assert other.full_frame_jpeg(t, prediction, 80).data == engine.full_frame_jpeg(t, prediction, 80).data
+        assert np.array_equal(other.template_crop(t), engine.template_crop(t))
+
+
+@pytest.mark.parametrize("storage", ["host", "compressed"])
+def test_spliced_full_frames_are_identical_in_every_template_storage(wide_engine, tmp_path_factory, storage):
+    from inference_pod.demo_character import build_demo_package
+
+    out = tmp_path_factory.mktemp("wide-" + storage) / "wide.zip"
+    build_demo_package("wide", out, width=4, frames=4, seed=1, size=(320, 240), audio_seconds=1.0)
+    other = Engine.from_package(extract_package(out, tmp_path_factory.mktemp("wide-x-" + storage) / "wide"),
+                                max_batch=4, template_storage=storage)
+    ids = templates = list(range(4))  # each template once
+    predictions = wide_engine.predict(templates, wide_engine.windows(wide_engine.default_features, ids))
+    assert np.array_equal(other.predict(templates, other.windows(other.default_features, ids)), predictions)
+    for path in ("plain", "spliced"):  # first the whole frame, then spliced into the kept template encoding
+        for t, prediction in zip(templates, predictions, strict=True):
+            ours = other.full_frame_jpeg(t, prediction, 75)
+            assert ours.data == wide_engine.full_frame_jpeg(t, prediction, 75).data
+            assert ours.path == path
+
+
+def test_memory_use_follows_where_templates_live(demo_character_package):
+    engines = {storage: Engine.from_package(demo_character_package, max_batch=8, template_storage=storage)
+               for storage in ("device", "host", "compressed")}  # fresh: no full frames served yet
+    use = {storage: engine.memory_use() for storage, engine in engines.items()}
+    n = engines["device"].num_templates
+    weights = use["host"].device
+    inner, crop, staging = 3 * MODEL_INPUT_SIZE**2, 3 * CROP_SIZE**2, 8 * 3 * CROP_SIZE**2
+    assert weights > 0 and use["compressed"].device == weights  # off the device: weights only
+    assert use["device"].device == weights + n * inner  # resident: one 320x320x3 region a template
+    frames = use["device"].host - n * crop  # decoded full frames and template encodings, the same in every mode
+    assert frames >= 0 and use["host"].host == frames + n * crop + staging
+    assert frames + staging < use["compressed"].host < use["host"].host  # PNGs: more than nothing, less than raw
+    assert [use[s].templates for s in ("device", "host")] == [n * (inner + crop), n * crop]
+    assert use["compressed"].templates == use["compressed"].host - frames - staging
+    assert engines["device"].memory_bytes() == use["device"].total == use["device"].device + use["device"].host

@@ -27,6 +27,7 @@ from inference_pod.bench import naive
 from inference_pod.bench.report import latency_summary, machine_info, markdown_table, write_json
 from inference_pod.encoding import DEFAULT_JPEG_QUALITY, OutputSpec, encode_image
 from inference_pod.engine import Engine
+from inference_pod.settings import TEMPLATE_STORAGES
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -45,6 +46,8 @@ class EngineBenchConfig:
     naive_frames: int = 16
     warmup_batches: int = 1
     composite_workers: int = 4
+    template_storages: tuple[str, ...] = TEMPLATE_STORAGES  # compared at the largest batch size; the first runs the rest
+    storage_rounds: int = 3  # turns each storage takes, alternating order
     seed: int = 0
     out: Path | None = None
     extra: dict = field(default_factory=dict)
@@ -110,6 +113,54 @@ def _bench_batched(engine: Engine, features: np.ndarray, batch: int, cfg: Engine
     }
 
 
+def _gather_seconds(engine: Engine, features: np.ndarray, batch: int, cfg: EngineBenchConfig) -> list[float]:
+    n_tracks = len(features)
+    times: list[float] = []
+    for start in range(-batch, max(cfg.frames, batch), batch):  # the first batch is a warm-up
+        first = max(start, 0)
+        templates = [engine.template_index(i % n_tracks) for i in range(first, first + batch)]
+        t0 = time.perf_counter()
+        engine.gather(templates)
+        _sync(cfg.device)
+        if start >= 0:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _bench_storages(package, features: np.ndarray, cfg: EngineBenchConfig, pool: Executor) -> list[dict[str, Any]]:
+    """Each template storage at the largest batch size: what it holds where once loaded, what a batch's
+    gather costs (host: copies into the staging buffer; compressed: PNG decodes; device: the indices only,
+    its gather runs on the device inside the step), and frames/s end to end. The storages take turns, in
+    alternating order, ``storage_rounds`` times, and each reports its medians: a busy machine slows them
+    alike."""
+    batch = max(cfg.batch_sizes)
+    engines = {storage: Engine.from_package(package, device=cfg.device, precision=cfg.precision, max_batch=batch,
+                                            identity_network=cfg.identity_network, template_storage=storage)
+               for storage in cfg.template_storages}
+    use = {storage: engine.memory_use() for storage, engine in engines.items()}
+    gather: dict[str, list[float]] = {storage: [] for storage in engines}
+    fps: dict[str, list[float]] = {storage: [] for storage in engines}
+    try:
+        for round_ in range(cfg.storage_rounds):
+            for storage in (cfg.template_storages if round_ % 2 == 0 else cfg.template_storages[::-1]):
+                gather[storage] += _gather_seconds(engines[storage], features, batch, cfg)
+                fps[storage].append(_bench_batched(engines[storage], features, batch, cfg, pool)["end_to_end_fps"])
+    finally:
+        for engine in engines.values():
+            engine.close()
+    rows = []
+    for storage, engine in engines.items():
+        rows.append({
+            "template_storage": storage, "batch": batch, "templates": engine.num_templates,
+            "rounds": cfg.storage_rounds, "device_bytes": use[storage].device, "host_bytes": use[storage].host,
+            "template_bytes": use[storage].templates, "template_kb_each": use[storage].templates / engine.num_templates / 1000,
+            "device_mb": use[storage].device / 1e6, "host_mb": use[storage].host / 1e6,
+            "gather_ms": 1000 * float(np.median(gather[storage])),
+            "gather_p95_ms": 1000 * float(np.percentile(gather[storage], 95)),
+            "end_to_end_fps": float(np.median(fps[storage])), "end_to_end_fps_rounds": fps[storage]})
+    return rows
+
+
 def _prediction_jpeg(engine: Engine, template: int, prediction: np.ndarray) -> bytes:
     return encode_image(prediction, OutputSpec(region="prediction"))
 
@@ -173,7 +224,7 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
             build_demo_package("bench-demo", source, width=cfg.width, seed=cfg.seed, size=cfg.frame_size)
         package = open_package(source)
         engine = Engine.from_package(package, device=cfg.device, precision=cfg.precision, max_batch=max(cfg.batch_sizes),
-                                     identity_network=cfg.identity_network)
+                                     identity_network=cfg.identity_network, template_storage=cfg.template_storages[0])
         features = engine.default_features
         if features is None:
             features = np.random.default_rng(cfg.seed).standard_normal((cfg.frames + 16, 512)).astype(np.float32)
@@ -192,6 +243,13 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
                 rows.append(row)
                 log(f"  batch {batch:3d}: model {row['model_fps']:8.1f} fps, end to end {row['end_to_end_fps']:8.1f} fps")
             outputs = _bench_outputs(engine, features, cfg, pool)
+            engine.close()
+            storages = _bench_storages(package, features, cfg, pool)
+            for row in storages:
+                log(f"  templates {row['template_storage']:<10}: device {row['device_mb']:8.1f} MB, host {row['host_mb']:8.1f} MB, "
+                    f"gather {row['gather_ms']:.2f} ms a batch, end to end {row['end_to_end_fps']:8.1f} fps")
+        for row in storages[1:]:
+            row["fps_vs_first"] = row["end_to_end_fps"] / storages[0]["end_to_end_fps"]
         for row in outputs:
             log(f"  {row['output']:<17}: {row['fps']:8.1f} fps, {row['cpu_ms_per_frame']:.2f} ms CPU a frame "
                 f"({row['fps_per_core']:.0f} frames/s per core)")
@@ -202,12 +260,13 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
             "config": {"package": package.manifest.name, "model_width": package.manifest.model_width,
                        "templates": engine.num_templates, "image_size": list(package.manifest.image_size),
                        "precision": cfg.precision, "frames_per_run": cfg.frames,
+                       "template_storage": cfg.template_storages[0],
                        "identity_network": cfg.identity_network, **cfg.extra},
             "naive_loop": baseline,
             "batched": rows,
             "outputs": outputs,
+            "template_storages": storages,
         }
-        engine.close()
     naive_row = [{"batch": "naive loop", "model_fps": None, "end_to_end_fps": baseline["fps"],
                   "batch_p50_ms": baseline["p50_ms"], "speedup_end_to_end": 1.0}] if baseline else []
     width, height = result["config"]["image_size"]
@@ -220,7 +279,11 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
     ) + "\n\n" + markdown_table(outputs, [
         ("output", f"output (JPEG q{DEFAULT_JPEG_QUALITY}, batch {cfg.output_batch})"), ("fps", "frames/s"),
         ("fps_vs_region", "vs region"), ("cpu_ms_per_frame", "CPU ms a frame"),
-        ("fps_per_core", "frames/s per core"), ("kb_per_frame", "kB a frame")])
+        ("fps_per_core", "frames/s per core"), ("kb_per_frame", "kB a frame")]) + "\n\n" + markdown_table(storages, [
+        ("template_storage", f"templates ({result['config']['templates']}), batch {max(cfg.batch_sizes)}"),
+        ("device_mb", "device MB"), ("host_mb", "host MB"), ("template_kb_each", "kB a template"),
+        ("gather_ms", "gather ms a batch (p50)"), ("end_to_end_fps", "end-to-end FPS"),
+        ("fps_vs_first", f"vs {cfg.template_storages[0]}")])
     if cfg.out is not None:
         write_json(cfg.out, result)
     return result

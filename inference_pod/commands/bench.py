@@ -9,6 +9,7 @@ from pathlib import Path
 
 from inference_pod.bench.service_bench import SCENARIOS as SERVICE_SCENARIOS
 from inference_pod.engine import PRECISIONS
+from inference_pod.settings import TEMPLATE_STORAGES
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -64,6 +65,14 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
+def _storages(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    unknown = [n for n in names if n not in TEMPLATE_STORAGES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown template storages {unknown}; choose from {', '.join(TEMPLATE_STORAGES)}")
+    return names
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = bench.add_parser("engine", help="batched engine vs SyncTalk_2D's per-frame loop, in one run")
@@ -81,6 +90,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=64, help="frames per batch-size run")
     p.add_argument("--naive-frames", type=int, default=16, help="frames through the naive loop (0: skip it)")
     p.add_argument("--output-batch", type=_positive, default=16, help="batch of the region-vs-full-frame rows")
+    p.add_argument("--template-storage", type=_storages, default=",".join(TEMPLATE_STORAGES),
+                   help="comma-separated template storages to compare at the largest batch size: resident bytes, "
+                        "gather cost, frames/s (default: all of device,host,compressed; the first runs the "
+                        "other rows)")
     p.add_argument("--out", type=Path, default=Path("bench-results/engine.json"), help="JSON results file")
     p.set_defaults(func=run_engine)
 
@@ -159,7 +172,7 @@ def run_engine(args: argparse.Namespace) -> int:
     cfg = EngineBenchConfig(package=args.package, width=args.width, frame_size=args.frame_size,
                             identity_network=args.identity_network, device=args.device, precision=args.precision,
                             batch_sizes=args.batch_sizes, frames=args.frames, naive_frames=args.naive_frames,
-                            output_batch=args.output_batch, out=args.out)
+                            output_batch=args.output_batch, template_storages=args.template_storage, out=args.out)
     result = run(cfg)
     print(result["markdown"])
     print(f"\nJSON: {args.out}")

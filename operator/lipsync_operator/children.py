@@ -85,6 +85,8 @@ def server_args(spec: dict, package: PackageRef) -> list[str]:
             "--max-batch", str(rt["maxBatch"]), "--max-batch-delay-ms", f"{rt['maxBatchDelayMs']:g}"]
     if rt.get("memoryBudgetMb"):
         args += ["--memory-budget-mb", str(rt["memoryBudgetMb"])]
+    if rt.get("templateStorage"):
+        args += ["--template-storage", rt["templateStorage"]]
     if package.registry:
         args += ["--registry-url", package.registry]
     if cache.get("frameTtlSeconds") is not None:

@@ -99,6 +99,7 @@ def pool_deployment(owner: dict, spec: dict, config: OperatorConfig) -> dict:
     name = owner["metadata"]["name"]
     as_model = {**copy.deepcopy(spec), "package": {}}
     as_model["runtime"]["memoryBudgetMb"] = spec["modelMemoryBudgetMb"]
+    as_model["runtime"]["templateStorage"] = spec["templateStorage"]
     dep = children.deployment({**owner, "metadata": {**owner["metadata"]}}, as_model,
                               _NoPackage(registry=config.registry_url), config)
     pod = dep["spec"]["template"]

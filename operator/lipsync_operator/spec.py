@@ -64,6 +64,8 @@ POOL_DEFAULTS: dict[str, Any] = {
        if path.split(".")[0] in ("autoscaling", "runtime", "resources", "cache", "scheduling", "disruptionBudget",
                                  "monitoring")},
     "capacityFps": 400,
+    # Pooled pods hold many models: their templates stay off the GPU (docs/BENCHMARKS.md, template storage).
+    "templateStorage": "host",
     "resources.modelsVolume": "64Gi",
 }
 

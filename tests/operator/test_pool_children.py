@@ -53,6 +53,26 @@ def test_pool_pods_preload_nothing_and_keep_to_the_model_budget():
         kubernetes_validate.validate(dep, version, strict=True)
 
 
+@pytest.mark.parametrize("storage, expected", [(None, "host"), ("device", "device"), ("compressed", "compressed")])
+def test_pool_pods_get_the_pools_template_storage(storage, expected):
+    spec = pool_spec(**({"templateStorage": storage} if storage else {}))
+    (server,) = pool_deployment(POOL, spec, CONFIG)["spec"]["template"]["spec"]["containers"]
+    args = server["args"]
+    assert args.count("--template-storage") == 1 and args[args.index("--template-storage") + 1] == expected
+
+
+def test_a_dedicated_model_passes_its_template_storage_only_when_set():
+    from lipsync_operator.children import deployment
+    from lipsync_operator.registry import PackageCheck
+
+    package = PackageCheck(available=True, reason="", message="", name="alice", version="1", sha256="0" * 64,
+                           registry=CONFIG.registry_url)
+    for runtime, expected in (({}, None), ({"templateStorage": "compressed"}, "compressed")):
+        spec = normalize({"package": {"name": "alice"}, "runtime": runtime})
+        args = deployment(MODEL, spec, package, CONFIG)["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert (args[args.index("--template-storage") + 1] if "--template-storage" in args else None) == expected
+
+
 @pytest.mark.parametrize("needed, expected", [(0, 2), (3, 3), (50, 10)])
 def test_the_pool_hpa_keeps_the_pods_the_copies_need_within_its_bounds(needed, expected):
     spec = pool_spec(autoscaling={"minReplicas": 2, "maxReplicas": 10})
