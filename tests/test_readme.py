@@ -47,10 +47,9 @@ from pathlib import Path
 
 import aiohttp
 import cv2
-import grpc
 import numpy as np
 import pytest
-from serving_support import LOOPBACK, free_port, speech_pcm16, wav_bytes
+from serving_support import LOOPBACK, free_port, speech_pcm16, wait_serving, wav_bytes
 
 from inference_pod.cli import main
 from inference_pod.client import LipSyncClient
@@ -153,18 +152,12 @@ class Readme:
         self.pod = subprocess.Popen([sys.executable, "-m", "inference_pod.cli", *argv], cwd=self.root,
                                     stdout=self._pod_log, stderr=subprocess.STDOUT,
                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
-        deadline = time.monotonic() + 120
         with LipSyncClient(f"{LOOPBACK}:{self.grpc_port}", timeout=5) as client:
-            while True:
-                try:
-                    if client.health() == "SERVING":
-                        return
-                except grpc.RpcError:
-                    pass
-                if self.pod.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"the README's serve line did not start a pod: {serve}\n"
-                                         f"{(self.root / 'pod.log').read_text()}")
-                time.sleep(0.3)
+            try:
+                wait_serving(client, self.pod, 120)
+            except AssertionError:
+                raise AssertionError(f"the README's serve line did not start a pod: {serve}\n"
+                                     f"{(self.root / 'pod.log').read_text()}") from None
 
     def stop_pod(self) -> None:
         if self.pod is not None:
