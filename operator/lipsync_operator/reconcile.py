@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from lipsync_operator import children, status
 from lipsync_operator.config import FIELD_MANAGER, OperatorConfig
@@ -153,6 +154,10 @@ class Reconciler:
                 else:
                     unwanted.append(PODMONITOR)
 
+            def report(problem: tuple[str, str]) -> None:
+                self.write_status(namespace, name, observed_generation=generation, package_condition=pkg_condition,
+                                  problem=problem)
+
             applied: dict[str, dict | None] = {}
             try:
                 for child in desired:
@@ -168,19 +173,13 @@ class Reconciler:
                         exc.applying = f"deleting {kind.kind} {name}"
                         raise
             except ChildConflict as exc:
-                self.write_status(namespace, name, observed_generation=generation, package_condition=pkg_condition,
-                                  problem=("ChildConflict", str(exc)))
-                delay = self.config.backoff(retry)
-                raise RetryLater("ChildConflict", f"{exc}; retrying in {delay:g}s", delay) from None
+                raise self._refused("ChildConflict", str(exc), retry, report) from None
             except Unreachable:
                 raise
             except ApiError as exc:
                 # Refused by the API server: validation, an admission policy, a quota.
                 message = f"{exc.applying}: {exc.status} {exc.reason}: {exc.message}"
-                self.write_status(namespace, name, observed_generation=generation, package_condition=pkg_condition,
-                                  problem=("ApplyFailed", message))
-                delay = self.config.backoff(retry)
-                raise RetryLater("ApplyFailed", f"{message}; retrying in {delay:g}s", delay) from None
+                raise self._refused("ApplyFailed", message, retry, report) from None
 
             self.write_status(namespace, name, observed_generation=generation, package_condition=pkg_condition,
                               problem=None, package=package, deployment=applied["Deployment"])
@@ -211,20 +210,22 @@ class Reconciler:
                 if kind is not PODMONITOR or self._monitoring_installed():
                     self._delete_owned(kind, namespace, name, meta["uid"])
         except ChildConflict as exc:
-            report(("ChildConflict", str(exc)))
-            delay = self.config.backoff(retry)
-            raise RetryLater("ChildConflict", f"{exc}; retrying in {delay:g}s", delay) from None
+            raise self._refused("ChildConflict", str(exc), retry, report) from None
         except Unreachable:
             raise
         except ApiError as exc:
             message = f"Service {name}: {exc.status} {exc.reason}: {exc.message}"
-            report(("ApplyFailed", message))
-            delay = self.config.backoff(retry)
-            raise RetryLater("ApplyFailed", f"{message}; retrying in {delay:g}s", delay) from None
+            raise self._refused("ApplyFailed", message, retry, report) from None
         report(None, with_package=True)
         summary = f"{package.name} {package.version}: applied Service; placed by pool {spec['pool']}"
         log.info("reconciled %s/%s: %s", namespace, name, summary)
         return summary
+
+    def _refused(self, code: str, message: str, retry: int, report: Callable[[tuple[str, str]], None]) -> RetryLater:
+        """A child the API server would not take: reported in the status, then retried with backoff."""
+        report((code, message))
+        delay = self.config.backoff(retry)
+        return RetryLater(code, f"{message}; retrying in {delay:g}s", delay)
 
     def heal(self, namespace: str, name: str, uid: str) -> str | None:
         """A child went away (e.g. a deleted Deployment): reconcile its owner, if the owner is still there."""
