@@ -348,12 +348,17 @@ def _check_feature_size(features: np.ndarray, shape: tuple[int, ...]) -> tuple[i
 
 def feature_windows(features: np.ndarray, indices, shape: tuple[int, ...]) -> np.ndarray:
     """For each output frame i: features i-8 ... i+7 (zeros outside the track), reshaped to the network's
-    audio input: (len(indices), *shape) float32."""
+    audio input: (len(indices), *shape) float32. Touches only the rows asked for: a frame of a long
+    track costs what a frame of a short one does."""
     n, dim = _check_feature_size(features, shape)
-    padded = np.zeros((n + 2 * FEATURE_CONTEXT, dim), dtype=np.float32)
-    padded[FEATURE_CONTEXT : FEATURE_CONTEXT + n] = features.reshape(n, dim)
+    if len(indices) == 1 and FEATURE_CONTEXT <= (i := int(indices[0])) <= n - FEATURE_CONTEXT:
+        # One frame away from the track's ends (a single request, a live stream): a plain slice.
+        return features.reshape(n, dim)[i - FEATURE_CONTEXT : i + FEATURE_CONTEXT].astype(np.float32).reshape(1, *shape)
     idx = np.asarray(indices, dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise AudioError(f"frame index out of range 0..{n - 1}")
-    rows = idx[:, None] + np.arange(2 * FEATURE_CONTEXT)[None, :]
-    return padded[rows].reshape(len(idx), *shape)
+    rows = idx[:, None] + np.arange(-FEATURE_CONTEXT, FEATURE_CONTEXT)[None, :]
+    inside = (rows >= 0) & (rows < n)
+    windows = np.zeros((len(idx), 2 * FEATURE_CONTEXT, dim), dtype=np.float32)
+    windows[inside] = features.reshape(n, dim)[rows[inside]]
+    return windows.reshape(len(idx), *shape)

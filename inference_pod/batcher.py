@@ -5,8 +5,10 @@ full, or when the device is idle and the oldest request has waited ``max_delay_s
 when other requests are coming: a lone sequential client (the last batch held one item and one item is
 queued) is dispatched at once instead. While one batch runs,
 the next one is gathered, and a full next batch is queued right behind it, so the device is never left
-waiting on the event loop. ``engine.predict`` runs in the model's own single worker thread; compositing
-and encoding happen in the caller (a shared thread pool), overlapping with the next batch.
+waiting on the event loop. ``engine.predict`` runs in the model's own single worker thread. What each
+item needs done with its prediction (compositing, encoding: its ``finish``) runs on the shared CPU pool,
+overlapping with the next batch: a device batch is split into one chunk per CPU thread, and each chunk's
+results reach the event loop in one wake-up, not one per frame.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -32,12 +36,17 @@ class BatcherClosed(Unavailable):
     """The model was unloaded after this request found it; asking the model store again will reload it."""
 
 
+Finish = Callable[[np.ndarray], Any]  # an item's work on its prediction, on the CPU pool
+
+
 @dataclass
 class BatchResult:
     prediction: np.ndarray  # (320, 320, 3) uint8 BGR
     queue_s: float
     inference_s: float
     batch_size: int
+    output: Any = None  # what the item's finish returned
+    finish_s: float = 0.0
 
 
 @dataclass
@@ -45,12 +54,16 @@ class _Item:
     template_id: int
     window: np.ndarray
     future: asyncio.Future
+    finish: Finish | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
 class Batcher:
+    """``finisher`` runs the items' finish work (``finish_workers`` threads of it are used at once); without
+    one it runs in the model's worker thread, after the batch's prediction."""
+
     def __init__(self, model: str, engine, metrics: Metrics, *, max_batch: int = 32, max_delay_s: float = 0.005,
-                 max_queue: int = 256):
+                 max_queue: int = 256, finisher: Executor | None = None, finish_workers: int = 1):
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise InvalidInput("max_batch and max_queue must be >= 1 and max_delay_s >= 0")
         self.model = model
@@ -66,6 +79,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._in_flight: set[asyncio.Future] = set()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"predict-{model}")
+        self._finisher = finisher or self._worker
+        self._finish_workers = max(1, finish_workers) if finisher is not None else 1
         self._closing = False
         self._closed = False
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{model}")
@@ -77,8 +92,9 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    async def submit(self, template_id: int, window: np.ndarray) -> BatchResult:
-        """Queue one (template, audio window) item and wait for its prediction."""
+    async def submit(self, template_id: int, window: np.ndarray, finish: Finish | None = None) -> BatchResult:
+        """Queue one (template, audio window) item and wait for its prediction, and for ``finish(prediction)``
+        (in ``BatchResult.output``) when given."""
         if self._closed:
             raise BatcherClosed(f"model {self.model!r} was unloaded")
         # Checked here, per item, so one bad item can never fail the batch it would have joined.
@@ -90,7 +106,7 @@ class Batcher:
         if len(self._pending) >= self.max_queue:
             raise Overloaded(f"model {self.model!r} has {len(self._pending)} frames queued (limit "
                              f"{self.max_queue}); retry later")
-        item = _Item(template_id, window, asyncio.get_running_loop().create_future())
+        item = _Item(template_id, window, asyncio.get_running_loop().create_future(), finish)
         self._pending.append(item)
         self._queue_gauge.set(len(self._pending))
         self._wakeup.set()
@@ -172,9 +188,55 @@ class Batcher:
         self._last_batch_size = len(batch)
         self._batch_hist.observe(len(batch))
         self._inference_hist.observe(inference_s)
+        finishing: list[tuple[_Item, BatchResult]] = []
         for item, prediction in zip(batch, predictions, strict=True):
-            if not item.future.done():
-                item.future.set_result(BatchResult(prediction, dispatched - item.enqueued, inference_s, len(batch)))
+            if item.future.done():
+                continue
+            result = BatchResult(prediction, dispatched - item.enqueued, inference_s, len(batch))
+            if item.finish is None:
+                item.future.set_result(result)
+            else:
+                finishing.append((item, result))
+        if finishing:
+            self._start_finishing(finishing)
+
+    def _start_finishing(self, pairs: list[tuple[_Item, BatchResult]]) -> None:
+        """One job per CPU thread, each a contiguous share of the batch (ordered items finish in order)."""
+        loop = asyncio.get_running_loop()
+        chunks = min(len(pairs), self._finish_workers)
+        for k in range(chunks):
+            chunk = pairs[k * len(pairs) // chunks : (k + 1) * len(pairs) // chunks]
+            try:
+                self._finisher.submit(self._finish_chunk, loop, chunk)
+            except RuntimeError:  # the pool is shut down: the pod is stopping
+                self._deliver([(item, None, Unavailable("the server is shutting down")) for item, _ in chunk])
+
+    def _finish_chunk(self, loop: asyncio.AbstractEventLoop, chunk: Sequence[tuple[_Item, BatchResult]]) -> None:
+        """CPU pool thread: each item's finish, then one hand-over of the whole chunk to the event loop."""
+        done: list[tuple[_Item, BatchResult | None, BaseException | None]] = []
+        for item, result in chunk:
+            started = time.perf_counter()
+            try:
+                assert item.finish is not None
+                result.output = item.finish(result.prediction)
+                result.finish_s = time.perf_counter() - started
+                done.append((item, result, None))
+            except Exception as exc:  # this item's alone: its chunk-mates are delivered
+                done.append((item, None, exc))
+        try:
+            loop.call_soon_threadsafe(self._deliver, done)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    @staticmethod
+    def _deliver(done: Sequence[tuple[_Item, BatchResult | None, BaseException | None]]) -> None:
+        for item, result, error in done:
+            if item.future.done():  # the caller went away
+                continue
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(result)
 
     def _fail_pending(self, error: Exception) -> None:
         while self._pending:

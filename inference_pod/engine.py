@@ -32,7 +32,15 @@ from torch import nn
 
 from inference_pod import audio
 from inference_pod.errors import AudioError, InvalidInput, PackageError
-from inference_pod.jpeg_splice import ScanSegments, TemplateScans, encode_jpeg, frame_grid, splice
+from inference_pod.jpeg_splice import (
+    RegionBorder,
+    ScanSegments,
+    TemplateScans,
+    encode_jpeg,
+    frame_grid,
+    jpeg_settings,
+    splice,
+)
 from inference_pod.model import (
     AUDIO_FEATURE_SHAPES,
     CROP_SIZE,
@@ -332,7 +340,7 @@ class Engine:
         encoded = [package.frame_bytes(i) for i in range(n)]
         crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
 
-        def prepare(i: int) -> tuple[CropBox, np.ndarray | None]:
+        def prepare(i: int) -> tuple[CropBox, RegionBorder | None, np.ndarray | None]:
             x1, y1, x2, y2 = (int(v) for v in boxes[i])
             frame = _decode_image(encoded[i], i)
             crop = frame[y1:y2, x1:x2]
@@ -340,12 +348,16 @@ class Engine:
                 raise PackageError(f"crop box {i} ({x1}, {y1}, {x2}, {y2}) is empty inside a {frame.shape[1]}x{frame.shape[0]} frame")
             h, w = crop.shape[:2]
             crops[i] = cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
-            return CropBox(x1, y1, x1 + w, y1 + h, w), frame if i == 0 else None  # full frames: see _TemplateFrames
+            box = CropBox(x1, y1, x1 + w, y1 + h, w)
+            region = frame_grid(frame.shape[1], frame.shape[0]).region(box.x1, box.y1, box.x2, box.y2)
+            border = RegionBorder(frame, region, (box.x1, box.y1, box.x2, box.y2)) if region is not None else None
+            return box, border, frame if i == 0 else None  # full frames: see _TemplateFrames
 
         # Decoding thousands of template JPEGs is most of a model's load time; OpenCV releases the GIL.
         prepared = list(_cpu_pool().map(prepare, range(n)))
-        self._boxes: list[CropBox] = [box for box, _ in prepared]
-        first = prepared[0][1]
+        self._boxes: list[CropBox] = [box for box, _, _ in prepared]
+        self._borders: list[RegionBorder | None] = [border for _, border, _ in prepared]  # spliced frames' pixels
+        first = prepared[0][2]
         assert first is not None  # prepare keeps template 0's full frame
         self._frames = _TemplateFrames(encoded, frame_budget_bytes, first)
         self.num_templates = n
@@ -493,10 +505,10 @@ class Engine:
                     outputs.append(step(templates[offset : offset + step_size], chunk).cpu())
         return torch.cat(outputs).numpy()
 
-    def _paste(self, template_id: int, prediction: np.ndarray, dst: np.ndarray, frame: np.ndarray) -> None:
+    def _paste(self, template_id: int, prediction: np.ndarray, dst: np.ndarray, frame: np.ndarray | None = None) -> None:
         """Write the crop box's new pixels into ``dst`` (the box's view of a frame or region): the
-        prediction pasted into its 328 crop, resized back (bicubic) straight into place. ``frame`` is the
-        untouched template frame."""
+        prediction pasted into its 328 crop, resized back (bicubic) straight into place. ``frame``, the
+        untouched template frame where the caller has it, spares compressed templates a PNG decode."""
         box = self._boxes[template_id]
         crop = self._crop(template_id, frame).copy()
         crop[INNER, INNER] = prediction
@@ -515,26 +527,32 @@ class Engine:
     def full_frame_jpeg(self, template_id: int, prediction: np.ndarray, quality: int) -> FullFrameJpeg:
         """``encode_image(composite(template_id, prediction))`` as JPEG, byte for byte, and how it was made.
 
-        "spliced": only the restart-aligned region around the crop box was composited and encoded, the
-        rest of the bytes are the template's (see jpeg_splice). "plain": the whole frame was; that encoding
-        is then kept as the template's, since outside the region the frame is its template.
+        "spliced": only the restart-aligned region around the crop box was composited (from the template's
+        border strips, not its full frame) and encoded; the rest of the bytes are the template's (see
+        jpeg_splice). "plain": the whole frame was, the first time a template is asked for at a quality;
+        that encoding is then kept as the template's, since outside the region the frame is its template.
         """
-        box = self._boxes[template_id]
-        frame = self._frames.get(template_id)
-        height, width = frame.shape[:2]
+        border = self._borders[template_id]
+        if border is None:  # the crop box is most of the frame
+            frame = self.composite(template_id, prediction)
+            height, width = frame.shape[:2]
+            return FullFrameJpeg(encode_jpeg(frame, jpeg_settings(width, height, quality)), width, height, "plain")
+        width, height = border.frame_size
         grid = frame_grid(width, height)
         settings = grid.settings(quality)
-        region = grid.region(box.x1, box.y1, box.x2, box.y2)
         key = (template_id, quality)
-        if region is not None and (template := self._template_scans.get(key)) is not None:
-            part = frame[region.y0 : region.y1, region.x0 : region.x1].copy()
-            self._paste(template_id, prediction,
-                        part[box.y1 - region.y0 : box.y2 - region.y0, box.x1 - region.x0 : box.x2 - region.x0], frame)
-            return FullFrameJpeg(splice(template, encode_jpeg(part, settings), grid, region), width, height, "spliced")
-        data = encode_jpeg(self.composite(template_id, prediction), settings)
-        if region is not None:
-            self._template_scans.put(key, ScanSegments(data, grid.segments))
-        return FullFrameJpeg(data, width, height, "plain")
+        template = self._template_scans.get(key)
+        if template is None:
+            with self._template_scans.first_encoding(key):
+                template = self._template_scans.peek(key)  # another thread's, made while this one waited
+                if template is None:
+                    data = encode_jpeg(self.composite(template_id, prediction), settings)
+                    self._template_scans.put(key, ScanSegments(data, grid.segments))
+                    return FullFrameJpeg(data, width, height, "plain")
+        canvas, box_pixels = border.canvas()
+        self._paste(template_id, prediction, box_pixels)
+        return FullFrameJpeg(splice(template, encode_jpeg(canvas, settings), grid, border.region), width, height,
+                             "spliced")
 
     def template_crop(self, template_id: int) -> np.ndarray:
         """The template's inner 320x320 region (BGR), for side-by-side checks."""
@@ -550,6 +568,7 @@ class Engine:
         on_host = self._crops.nbytes if self._crops is not None else 0
         on_host += sum(len(png) for png in self._pngs) if self._pngs is not None else 0
         host = self._frames.nbytes() + self._template_scans.nbytes + on_host
+        host += sum(border.nbytes for border in self._borders if border is not None)
         host += self._staging.numel() if self._staging is not None else 0
         return MemoryUse(device=device + on_device, host=host, templates=on_device + on_host)
 

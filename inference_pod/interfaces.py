@@ -7,7 +7,7 @@ request does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -47,5 +47,6 @@ class FrameBatcher(Protocol):
 
     @property
     def queue_depth(self) -> int: ...
-    async def submit(self, template_id: int, window: np.ndarray) -> BatchResult: ...
+    async def submit(self, template_id: int, window: np.ndarray,
+                     finish: Callable[[np.ndarray], Any] | None = None) -> BatchResult: ...
     async def close(self) -> None: ...

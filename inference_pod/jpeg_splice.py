@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, cached_property
 
@@ -143,6 +145,36 @@ def jpeg_settings(width: int, height: int, quality: int) -> JpegSettings:
     return frame_grid(width, height).settings(quality)
 
 
+class RegionBorder:
+    """A template frame's pixels inside its splice region but outside its crop box: with the crop, all a
+    spliced frame needs of the template, so the full frame is neither kept nor decoded to splice one (a
+    character may have thousands of templates at 1080p). Kept as four strips around the box."""
+
+    def __init__(self, frame: np.ndarray, region: SpliceRegion, box: tuple[int, int, int, int]):
+        x1, y1, x2, y2 = box
+        height, width = frame.shape[:2]
+        self.frame_size = (width, height)
+        self.region = region
+        part = frame[region.y0 : region.y1, region.x0 : region.x1]
+        self.shape = part.shape
+        top, bottom, left, right = y1 - region.y0, y2 - region.y0, x1 - region.x0, x2 - region.x0
+        self._box = (top, bottom, left, right)
+        self._strips = (part[:top].copy(), part[bottom:].copy(), part[top:bottom, :left].copy(),
+                        part[top:bottom, right:].copy())
+
+    def canvas(self) -> tuple[np.ndarray, np.ndarray]:
+        """A fresh array of the region's pixels, the border filled in, and the view of its crop box (left for
+        the caller to fill)."""
+        out = np.empty(self.shape, dtype=np.uint8)
+        top, bottom, left, right = self._box
+        out[:top], out[bottom:], out[top:bottom, :left], out[top:bottom, right:] = self._strips
+        return out, out[top:bottom, left:right]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(strip.nbytes for strip in self._strips)
+
+
 class ScanSegments:
     """A baseline JPEG cut at its restart markers: segment k is ``data[starts[k]:ends[k]]``."""
 
@@ -187,14 +219,15 @@ def splice(template: ScanSegments, region_jpeg: bytes, grid: FrameGrid, region: 
         k = (region.row0 + inner // per_row) * frame_row_segments + region.seg0 + inner % per_row
         np.frombuffer(out, dtype=np.uint8)[part.ends[inner] + 1] = 0xD0 + k % 8
     whole, spliced = memoryview(template.data), memoryview(out)
-    pieces = []
-    done = 0  # template bytes up to here are in pieces
-    for i in range(rows):
-        first = (region.row0 + i) * frame_row_segments + region.seg0
-        pieces.append(whole[done : template.starts[first]])  # ends with the marker before this row's region
-        pieces.append(spliced[part.starts[i * per_row] : part.ends[i * per_row + per_row - 1]])
-        done = int(template.ends[first + per_row - 1])  # the frame's own marker after it (or EOI)
-    pieces.append(whole[done:])
+    row = np.arange(rows)
+    first = (region.row0 + row) * frame_row_segments + region.seg0  # each region row's first frame segment
+    # The template's bytes stop at the marker before each region row and resume at the frame's own marker
+    # after it (or EOI); each region row runs from its first segment to the end of its last.
+    stops, resumes = template.starts[first].tolist(), template.ends[first + per_row - 1].tolist()
+    row_starts, row_ends = part.starts[row * per_row].tolist(), part.ends[row * per_row + per_row - 1].tolist()
+    pieces: list[memoryview] = [whole[: stops[0]]] * (2 * rows + 1)
+    pieces[1::2] = [spliced[a:b] for a, b in zip(row_starts, row_ends, strict=True)]
+    pieces[2::2] = [whole[a:b] for a, b in zip(resumes, [*stops[1:], len(whole)], strict=True)]
     return b"".join(pieces)
 
 
@@ -216,6 +249,23 @@ class TemplateScans:
         self._lookups = 0
         self._bytes = 0
         self._lock = threading.Lock()
+        self._encoding: dict[tuple[int, int], tuple[threading.Lock, list[int]]] = {}  # key -> (lock, [users])
+
+    @contextmanager
+    def first_encoding(self, key: tuple[int, int]) -> Iterator[None]:
+        """Held while a template's frame is encoded whole to become its entry: frames of the same template
+        that arrive meanwhile wait for it and splice, instead of each encoding the whole frame too."""
+        with self._lock:
+            lock, users = self._encoding.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._lock:
+                users[0] -= 1
+                if not users[0]:
+                    del self._encoding[key]
 
     def get(self, key: tuple[int, int]) -> ScanSegments | None:
         with self._lock:
@@ -225,6 +275,11 @@ class TemplateScans:
                 self._items.move_to_end(key)
                 self._last_used[key] = self._lookups
             return item
+
+    def peek(self, key: tuple[int, int]) -> ScanSegments | None:
+        """The entry, without counting a lookup (a second look on behalf of the same frame)."""
+        with self._lock:
+            return self._items.get(key)
 
     def put(self, key: tuple[int, int], scans: ScanSegments) -> None:
         if scans.nbytes > self.budget_bytes:

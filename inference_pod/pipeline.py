@@ -8,6 +8,7 @@ shared thread pool; the device runs in each model's batcher thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -247,10 +248,9 @@ class FramePipeline:
         template_id = engine.template_index(frame_id)
         if window is None:
             window = engine.windows(track.features, [frame_id])[0]
-        batch = await model.batcher.submit(template_id, window)
-        encode_started = time.perf_counter()
-        image, width, height, jpeg_path = await asyncio.get_running_loop().run_in_executor(
-            self.cpu_pool, _finish_image, engine, template_id, batch.prediction, output)
+        batch = await model.batcher.submit(template_id, window,
+                                           functools.partial(_finish_image, engine, template_id, output=output))
+        image, width, height, jpeg_path = batch.output
         if jpeg_path is not None:
             self.metrics.full_frame_jpegs.labels(model=model.name, path=jpeg_path).inc()
         box = engine.crop_box(template_id)
@@ -260,7 +260,7 @@ class FramePipeline:
         self.metrics.frames_generated.labels(model=model.name, source="model").inc()
         now = time.perf_counter()
         timings = Timings(total_s=now - started, queue_s=batch.queue_s, inference_s=batch.inference_s,
-                          encode_s=now - encode_started, batch_size=batch.batch_size)
+                          encode_s=batch.finish_s, batch_size=batch.batch_size)
         return FrameResult(model.name, model.version, frame_id, template_id, image, output, width, height,
                            crop_box, False, timings)
 
@@ -320,7 +320,7 @@ def check_frame_id(frame_id: int, track: Track) -> None:
         raise InvalidInput(f"frame id {frame_id} is outside the track: valid ids are 0..{track.frames - 1}")
 
 
-def _finish_image(engine, template_id: int, prediction: np.ndarray,
+def _finish_image(engine, template_id: int, prediction: np.ndarray, *,
                   output: OutputSpec) -> tuple[bytes, int, int, str | None]:
     """CPU pool: paste into the full frame if asked, then encode. Full-frame JPEGs are spliced where they
     can be (the same bytes, for the cost of the mouth region); the last item says how ("spliced", "plain")."""

@@ -22,13 +22,13 @@ import signal
 import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from inference_pod import __version__
 from inference_pod.auth import ApiKeys
 from inference_pod.batcher import Batcher
 from inference_pod.cache import Cache
+from inference_pod.encoding import frame_pool
 from inference_pod.errors import (
     ErrorReply,
     FailedPrecondition,
@@ -78,8 +78,8 @@ class Pod:
         # frames and batches of one model agree (the Prometheus counters are lifetime totals).
         self._counted_from: weakref.WeakKeyDictionary[LoadedModel, tuple[float, float]] = \
             weakref.WeakKeyDictionary()
-        self.cpu_pool = ThreadPoolExecutor(settings.encode_threads or os.cpu_count() or 2,
-                                           thread_name_prefix="lipsync-cpu")
+        self.cpu_threads = settings.encode_threads or os.cpu_count() or 2
+        self.cpu_pool = frame_pool(self.cpu_threads, "lipsync-cpu")
         self.cache = Cache(self.metrics, redis_url=settings.redis_url, frame_ttl_s=settings.frame_cache_ttl,
                            feature_ttl_s=settings.feature_cache_ttl, memory_bytes=settings.memory_cache_mb << 20)
         self.registry = (RegistryClient(settings.registry_url, index_ttl_s=10.0, failure_ttl_s=2.0,
@@ -106,7 +106,7 @@ class Pod:
     def _make_batcher(self, name: str, engine: InferenceEngine) -> Batcher:
         s = self.settings
         return Batcher(name, engine, self.metrics, max_batch=s.max_batch, max_delay_s=s.max_batch_delay_ms / 1000,
-                       max_queue=s.max_queue)
+                       max_queue=s.max_queue, finisher=self.cpu_pool, finish_workers=self.cpu_threads)
 
     async def _model_loaded(self, model: LoadedModel) -> None:
         self._counted_from[model] = self._frames_counted(model.name)

@@ -11,7 +11,6 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from inference_pod import audio
+from inference_pod.encoding import frame_pool
 from inference_pod.engine import Engine
 from inference_pod.errors import AudioError, InvalidInput, LipSyncError
 
@@ -72,7 +72,7 @@ def render(
     pending: deque = deque()
     tracker = RenderProgress(n, warmup_frames=min(batch_size, n))
     bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]"  # tqdm's own rate counts warm-up
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=n, unit="frame", disable=not progress,
+    with frame_pool(workers, "lipsync-render") as pool, tqdm(total=n, unit="frame", disable=not progress,
                                                                bar_format=bar_format, postfix="warming up") as bar:
         try:
             for start in range(0, n, batch_size):

@@ -152,3 +152,46 @@ def test_invalid_configuration(engine):
 
 async def _make(engine, **kwargs):
     return Batcher("demo", engine, Metrics(), **kwargs)
+
+
+async def test_finish_work_runs_on_the_cpu_pool_in_one_chunk_per_thread(engine):
+    """Each item's finish gets its own prediction and comes back in BatchResult.output; a device batch is
+    split into one chunk per CPU thread, and an item whose finish fails fails alone."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads: dict[int, set[str]] = {}
+
+    def finish(index: int, prediction: np.ndarray):
+        threads.setdefault(index, set()).add(threading.current_thread().name)
+        if index == 2:
+            raise ValueError("this frame cannot be encoded")
+        return index, int(prediction.sum())
+
+    with ThreadPoolExecutor(2, thread_name_prefix="cpu") as pool:
+        batcher = Batcher("demo", engine, Metrics(), max_batch=4, max_delay_s=0.05, finisher=pool, finish_workers=2)
+        work = items(engine, 4)
+        results = await asyncio.gather(*(batcher.submit(t, w, lambda p, i=i: finish(i, p))
+                                         for i, (t, w) in enumerate(work)), return_exceptions=True)
+        await batcher.close()
+    assert isinstance(results[2], ValueError)
+    for i in (0, 1, 3):
+        assert results[i].output == (i, int(results[i].prediction.sum())) and results[i].batch_size == 4
+        assert results[i].finish_s > 0
+    assert all(name.startswith("cpu") for names in threads.values() for name in names)
+    # contiguous halves of the batch: items 0 and 1 on one thread, 2 and 3 on the other
+    assert threads[0] == threads[1] and threads[2] == threads[3]
+
+
+async def test_finish_work_fails_cleanly_once_the_cpu_pool_is_shut_down(engine):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference_pod.errors import Unavailable
+
+    pool = ThreadPoolExecutor(1)
+    pool.shutdown()
+    batcher = Batcher("demo", engine, Metrics(), max_batch=2, max_delay_s=0.0, finisher=pool, finish_workers=1)
+    (template_id, window), = items(engine, 1)
+    with pytest.raises(Unavailable, match="shutting down"):
+        await batcher.submit(template_id, window, lambda p: p.sum())
+    await batcher.close()

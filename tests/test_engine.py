@@ -181,6 +181,20 @@ def test_full_frame_jpeg_is_the_encoded_composite_byte_for_byte(wide_engine):
     assert engine.memory_bytes() > before  # the template encodings are counted
 
 
+def test_concurrent_frames_of_a_new_template_encode_it_whole_once(wide_engine):
+    """Frames of one template that arrive together (a batch fanned out over the CPU pool) wait for the
+    first one's whole-frame encoding and splice into it: one plain frame per template and quality."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    template = 2
+    prediction = wide_engine.predict([template], wide_engine.windows(wide_engine.default_features, [0]))[0]
+    quality = 37  # a quality no other test asks for: this template's encoding at it does not exist yet
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: wide_engine.full_frame_jpeg(template, prediction, quality), range(16)))
+    assert [r.path for r in results].count("plain") == 1
+    assert len({r.data for r in results}) == 1
+
+
 def test_a_crop_box_covering_most_of_the_frame_takes_the_plain_path(engine):
     prediction = engine.template_crop(1)
     for _ in range(2):

@@ -13,6 +13,7 @@ from inference_pod.jpeg_splice import (
     MIN_SEGMENT_PX,
     SUBSAMPLINGS,
     FrameGrid,
+    RegionBorder,
     ScanSegments,
     TemplateScans,
     encode_jpeg,
@@ -39,7 +40,10 @@ def _spliced_and_whole(width, height, box, quality, subsampling, seed=0):
     composited = frame.copy()
     composited[y1:y2, x1:x2] = prediction
     region = grid.region(x1, y1, x2, y2, max_fraction=1.0)  # exactness holds for any region
-    part = composited[region.y0 : region.y1, region.x0 : region.x1]  # a view: only the region is read
+    # The region as the engine builds it: the template's border strips around the box, the prediction inside
+    part, box_pixels = RegionBorder(frame, region, box).canvas()
+    box_pixels[...] = prediction
+    assert np.array_equal(part, composited[region.y0 : region.y1, region.x0 : region.x1])
     return splice(template, encode_jpeg(part, settings_), grid, region), encode_jpeg(composited, settings_)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 
 from inference_pod.bench import naive
 from inference_pod.bench.report import latency_summary, machine_info, markdown_table, write_json
-from inference_pod.encoding import DEFAULT_JPEG_QUALITY, OutputSpec, encode_image
+from inference_pod.encoding import DEFAULT_JPEG_QUALITY, OutputSpec, encode_image, frame_pool
 from inference_pod.engine import Engine
 from inference_pod.settings import TEMPLATE_STORAGES
 
@@ -236,7 +236,7 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
             baseline = _bench_naive(package, engine, features, cfg, workdir)
             log(f"  {baseline['fps']:.2f} frames/s")
         rows: list[dict[str, Any]] = []
-        with ThreadPoolExecutor(max_workers=cfg.composite_workers) as pool:
+        with frame_pool(cfg.composite_workers, "bench-frames") as pool:
             for batch in cfg.batch_sizes:
                 row = _bench_batched(engine, features, batch, cfg, pool)
                 row["speedup_end_to_end"] = row["end_to_end_fps"] / baseline["fps"] if baseline else None
