@@ -40,6 +40,7 @@ from inference_pod.jpeg_splice import (
     frame_grid,
     jpeg_settings,
     splice,
+    thread_scratch,
 )
 from inference_pod.model import (
     AUDIO_FEATURE_SHAPES,
@@ -510,7 +511,11 @@ class Engine:
         prediction pasted into its 328 crop, resized back (bicubic) straight into place. ``frame``, the
         untouched template frame where the caller has it, spares compressed templates a PNG decode."""
         box = self._boxes[template_id]
-        crop = self._crop(template_id, frame).copy()
+        crop = thread_scratch("crop", (CROP_SIZE, CROP_SIZE, 3))
+        template = self._crop(template_id, frame)
+        top, bottom = INNER.start, INNER.stop  # only the crop's ring is the template's: a frame is memory-bound
+        crop[:top], crop[bottom:] = template[:top], template[bottom:]
+        crop[INNER, :top], crop[INNER, bottom:] = template[INNER, :top], template[INNER, bottom:]
         crop[INNER, INNER] = prediction
         out = cv2.resize(crop, (box.x2 - box.x1, box.y2 - box.y1), dst=dst, interpolation=cv2.INTER_CUBIC)
         if out is not dst:  # a layout OpenCV could not write into: copy

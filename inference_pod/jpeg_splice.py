@@ -145,6 +145,21 @@ def jpeg_settings(width: int, height: int, quality: int) -> JpegSettings:
     return frame_grid(width, height).settings(quality)
 
 
+_scratch = threading.local()
+
+
+def thread_scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 array of ``shape`` that this thread reuses call after call (valid until its next call with
+    the same name). Frames are composited into these: a fresh megabyte a frame costs page faults, since the
+    allocator hands large blocks back to the kernel, and those cost more than filling it."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    size = int(np.prod(shape))
+    buffer = buffers.get(name)
+    if buffer is None or buffer.size < size:
+        buffer = buffers[name] = np.empty(max(size, 1), dtype=np.uint8)
+    return buffer[:size].reshape(shape)
+
+
 class RegionBorder:
     """A template frame's pixels inside its splice region but outside its crop box: with the crop, all a
     spliced frame needs of the template, so the full frame is neither kept nor decoded to splice one (a
@@ -163,9 +178,9 @@ class RegionBorder:
                         part[top:bottom, right:].copy())
 
     def canvas(self) -> tuple[np.ndarray, np.ndarray]:
-        """A fresh array of the region's pixels, the border filled in, and the view of its crop box (left for
-        the caller to fill)."""
-        out = np.empty(self.shape, dtype=np.uint8)
+        """The region's pixels with the border filled in, and the view of its crop box (left for the caller
+        to fill): this thread's scratch array, valid until its next call."""
+        out = thread_scratch("region", self.shape)
         top, bottom, left, right = self._box
         out[:top], out[bottom:], out[top:bottom, :left], out[top:bottom, right:] = self._strips
         return out, out[top:bottom, left:right]
