@@ -48,5 +48,6 @@ lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
 
+# One worker per core; --dist loadfile keeps a file's tests (and its module-scoped servers) on one worker.
 test: setup browser-deps lint
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist loadfile

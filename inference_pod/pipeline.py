@@ -1,8 +1,9 @@
 """The frame path every API shares: request -> model -> audio features -> batcher -> composite/encode -> cache.
 
 Plain Python in and out (no protobuf), so the gRPC servicer and the HTTP gateway call the same code and
-report the same errors. CPU work (audio decoding, feature extraction, compositing, encoding) runs in the
-shared thread pool; the device runs in each model's batcher thread.
+report the same errors. CPU work runs in the shared thread pool: audio decoding and feature extraction
+from here, compositing and encoding as each frame's finish, which the batcher runs once the frame's device
+batch is done (the device runs in each model's batcher thread).
 """
 
 from __future__ import annotations
