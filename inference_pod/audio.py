@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import shutil
 import subprocess
 import threading
@@ -337,11 +338,11 @@ def frame_count(n_samples: int) -> int:
 
 
 def _check_feature_size(features: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int]:
-    n, dim = features.shape[0], int(np.prod(features.shape[1:]))
-    if features.ndim < 2 or dim * 2 * FEATURE_CONTEXT != int(np.prod(shape)):
+    n, dim = features.shape[0], math.prod(features.shape[1:])  # math.prod: this runs for every frame
+    if features.ndim < 2 or dim * 2 * FEATURE_CONTEXT != math.prod(shape):
         raise AudioError(
             f"features of shape {features.shape} do not fit the audio input {shape}: "
-            f"need {int(np.prod(shape)) // (2 * FEATURE_CONTEXT)} values per frame"
+            f"need {math.prod(shape) // (2 * FEATURE_CONTEXT)} values per frame"
         )
     return n, dim
 

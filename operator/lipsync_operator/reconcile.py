@@ -158,29 +158,7 @@ class Reconciler:
                 self.write_status(namespace, name, observed_generation=generation, package_condition=pkg_condition,
                                   problem=problem)
 
-            applied: dict[str, dict | None] = {}
-            try:
-                for child in desired:
-                    try:
-                        applied[child["kind"]] = self._apply_owned(child, meta["uid"])
-                    except ApiError as exc:
-                        exc.applying = f"{child['kind']} {name}"
-                        raise
-                for kind in unwanted:
-                    try:
-                        self._delete_owned(kind, namespace, name, meta["uid"])
-                    except ApiError as exc:
-                        exc.applying = f"deleting {kind.kind} {name}"
-                        raise
-            except ChildConflict as exc:
-                raise self._refused("ChildConflict", str(exc), retry, report) from None
-            except Unreachable:
-                raise
-            except ApiError as exc:
-                # Refused by the API server: validation, an admission policy, a quota.
-                message = f"{exc.applying}: {exc.status} {exc.reason}: {exc.message}"
-                raise self._refused("ApplyFailed", message, retry, report) from None
-
+            applied = self._apply_children(lsm, desired, unwanted, retry, report)
             self.write_status(namespace, name, observed_generation=generation, package_condition=pkg_condition,
                               problem=None, package=package, deployment=applied["Deployment"])
             summary = f"{package.name} {package.version}: applied {', '.join(sorted(applied))}"
@@ -204,22 +182,43 @@ class Reconciler:
             delay = self.config.backoff(retry)
             raise RetryLater(package.reason, f"package unavailable ({package.reason}): {package.message}; "
                              f"retrying in {delay:g}s", delay)
+        dedicated = [kind for kind in (DEPLOYMENT, HPA, PDB, PODMONITOR)   # what it owned as a dedicated model
+                     if kind is not PODMONITOR or self._monitoring_installed()]
+        self._apply_children(lsm, [pooled_service(lsm, spec)], dedicated, retry, report)
+        report(None, with_package=True)
+        summary = f"{package.name} {package.version}: applied Service; placed by pool {spec['pool']}"
+        log.info("reconciled %s/%s: %s", namespace, name, summary)
+        return summary
+
+    def _apply_children(self, lsm: dict, desired: list[dict], unwanted: list[Kind], retry: int,
+                        report: Callable[[tuple[str, str]], None]) -> dict[str, dict | None]:
+        """Apply the children a model should own and delete the kinds it should not, by kind. A child the
+        API server refuses is reported by name (the status, then a retry with backoff)."""
+        meta = lsm["metadata"]
+        namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
+        applied: dict[str, dict | None] = {}
         try:
-            self._apply_owned(pooled_service(lsm, spec), meta["uid"])
-            for kind in (DEPLOYMENT, HPA, PDB, PODMONITOR):   # what it owned as a dedicated model
-                if kind is not PODMONITOR or self._monitoring_installed():
-                    self._delete_owned(kind, namespace, name, meta["uid"])
+            for child in desired:
+                try:
+                    applied[child["kind"]] = self._apply_owned(child, uid)
+                except ApiError as exc:
+                    exc.applying = f"{child['kind']} {name}"
+                    raise
+            for kind in unwanted:
+                try:
+                    self._delete_owned(kind, namespace, name, uid)
+                except ApiError as exc:
+                    exc.applying = f"deleting {kind.kind} {name}"
+                    raise
         except ChildConflict as exc:
             raise self._refused("ChildConflict", str(exc), retry, report) from None
         except Unreachable:
             raise
         except ApiError as exc:
-            message = f"Service {name}: {exc.status} {exc.reason}: {exc.message}"
+            # Refused by the API server: validation, an admission policy, a quota.
+            message = f"{exc.applying}: {exc.status} {exc.reason}: {exc.message}"
             raise self._refused("ApplyFailed", message, retry, report) from None
-        report(None, with_package=True)
-        summary = f"{package.name} {package.version}: applied Service; placed by pool {spec['pool']}"
-        log.info("reconciled %s/%s: %s", namespace, name, summary)
-        return summary
+        return applied
 
     def _refused(self, code: str, message: str, retry: int, report: Callable[[tuple[str, str]], None]) -> RetryLater:
         """A child the API server would not take: reported in the status, then retried with backoff."""

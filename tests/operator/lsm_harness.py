@@ -160,7 +160,7 @@ class Cluster(kmock.KubernetesEmulator):
         method = request.method
         if request.resource is None or not isinstance(request.data, dict) and method != kmock.method.DELETE:
             return await super()._handle(request)
-        if request.resource in self.refusals and method in (kmock.method.POST, kmock.method.PATCH):
+        if request.resource in self.refusals and method in (kmock.method.POST, kmock.method.PATCH, kmock.method.DELETE):
             raise kmock.KubernetesError(status=403, reason="Forbidden", message=(
                 f'admission webhook "policy.example.com" denied the request: {self.refusals[request.resource]}'))
         if request.action == kmock.action.CREATE:

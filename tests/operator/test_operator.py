@@ -367,6 +367,21 @@ async def test_a_refused_child_shows_in_the_status_and_is_retried(cluster, regis
     await eventually(lambda: has_condition(cluster, "alice", "Degraded", "False"))
 
 
+async def test_a_pooled_model_names_the_old_child_the_api_would_not_delete(cluster, registry, operator):
+    """A dedicated model moved into a pool gives up its Deployment; a refused deletion names that child."""
+    await apply_model(cluster, "alice", {"package": {"name": "alice"}})
+    await eventually(lambda: cluster.get(DEPLOYMENTS, "alice"), what="the dedicated Deployment")
+    cluster.refusals[DEPLOYMENTS] = "deleting GPU workloads needs a change ticket"
+    await patch_model(cluster, "alice", {"spec": {"pool": "studio"}})
+    await eventually(lambda: has_condition(cluster, "alice", "Degraded", "True", "ApplyFailed"))
+    message = condition(cluster.get(LSM, "alice"), "Degraded")["message"]
+    assert "deleting Deployment alice" in message and "change ticket" in message
+
+    del cluster.refusals[DEPLOYMENTS]
+    await eventually(lambda: cluster.get(DEPLOYMENTS, "alice") is None, what="the Deployment gone")
+    await eventually(lambda: has_condition(cluster, "alice", "Degraded", "False"))
+
+
 async def test_the_operator_restarts_at_any_moment_without_duplicates(cluster, registry, operator_env, tmp_path):
     """``kopf run -m lipsync_operator`` in a subprocess, killed (SIGKILL) and started again."""
     first = OperatorProcess(operator_env, tmp_path / "operator.log")
