@@ -85,6 +85,8 @@ class LoadedModel:
     manifest: Manifest
     source: str
     memory_bytes: int
+    device_memory_bytes: int = 0  # of memory_bytes (see engine.MemoryUse); 0 for engines that do not say
+    host_memory_bytes: int = 0
     loaded_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0
@@ -293,10 +295,11 @@ class ModelStore:
             if not isinstance(exc, LipSyncError):
                 log.exception("loading %s failed", name)
             raise Unavailable(f"model {name!r} cannot be loaded: {exc}") from exc
-        memory = _engine_bytes(engine)
+        memory, device_memory, host_memory = _engine_bytes(engine)
         model = LoadedModel(name=name, version=package.manifest.version, engine=engine,
                             batcher=self._batcher_factory(name, engine), manifest=package.manifest,
-                            source=source, memory_bytes=memory)
+                            source=source, memory_bytes=memory, device_memory_bytes=device_memory,
+                            host_memory_bytes=host_memory)
         previous = self._resident.pop(name, None)
         self._resident[name] = model
         elapsed = time.perf_counter() - started
@@ -437,6 +440,11 @@ class ModelStore:
         self._metrics.models_resident.set(0)
 
 
-def _engine_bytes(engine) -> int:
+def _engine_bytes(engine) -> tuple[int, int, int]:
+    """(total, device, host) bytes the engine says it holds; engines that only give a total split nothing."""
+    use = getattr(engine, "memory_use", None)
+    if use is not None:
+        split = use()
+        return split.device + split.host, split.device, split.host
     measure = getattr(engine, "memory_bytes", None)
-    return int(measure()) if measure is not None else 0
+    return (int(measure()) if measure is not None else 0), 0, 0

@@ -423,6 +423,13 @@ async def test_models_and_stats_are_the_grpc_numbers(pod, spec):
          m.frame_count) for m in listed.models]
     assert "demo" in models["loaded_models"] and set(models["loaded_models"]) | set(models["available_models"]) \
         >= {"demo", "twin"}
+    # Memory by where it lives: the same numbers both ways, the parts adding up to the whole.
+    demo = next(m for m in listed.models if m.name == "demo")
+    assert demo.device_memory_bytes > 0 and demo.host_memory_bytes > 0
+    assert demo.memory_bytes == demo.device_memory_bytes + demo.host_memory_bytes
+    (demo_json,) = (m for m in models["models"] if m["name"] == "demo")
+    assert (demo_json["memory_bytes"], demo_json["device_memory_bytes"], demo_json["host_memory_bytes"]) == (
+        demo.memory_bytes, demo.device_memory_bytes, demo.host_memory_bytes)
 
     status, stats = await pod.call("GET", "/stats")
     grpc_stats = await pod.stub.GetStats(pb.GetStatsRequest(), metadata=GRPC_KEY)
