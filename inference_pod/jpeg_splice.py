@@ -13,6 +13,7 @@ with the region's segments spliced in and the restart markers renumbered into th
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -150,10 +151,10 @@ _scratch = threading.local()
 
 def thread_scratch(name: str, shape: tuple[int, ...]) -> np.ndarray:
     """A uint8 array of ``shape`` that this thread reuses call after call (valid until its next call with
-    the same name). Frames are composited into these: a fresh megabyte a frame costs page faults, since the
-    allocator hands large blocks back to the kernel, and those cost more than filling it."""
+    the same name). Frames are composited into these rather than into a fresh megabyte each, which the
+    allocator may have to map (and the kernel fault in) again for every frame."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     buffer = buffers.get(name)
     if buffer is None or buffer.size < size:
         buffer = buffers[name] = np.empty(max(size, 1), dtype=np.uint8)
