@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +161,27 @@ class KubeClient:
               subresource: str | None = None) -> dict | None:
         return self.request("PATCH", kind.path(namespace, name, subresource), body=patch,
                             content_type="application/merge-patch+json")
+
+    def patch_status(self, kind: Kind, namespace: str, name: str, compose: Callable[[dict], dict], *,
+                     expect_uid: str | None = None, attempts: int = 5) -> None:
+        """Read-modify-write of an object's status: ``compose(obj)`` gives the new status, written only over
+        the resourceVersion it was read at, so concurrent writers re-read and retry on 409. Nothing is written
+        once the object is gone, or (``expect_uid``) replaced by another of the same name."""
+        for _ in range(attempts):
+            obj = self.get(kind, namespace, name)
+            if obj is None or (expect_uid and obj["metadata"].get("uid") != expect_uid):
+                return
+            patch: dict[str, Any] = {"status": compose(obj)}
+            if obj["metadata"].get("resourceVersion"):
+                patch["metadata"] = {"resourceVersion": obj["metadata"]["resourceVersion"]}
+            try:
+                self.patch(kind, namespace, name, patch, subresource="status")
+                return
+            except Conflict:
+                continue
+            except NotFound:
+                return  # deleted meanwhile
+        log.warning("status of %s %s/%s: gave up after %d conflicting writes", kind.kind, namespace, name, attempts)
 
     def delete(self, kind: Kind, namespace: str | None, name: str, *, uid: str | None = None) -> bool:
         """Delete (children in the background); with ``uid``, only that very object. False if it was gone."""

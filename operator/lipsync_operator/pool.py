@@ -33,7 +33,6 @@ from lipsync_operator.kube import (
     POD,
     PODMONITOR,
     ApiError,
-    Conflict,
     KubeClient,
     NotFound,
 )
@@ -468,19 +467,10 @@ class PoolController:
         self._patch_status(LIPSYNCPOOL, namespace, name, compose, expect_uid=lsp["metadata"]["uid"])
 
     def _patch_status(self, kind, namespace: str, name: str, compose, expect_uid: str | None = None) -> None:
-        for _ in range(5):
-            obj = self.kube.get(kind, namespace, name)
-            if obj is None or (expect_uid and obj["metadata"].get("uid") != expect_uid):
-                return
-            new = compose(obj.get("status") or {}, obj["metadata"].get("generation", 0))
-            patch = {"status": new, "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}}
-            try:
-                self.kube.patch(kind, namespace, name, patch, subresource="status")
-                return
-            except Conflict:
-                continue
-            except NotFound:
-                return
+        """``compose(current status, generation)``: the new status (see KubeClient.patch_status)."""
+        self.kube.patch_status(kind, namespace, name,
+                               lambda obj: compose(obj.get("status") or {}, obj["metadata"].get("generation", 0)),
+                               expect_uid=expect_uid)
 
     def _event(self, obj: dict, kind: str, type_: str, reason: str, message: str) -> None:
         """A Kubernetes event on ``obj`` (kubectl describe shows it), named uniquely as kubectl's are."""

@@ -23,10 +23,8 @@ from lipsync_operator.kube import (
     SECRET,
     SERVICE,
     ApiError,
-    Conflict,
     Kind,
     KubeClient,
-    NotFound,
     Unreachable,
     kind_of,
 )
@@ -294,10 +292,8 @@ class Reconciler:
                      package_condition=status.KEEP, problem=status.KEEP, package: PackageCheck | None = None,
                      deployment: dict | None | status.Keep = status.KEEP, expect_uid: str | None = None) -> None:
         """Read-modify-write of the status, guarded by resourceVersion: concurrent writers retry on 409."""
-        for _ in range(STATUS_WRITE_ATTEMPTS):
-            lsm = self.kube.get(LIPSYNCMODEL, namespace, name)
-            if lsm is None or (expect_uid and lsm["metadata"].get("uid") != expect_uid):
-                return
+
+        def compose(lsm: dict) -> dict:
             current = lsm.get("status") or {}
             dep = self.kube.get(DEPLOYMENT, namespace, name) if deployment is status.KEEP else deployment
             if dep is not None and controller_uid(dep) != lsm["metadata"].get("uid"):
@@ -311,14 +307,7 @@ class Reconciler:
                 new["observedGeneration"] = observed_generation
             if package is not None:
                 new["package"] = package.status()
-            patch: dict = {"status": new}
-            if lsm["metadata"].get("resourceVersion"):
-                patch["metadata"] = {"resourceVersion": lsm["metadata"]["resourceVersion"]}
-            try:
-                self.kube.patch(LIPSYNCMODEL, namespace, name, patch, subresource="status")
-                return
-            except Conflict:
-                continue
-            except NotFound:
-                return   # deleted meanwhile
-        log.warning("status of %s/%s: gave up after %d conflicting writes", namespace, name, STATUS_WRITE_ATTEMPTS)
+            return new
+
+        self.kube.patch_status(LIPSYNCMODEL, namespace, name, compose, expect_uid=expect_uid,
+                               attempts=STATUS_WRITE_ATTEMPTS)

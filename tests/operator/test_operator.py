@@ -382,6 +382,30 @@ async def test_a_pooled_model_names_the_old_child_the_api_would_not_delete(clust
     await eventually(lambda: has_condition(cluster, "alice", "Degraded", "False"))
 
 
+async def test_a_status_write_re_reads_and_retries_when_another_writer_got_in_first(cluster, operator_env):
+    """Status writes go over the resourceVersion they read: a write that lost the race is composed again
+    from the winner's status, so neither write is lost."""
+    from lipsync_operator.kube import LIPSYNCMODEL, KubeClient
+
+    await apply_model(cluster, "carol", {"package": {"name": "alice"}})   # no operator: only these writes
+    kube = KubeClient.from_environment()
+    read_at = []
+
+    def compose(obj: dict) -> dict:
+        read_at.append(obj["metadata"]["resourceVersion"])
+        if len(read_at) == 1:   # another writer, between this read and this write
+            kube.patch(LIPSYNCMODEL, NAMESPACE, "carol", {"status": {"endpoint": "theirs"}}, subresource="status")
+        return {**(obj.get("status") or {}), "selector": "mine"}
+
+    try:
+        await asyncio.to_thread(kube.patch_status, LIPSYNCMODEL, NAMESPACE, "carol", compose)
+    finally:
+        kube.close()
+    assert len(read_at) == 2 and read_at[0] != read_at[1]
+    assert {k: status_of(cluster, "carol").get(k) for k in ("endpoint", "selector")} == {
+        "endpoint": "theirs", "selector": "mine"}
+
+
 async def test_the_operator_restarts_at_any_moment_without_duplicates(cluster, registry, operator_env, tmp_path):
     """``kopf run -m lipsync_operator`` in a subprocess, killed (SIGKILL) and started again."""
     first = OperatorProcess(operator_env, tmp_path / "operator.log")
