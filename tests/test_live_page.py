@@ -100,12 +100,14 @@ def _frames_per_second(package_path: Path, cache: Path) -> float:
     engine = Engine.from_package(open_package(package_path, cache_dir=cache))
     features = engine.default_features
     ids = list(range(min(25, len(features))))
+    engine.predict([engine.template_index(0)], engine.windows(features, [0]))  # the first call pays one-off set-up
     start = time.monotonic()
     for i in ids:
         engine.composite(engine.template_index(i), engine.predict([engine.template_index(i)], engine.windows(features, [i]))[0])
     return len(ids) / (time.monotonic() - start)
 
 
+@pytest.mark.alone
 @pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
 def test_speaking_into_the_page_animates_the_trained_demo(tmp_path, keys_file):
     from selenium import webdriver
@@ -155,7 +157,7 @@ def test_speaking_into_the_page_animates_the_trained_demo(tmp_path, keys_file):
               f"{min(darkness):.3f}..{max(darkness):.3f}; shown: {driver.find_element(By.ID, 'fps').text} frames/s, "
               f"delay {driver.find_element(By.ID, 'delay').text}")
         # Never ahead of the voice (a frame needs its audio), and as fast as the voice where this machine's
-        # CPU can compute that (measured just before; a shared CI core may not).
+        # CPU can compute that (measured just before; a slow CI core may not). The browser shares the CPU.
         assert last(driver) <= 25 * (time.monotonic() - spoke) + 1
         pace = min(25.0, capacity)
         assert frames / elapsed > 0.5 * pace, f"{frames} frames in {elapsed:.1f} s, the pod computes {capacity:.1f}/s"
