@@ -8,7 +8,8 @@ Here the same numbers are produced incrementally. Mel frame t is centred on samp
 200 t - 400 .. 200 t + 400, so it is final once those samples exist; raw feature j is final once its 16 mel
 frames are; frame i is ready once raw feature i+6 is. Each push recomputes the mel spectrogram only over a
 short slice of recent audio, starting 3 mel frames before the first window still needed (so the slice's
-zero padding and its first pre-emphasis sample never reach a window used), and encodes only the newly
+zero padding and its first pre-emphasis sample never reach a window used; "needed" includes the last 16
+mel frames, where windows past the end shift if the stream ends now), and encodes only the newly
 completed windows. At end of stream the remaining windows are computed with SyncTalk_2D's end handling
 (windows past the end shifted back, last feature repeated) and the rest of the frames flushed.
 
@@ -133,9 +134,12 @@ class LiveTrack:
         mel = audio.melspectrogram(wav)
         windows = np.stack([mel[:, s - slice_mel : s - slice_mel + audio.MEL_WINDOW] for s in starts])
         features = self.engine.encode_windows(windows[:, None].astype(np.float32))
-        # Audio before the next window's slice is never needed again.
+        # Audio before the next window's slice is never needed again. If the stream ends now, windows past
+        # the end shift back to the last 16 mel frames, which can start before that window: keep those too
+        # (the spectrogram only grows, so this bound only moves forward).
         if total_mel is None:
-            next_slice = max(0, audio.window_start(stop, 1 << 62) - MEL_MARGIN) * audio.HOP
+            end_shift = 1 + self.samples_received // audio.HOP - audio.MEL_WINDOW
+            next_slice = max(0, min(audio.window_start(stop, 1 << 62), end_shift) - MEL_MARGIN) * audio.HOP
             self._samples = self._samples[next_slice - self._sample_base :]
             self._sample_base = next_slice
         return features.astype(np.float32, copy=False)

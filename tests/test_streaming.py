@@ -104,3 +104,14 @@ def test_stream_errors(engine):
     assert done.finish() and done.finish() == []
     with pytest.raises(AudioError, match="ended"):
         done.push(b"\x00\x00")
+
+
+@pytest.mark.parametrize("extra_hops", range(16))  # window starts repeat every 16 mel frames (5 windows)
+def test_every_track_length_ends_with_the_whole_tracks_windows(engine, extra_hops):
+    """At the end of a stream, windows past the end shift back to the last 16 mel frames: audio kept for them
+    must reach back that far, whatever the length (one length in 16 once lost it and failed the stream)."""
+    pcm = speech_pcm16(2.0)[: 2 * (24_000 + audio.HOP * extra_hops + 37)]
+    expected = offline_windows(engine, pcm)
+    out, _ = stream(engine, pcm, 1280)  # 40 ms chunks, as the live page sends
+    assert [frame_id for frame_id, _ in out] == list(range(len(expected)))
+    np.testing.assert_allclose(np.stack([w for _, w in out]), expected, atol=1e-4)
