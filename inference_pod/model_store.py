@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from inference_pod.errors import InvalidInput, LipSyncError, ModelNotFound, PackageError, Unavailable, echo
 from inference_pod.interfaces import FrameBatcher, InferenceEngine
@@ -84,9 +84,6 @@ class LoadedModel:
     batcher: FrameBatcher
     manifest: Manifest
     source: str
-    memory_bytes: int
-    device_memory_bytes: int = 0  # of memory_bytes (see engine.MemoryUse); 0 for engines that do not say
-    host_memory_bytes: int = 0
     loaded_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0
@@ -94,6 +91,10 @@ class LoadedModel:
 
     def __post_init__(self):
         self._idle.set()
+
+    def memory(self) -> ModelMemory:
+        """Bytes the engine holds now: its template encodings and decoded frames grow after load, up to caps."""
+        return _engine_bytes(self.engine)
 
     @property
     def encoder_id(self) -> str | None:
@@ -154,7 +155,7 @@ class ModelStore:
 
     @property
     def resident_bytes(self) -> int:
-        return sum(m.memory_bytes for m in self._resident.values())
+        return sum(m.memory().total for m in self._resident.values())
 
     def local_packages(self, rescan: bool = True) -> dict[str, list[LocalPackage]]:
         """Local packages by name, newest version first (extracted before zip for the same version).
@@ -295,18 +296,15 @@ class ModelStore:
             if not isinstance(exc, LipSyncError):
                 log.exception("loading %s failed", name)
             raise Unavailable(f"model {name!r} cannot be loaded: {exc}") from exc
-        memory, device_memory, host_memory = _engine_bytes(engine)
         model = LoadedModel(name=name, version=package.manifest.version, engine=engine,
-                            batcher=self._batcher_factory(name, engine), manifest=package.manifest,
-                            source=source, memory_bytes=memory, device_memory_bytes=device_memory,
-                            host_memory_bytes=host_memory)
+                            batcher=self._batcher_factory(name, engine), manifest=package.manifest, source=source)
         previous = self._resident.pop(name, None)
         self._resident[name] = model
         elapsed = time.perf_counter() - started
         self._metrics.model_loads.labels(model=name, source=source, result="ok").inc()
         self._metrics.model_load_duration.observe(elapsed)
         self._metrics.models_resident.set(len(self._resident))
-        log.info("loaded %s %s from %s in %.2fs (%.1f MiB)", name, model.version, source, elapsed, memory / 2**20)
+        log.info("loaded %s %s from %s in %.2fs (%.1f MiB)", name, model.version, source, elapsed, model.memory().total / 2**20)
         if previous is not None:
             self._retire_later(previous)
         if self._on_loaded is not None:
@@ -440,11 +438,17 @@ class ModelStore:
         self._metrics.models_resident.set(0)
 
 
-def _engine_bytes(engine) -> tuple[int, int, int]:
-    """(total, device, host) bytes the engine says it holds; engines that only give a total split nothing."""
+class ModelMemory(NamedTuple):
+    total: int
+    device: int  # of total: on the accelerator (see engine.MemoryUse); 0 for engines that do not say
+    host: int
+
+
+def _engine_bytes(engine) -> ModelMemory:
+    """What the engine says it holds; engines that only give a total split nothing."""
     use = getattr(engine, "memory_use", None)
     if use is not None:
         split = use()
-        return split.device + split.host, split.device, split.host
+        return ModelMemory(split.device + split.host, split.device, split.host)
     measure = getattr(engine, "memory_bytes", None)
-    return (int(measure()) if measure is not None else 0), 0, 0
+    return ModelMemory(int(measure()) if measure is not None else 0, 0, 0)

@@ -104,7 +104,7 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
                             "ping-pong, so any frame_id has a template)"),
         "default_track_frames": _int("frames of the model's default audio track: without audio_override, valid "
                                      "frame_ids are 0..default_track_frames-1 (0 until the model is loaded)"),
-        "memory_bytes": _int("estimated at load, while loaded: device_memory_bytes + host_memory_bytes"),
+        "memory_bytes": _int("held now: device_memory_bytes + host_memory_bytes (grows as frames are cached)"),
         "device_memory_bytes": _int("of memory_bytes: on the accelerator (weights, device-resident templates)"),
         "host_memory_bytes": _int("of memory_bytes: in host memory (template crops or PNGs, frames, encodings)"),
         "queue_depth": _int(), "idle_seconds": _num()})

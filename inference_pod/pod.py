@@ -398,9 +398,10 @@ class Pod:
 def loaded_info(model: LoadedModel) -> pb.ModelInfo:
     m = model.manifest
     default = model.engine.default_features
+    memory = model.memory()
     return pb.ModelInfo(
         name=model.name, version=model.version, state=pb.MODEL_STATE_LOADED, location="memory",
         audio_mode=m.audio_mode, fps=m.fps, frame_count=m.frame_count,
-        default_track_frames=0 if default is None else len(default), memory_bytes=model.memory_bytes,
-        device_memory_bytes=model.device_memory_bytes, host_memory_bytes=model.host_memory_bytes,
+        default_track_frames=0 if default is None else len(default), memory_bytes=memory.total,
+        device_memory_bytes=memory.device, host_memory_bytes=memory.host,
         queue_depth=model.batcher.queue_depth, idle_seconds=max(0.0, time.monotonic() - model.last_used))

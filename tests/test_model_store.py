@@ -120,7 +120,7 @@ async def test_least_recently_used_model_is_unloaded_to_fit_the_budget(models_di
     metrics = Metrics()
     events = []
     probe = make_store(models_dir, Metrics())
-    size = (await probe.get("demo")).memory_bytes
+    size = (await probe.get("demo")).memory().total
     await probe.close()
     store = make_store(models_dir, metrics, budget=int(size * 1.5), events=events)  # room for one model
     await store.get("demo")
@@ -132,10 +132,28 @@ async def test_least_recently_used_model_is_unloaded_to_fit_the_budget(models_di
     await store.close()
 
 
+async def test_a_models_memory_is_read_now_not_at_load(models_dir):
+    """Template encodings and decoded frames are cached after load: what the store reports and budgets grows."""
+    store = make_store(models_dir, Metrics())
+    model = await store.get("demo")
+    at_load = model.memory()
+    assert at_load.total == at_load.device + at_load.host == store.resident_bytes > 0
+    engine = model.engine
+    ids = list(range(3))
+    templates = [engine.template_index(i) for i in ids]
+    for t, prediction in zip(templates, engine.predict(templates, engine.windows(engine.default_features, ids)),
+                             strict=True):
+        engine.full_frame_jpeg(t, prediction, 90)
+    now = model.memory()
+    assert now.host > at_load.host and now.device == at_load.device
+    assert now.total == store.resident_bytes == engine.memory_bytes()
+    await store.close()
+
+
 async def test_recently_used_models_survive_eviction(models_dir):
     models_dir_with(models_dir, "other-1", "twin-1")
     store = make_store(models_dir, Metrics())
-    size = (await store.get("demo")).memory_bytes
+    size = (await store.get("demo")).memory().total
     store.memory_budget_bytes = int(size * 2.5)  # room for two
     await store.get("other")
     await store.get("demo")  # demo is now more recently used than other
