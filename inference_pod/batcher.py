@@ -9,11 +9,16 @@ waiting on the event loop. ``engine.predict`` runs in the model's own single wor
 item needs done with its prediction (compositing, encoding: its ``finish``) runs on the shared CPU pool,
 overlapping with the next batch: a device batch is split into one chunk per CPU thread, and each chunk's
 results reach the event loop in one wake-up, not one per frame.
+
+A full queue refuses a request (``Overloaded``: the client may retry, or another pod may take it), unless
+the caller asks to wait for space: streams do, first come first served, so a stream that has started slows
+down under load instead of being cut off by other clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -76,6 +81,7 @@ class Batcher:
         self._batch_hist = metrics.batch_size.labels(model=model)
         self._inference_hist = metrics.inference_duration.labels(model=model)
         self._pending: deque[_Item] = deque()
+        self._space_waiters: deque[asyncio.Future] = deque()  # submits waiting for queue space, in order
         self._wakeup = asyncio.Event()
         self._in_flight: set[asyncio.Future] = set()
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"predict-{model}")
@@ -92,9 +98,11 @@ class Batcher:
     def queue_depth(self) -> int:
         return len(self._pending)
 
-    async def submit(self, template_id: int, window: np.ndarray, finish: Finish | None = None) -> BatchResult:
+    async def submit(self, template_id: int, window: np.ndarray, finish: Finish | None = None, *,
+                     wait_for_space: bool = False) -> BatchResult:
         """Queue one (template, audio window) item and wait for its prediction, and for ``finish(prediction)``
-        (in ``BatchResult.output``) when given."""
+        (in ``BatchResult.output``) when given. A full queue raises Overloaded, or with ``wait_for_space``
+        holds the caller until an item leaves the queue."""
         if self._closed:
             raise BatcherClosed(f"model {self.model!r} was unloaded")
         # Checked here, per item, so one bad item can never fail the batch it would have joined.
@@ -103,14 +111,39 @@ class Batcher:
         if window.shape != tuple(self.engine.audio_shape) or window.dtype != np.float32:
             raise InvalidInput(f"audio window must be float32 {tuple(self.engine.audio_shape)}, "
                                f"got {window.dtype} {window.shape}")
-        if len(self._pending) >= self.max_queue:
-            raise Overloaded(f"model {self.model!r} has {len(self._pending)} frames queued (limit "
-                             f"{self.max_queue}); retry later")
+        while len(self._pending) >= self.max_queue:
+            if not wait_for_space:
+                raise Overloaded(f"model {self.model!r} has {len(self._pending)} frames queued (limit "
+                                 f"{self.max_queue}); retry later")
+            await self._wait_for_space()
+            if self._closed:
+                raise BatcherClosed(f"model {self.model!r} was unloaded")
         item = _Item(template_id, window, asyncio.get_running_loop().create_future(), finish)
         self._pending.append(item)
         self._queue_gauge.set(len(self._pending))
         self._wakeup.set()
         return await item.future
+
+    async def _wait_for_space(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._space_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            if not waiter.done():  # cancelled: the caller went away
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._space_waiters.remove(waiter)
+
+    def _make_space(self) -> None:
+        """Items left the queue (or the batcher stopped): let waiting submits in, oldest first."""
+        room = self.max_queue - len(self._pending) if not self._closed else len(self._space_waiters)
+        for waiter in self._space_waiters:
+            if room <= 0:
+                break
+            if not waiter.done():
+                waiter.set_result(None)
+                room -= 1
 
     # -------------------------------------------------------------------------------------- the loop
 
@@ -120,6 +153,7 @@ class Batcher:
                 if not self._pending:
                     if self._closing:
                         self._closed = True  # in the same step as the check: no submit can slip in between
+                        self._make_space()  # waiters, if any, now find it closed
                         return
                     self._wakeup.clear()
                     await self._wakeup.wait()
@@ -127,6 +161,7 @@ class Batcher:
                 await self._gather_and_dispatch()
         except Exception:  # a bug here must not strand callers: fail what is queued, loudly
             self._closed = True
+            self._make_space()
             log.exception("batcher for %s crashed", self.model)
             self._fail_pending(Unavailable(f"model {self.model!r} batcher failed; retry"))
             raise
@@ -158,6 +193,7 @@ class Batcher:
             if not item.future.done():  # skip callers that went away
                 batch.append(item)
         self._queue_gauge.set(len(self._pending))
+        self._make_space()
         if not batch:
             return
         started = time.perf_counter()

@@ -44,6 +44,7 @@ from inference_pod.gateway_json import (
     reject_unknown,
 )
 from inference_pod.model_store import check_model_name
+from inference_pod.streaming import pcm_slices
 
 if TYPE_CHECKING:
     from inference_pod.gateway import HttpGateway
@@ -53,7 +54,9 @@ log = logging.getLogger(__name__)
 # Operations one socket runs at once; past this the socket is not read until one ends, which pushes back
 # on the client through TCP instead of queueing without bound.
 MAX_OPERATIONS = 32
-AUDIO_QUEUE_CHUNKS = 32  # PCM chunks buffered for a live session before the socket stops being read
+# PCM buffered for a live session before the socket stops being read: slices, not messages, so at most
+# 32 x 16 KiB beside the message being read, however large the client's messages are.
+AUDIO_QUEUE_SLICES = 32
 COMMON_FIELDS = frozenset({"type", "request_id"})
 STREAM_FIELDS = COMMON_FIELDS | FRAME_FIELDS - {"frame_id"} | {"first", "last", "realtime", "fps"}
 AUDIO_START_FIELDS = COMMON_FIELDS | OUTPUT_FIELDS | {"model_name", "sample_rate", "channels"}
@@ -64,7 +67,7 @@ class LiveAudio:
     """The PCM chunks of the socket's open audio session, handed from the reader to the session's task."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(AUDIO_QUEUE_CHUNKS)
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(AUDIO_QUEUE_SLICES)
         self.failed = False
 
     async def chunks(self):
@@ -149,8 +152,11 @@ class WebSocketSession:
         if live is None:
             await self._send_error("INVALID_ARGUMENT", "binary messages are PCM16 audio and need an open audio "
                                    "session: send audio_start first", None)
-        elif not live.failed:  # after a failed session the rest of its audio is dropped until audio_end
-            await live.queue.put(data)
+        else:
+            for piece in pcm_slices(data):
+                if live.failed:  # after a failed session the rest of its audio is dropped until audio_end
+                    break
+                await live.queue.put(piece)
 
     async def _spawn(self, operation: Callable[[], Awaitable[None]], kind: str, request_id, on_error=None) -> None:
         await self._slots.acquire()

@@ -26,7 +26,7 @@ from inference_pod.encoding import OutputSpec, encode_image
 from inference_pod.errors import AudioError, InvalidInput
 from inference_pod.metrics import Metrics
 from inference_pod.model_store import LoadedModel, ModelStore, check_model_name
-from inference_pod.streaming import LiveTrack
+from inference_pod.streaming import LiveTrack, pcm_slices
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,9 @@ class FramePipeline:
 
             async def ready_frames():
                 async for chunk in chunks:
-                    for frame_id, window in await loop.run_in_executor(self.cpu_pool, live.push, chunk):
-                        yield frame_id, LIVE_TRACK, window
+                    for piece in pcm_slices(chunk):  # a huge message: short steps, each a point to stop at
+                        for frame_id, window in await loop.run_in_executor(self.cpu_pool, live.push, piece):
+                            yield frame_id, LIVE_TRACK, window
                 for frame_id, window in await loop.run_in_executor(self.cpu_pool, live.finish):
                     yield frame_id, LIVE_TRACK, window
 
@@ -233,8 +234,9 @@ class FramePipeline:
     # -------------------------------------------------------------------------------------- frames
 
     async def render(self, model: LoadedModel, frame_id: int, track: Track, output: OutputSpec, *,
-                     window: np.ndarray | None = None) -> FrameResult:
-        """One frame of a track: from the frame cache, else through the batcher and the encoder."""
+                     window: np.ndarray | None = None, in_stream: bool = False) -> FrameResult:
+        """One frame of a track: from the frame cache, else through the batcher and the encoder. A frame of a
+        stream waits for room in a full queue; a lone request is refused (RESOURCE_EXHAUSTED) to retry."""
         started = time.perf_counter()
         engine = model.engine
         key = None
@@ -250,7 +252,8 @@ class FramePipeline:
         if window is None:
             window = engine.windows(track.features, [frame_id])[0]
         batch = await model.batcher.submit(template_id, window,
-                                           functools.partial(_finish_image, engine, template_id, output=output))
+                                           functools.partial(_finish_image, engine, template_id, output=output),
+                                           wait_for_space=in_stream)
         image, width, height, jpeg_path = batch.output
         if jpeg_path is not None:
             self.metrics.full_frame_jpegs.labels(model=model.name, path=jpeg_path).inc()
@@ -276,7 +279,8 @@ class FramePipeline:
         async def launch_all() -> None:
             try:
                 async for frame_id, track, window in items:
-                    task = loop.create_task(self.render(model, frame_id, track, output, window=window))
+                    task = loop.create_task(self.render(model, frame_id, track, output, window=window,
+                                                        in_stream=True))
                     try:
                         await launched.put(task)
                     except asyncio.CancelledError:

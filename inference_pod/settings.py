@@ -57,7 +57,7 @@ class Settings:
     max_batch_delay_ms: float = field(default=5.0, metadata={
         "help": "longest wait for a batch to fill once its first request arrived"})
     max_queue: int = field(default=256, metadata={
-        "help": "queued frames per model before requests get RESOURCE_EXHAUSTED"})
+        "help": "queued frames per model before requests get RESOURCE_EXHAUSTED (frames of streams wait)"})
     memory_budget_mb: int = field(default=0, metadata={
         "help": "resident models' memory budget; least recently used models are unloaded (0: no limit)"})
     registry_url: str = field(default="", metadata={"help": "model registry (http://, https:// or file://)"})

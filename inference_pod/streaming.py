@@ -13,6 +13,10 @@ mel frames, where windows past the end shift if the stream ends now), and encode
 completed windows. At end of stream the remaining windows are computed with SyncTalk_2D's end handling
 (windows past the end shifted back, last feature repeated) and the rest of the frames flushed.
 
+Work per step is bounded by the caller, not by the sender: a message of any size is pushed in slices of
+``SLICE_BYTES`` (``pcm_slices``), so one huge message neither holds a CPU thread for minutes nor keeps
+running after its client has gone.
+
 Latency: frame i needs audio up to 0.04 i + 0.45 s, so a frame leaves about 0.45 s of audio (the window
 look-ahead of 7 frames plus the mel window) after its own time, plus compute. Memory stays bounded: audio
 and features older than the windows still needed are dropped, so a stream can run indefinitely.
@@ -20,13 +24,22 @@ and features older than the windows still needed are dropped, so a stream can ru
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from inference_pod import audio
 from inference_pod.errors import AudioError
 
+SLICE_BYTES = 16 << 10  # PCM pushed per step: 0.5 s of 16 kHz mono, a few tens of ms of CPU
 MEL_MARGIN = 3  # mel frames of a slice that its zero padding / first pre-emphasis sample can reach
 CONTEXT = audio.FEATURE_CONTEXT  # 8: padded features i-8 .. i+7 feed frame i
+
+
+def pcm_slices(data: bytes, size: int = SLICE_BYTES) -> Iterator[bytes]:
+    """``data`` in pieces of at most ``size`` bytes (a piece may split a sample: LiveTrack carries it over)."""
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
 
 
 class LiveTrack:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -73,6 +74,76 @@ async def test_full_queue_is_overloaded_and_the_rest_still_succeed(engine):
     assert all(o.prediction.shape == (320, 320, 3) for o in outcomes[:2])
     assert metrics.sample("lipsync_queue_depth", {"model": "demo"}) == 0
     await batcher.close()
+
+
+class _HeldDevice:
+    """The real engine behind a gate: batches reach the device and wait there until the test opens it."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.num_templates, self.audio_shape = engine.num_templates, engine.audio_shape
+        self.gate = threading.Event()
+
+    def predict(self, template_ids, windows):
+        self.gate.wait(30)
+        return self.engine.predict(template_ids, windows)
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.001)
+
+
+async def test_a_stream_waits_for_room_in_a_full_queue_and_can_leave(engine):
+    """wait_for_space: a full queue holds the caller instead of refusing it; one that leaves gives its turn
+    away, and the queue never grows past its limit."""
+    device = _HeldDevice(engine)
+    batcher = Batcher("demo", device, Metrics(), max_batch=2, max_delay_s=0.01, max_queue=2)
+    work = items(engine, 8)
+    # Two batches of two go to the (held) device, the most in flight; the next two fill the queue.
+    ahead = []
+    for k in range(3):
+        ahead += [asyncio.ensure_future(batcher.submit(t, w)) for t, w in work[2 * k : 2 * k + 2]]
+        await asyncio.sleep(0)  # they are queued
+        await _until(lambda k=k: batcher.queue_depth == (2 if k == 2 else 0))
+    with pytest.raises(Overloaded):  # a lone request is refused at once
+        await batcher.submit(*work[6])
+    waiting = [asyncio.ensure_future(batcher.submit(t, w, wait_for_space=True)) for t, w in work[6:]]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in waiting) and batcher.queue_depth == 2
+    waiting[0].cancel()  # a client that went away while waiting
+    device.gate.set()
+    depths = []
+    while not all(t.done() for t in ahead + waiting):
+        depths.append(batcher.queue_depth)
+        await asyncio.sleep(0.001)
+    assert max(depths) <= 2
+    assert waiting[0].cancelled()
+    assert all(t.result().prediction.shape == (320, 320, 3) for t in ahead + waiting[1:])
+    await batcher.close()
+
+
+async def test_streams_waiting_for_room_are_released_when_the_batcher_closes(engine):
+    device = _HeldDevice(engine)
+    batcher = Batcher("demo", device, Metrics(), max_batch=1, max_delay_s=10.0, max_queue=1)
+    work = items(engine, 4)
+    ahead = []
+    for k in range(3):  # two on the device, one queued
+        ahead.append(asyncio.ensure_future(batcher.submit(*work[k])))
+        await asyncio.sleep(0)  # it is queued
+        await _until(lambda k=k: batcher.queue_depth == (1 if k == 2 else 0))
+    waiting = asyncio.ensure_future(batcher.submit(*work[3], wait_for_space=True))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    closing = asyncio.ensure_future(batcher.close())
+    device.gate.set()
+    await closing
+    assert all(t.result().batch_size == 1 for t in ahead)
+    # Let in while the queue drained (and then served), or told the model is gone: never left hanging.
+    outcome = (await asyncio.gather(waiting, return_exceptions=True))[0]
+    assert isinstance(outcome, BatcherClosed) or outcome.prediction.shape == (320, 320, 3)
 
 
 async def test_queue_depth_gauge_follows_the_queue(engine):

@@ -566,13 +566,14 @@ async def test_ws_frames_streams_and_pings(pod, spec, engine):
         assert await ws.receive_json() == {"type": "pong"}
 
 
-async def test_ws_live_audio_gives_the_frames_of_the_whole_clip(pod, spec):
+@pytest.mark.parametrize("chunk", [1280, 1 << 20], ids=["40ms", "one-message"])  # the pod slices big ones
+async def test_ws_live_audio_gives_the_frames_of_the_whole_clip(pod, spec, chunk):
     pcm = speech_pcm16(1.0, seed=5)
     async with pod.http.ws_connect(pod.ws_url) as ws:
         await ws.send_json({"type": "audio_start", "model_name": "demo", "sample_rate": 16000, "request_id": "mic",
                             **RAW_PREDICTION})
-        for start in range(0, len(pcm), 1280):
-            await ws.send_bytes(pcm[start : start + 1280])
+        for start in range(0, len(pcm), chunk):
+            await ws.send_bytes(pcm[start : start + chunk])
         await ws.send_json({"type": "audio_end"})
         live = await ws_replies(ws)
     assert live[-1] == {"type": "end", "frames": len(live) - 1, "request_id": "mic"}

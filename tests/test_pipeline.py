@@ -125,3 +125,26 @@ async def test_full_frame_jpegs_are_spliced_after_each_templates_first_and_count
     finally:
         await store.close()
         pool.shutdown()
+
+
+async def test_streams_beyond_the_queue_limit_slow_down_instead_of_failing(tmp_path):
+    """More concurrent streams than the model's queue holds: every stream gets all its frames, in order (a
+    lone request at that moment is refused, to retry)."""
+    models = models_dir_with(tmp_path / "models", "demo-1")
+    metrics = Metrics()
+    store = ModelStore(models_dir=models, extract_dir=models / ".store", metrics=metrics,
+                       engine_factory=lambda package: Engine.from_package(package, max_batch=2),
+                       batcher_factory=lambda name, engine: Batcher(name, engine, metrics, max_batch=2, max_queue=2))
+    pool = ThreadPoolExecutor(2)
+    try:
+        pipeline = FramePipeline(store, Cache(metrics), metrics, pool)
+        output = OutputSpec(region="prediction", format="raw")
+
+        async def one_stream(first: int) -> list[int]:
+            return [r.frame_id async for r in pipeline.stream("demo", first, first + 5, None, output)]
+
+        streams = await asyncio.gather(*(one_stream(k) for k in range(8)), return_exceptions=True)
+        assert streams == [list(range(k, k + 6)) for k in range(8)]
+    finally:
+        await store.close()
+        pool.shutdown()

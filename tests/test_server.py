@@ -315,6 +315,35 @@ async def test_stream_audio_gives_the_same_frames_as_the_whole_file(pod):
         assert np.abs(prediction(got) - prediction(expected.frame)).max() <= 2
 
 
+async def test_a_huge_live_message_is_worked_in_short_steps(pod, engine):
+    """One message of many seconds: its first frame comes after one step's work, not the whole message's (and
+    each step is a point where a client that has left stops the work)."""
+    import time
+
+    from inference_pod.streaming import LiveTrack
+
+    _, stub, _ = pod
+    await stub.GenerateFrame(pb.GenerateFrameRequest(model="demo", frame_id=0, output=RAW_PREDICTION))  # loaded
+    pcm = speech_pcm16(16.0, seed=11)
+    started = time.perf_counter()
+    LiveTrack(engine, 16000).push(pcm)  # the whole message's feature work, done here for scale
+    whole_s = time.perf_counter() - started
+
+    async def one_message():
+        yield pb.StreamAudioRequest(config=pb.StreamAudioConfig(model="demo", sample_rate=16000,
+                                                                output=RAW_PREDICTION))
+        yield pb.StreamAudioRequest(pcm16=pcm)
+        await asyncio.Event().wait()  # the client stays, sending nothing more
+
+    call = stub.StreamAudio(one_message())
+    started = time.perf_counter()
+    first = await call.read()
+    first_s = time.perf_counter() - started
+    call.cancel()
+    assert first.frame_id == 0
+    assert first_s < 0.5 * whole_s, f"first frame after {first_s:.2f} s; the whole message's work is {whole_s:.2f} s"
+
+
 async def test_stream_audio_errors(pod):
     _, stub, _ = pod
 
