@@ -62,6 +62,14 @@ def check_format(sample_rate: int, channels: int, source: str = "audio") -> None
         raise AudioError(f"{source} has {channels} channels; 1..{MAX_CHANNELS} are accepted")
 
 
+def check_length(samples_16k: int) -> None:
+    """The shortest audio with one whole mel window: the same words for a whole track and a live stream."""
+    if samples_16k == 0:
+        raise AudioError("audio is empty")
+    if samples_16k < MIN_SAMPLES:
+        raise AudioError(f"audio too short: {samples_16k} samples at 16 kHz, need at least {MIN_SAMPLES}")
+
+
 def too_long(seconds: float | None, max_seconds: float, source: str = "audio") -> AudioError:
     """``seconds`` None: decoding stopped at the limit, so only "more than" is known."""
     length = f"{seconds:.1f} s" if seconds is not None else f"more than {max_seconds:.0f} s"

@@ -397,8 +397,7 @@ class Engine:
     def track_features(self, wav16k: np.ndarray) -> np.ndarray:
         """AVE features of a whole 16 kHz track, first and last repeated: one row per output frame."""
         self._audio_encoder()  # no encoder: the clear error before any work
-        if len(wav16k) < audio.MIN_SAMPLES:
-            raise AudioError(f"audio too short: {len(wav16k)} samples at 16 kHz, need at least {audio.MIN_SAMPLES}")
+        audio.check_length(len(wav16k))
         windows = audio.mel_windows(audio.melspectrogram(wav16k))
         return audio.pad_features(self.encode_windows(windows))
 

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from inference_pod import audio
 from inference_pod.auth import ApiKeyInterceptor, key_from_metadata
 from inference_pod.encoding import DEFAULT_JPEG_QUALITY, OutputSpec
 from inference_pod.errors import InvalidInput, Unauthenticated, Unavailable, echo, reply_for
@@ -273,12 +274,16 @@ class LipSyncServicer:
 
         async def chunks():
             async for message in requests:
-                if message.WhichOneof("message") != "pcm16":
+                kind = message.WhichOneof("message")
+                if kind == "config":
                     raise InvalidInput("only one config message is allowed, at the start of the stream")
+                if kind is None:
+                    raise InvalidInput("a StreamAudio message after the config must carry pcm16 audio; this one is "
+                                       "empty")
                 yield message.pcm16
 
-        async for result in self.pipeline.live(config.model, config.sample_rate, config.channels or 1, chunks(),
-                                               output):
+        async for result in self.pipeline.live(config.model, config.sample_rate or audio.SAMPLE_RATE,
+                                               config.channels or 1, chunks(), output):
             yield frame_message(result)
 
     @_unary

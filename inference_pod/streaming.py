@@ -46,10 +46,7 @@ class LiveTrack:
     """Incremental features for one live stream. Not thread-safe: push/finish one at a time."""
 
     def __init__(self, engine, sample_rate: int, channels: int = 1):
-        if sample_rate < 8000 or sample_rate > 192_000:
-            raise AudioError(f"sample rate must be 8000..192000 Hz, got {sample_rate}")
-        if not 1 <= channels <= 8:
-            raise AudioError(f"channel count must be 1..8, got {channels}")
+        audio.check_format(sample_rate, channels, "PCM16 audio")
         if getattr(engine, "encoder", None) is None:
             raise AudioError(f"model {engine.name!r} uses {engine.mode} features, which cannot be computed "
                              "from live audio")
@@ -110,8 +107,9 @@ class LiveTrack:
         self._append(tail)
         self.finished = True
         n = self.samples_received
+        audio.check_length(n)
         total_mel = 1 + n // audio.HOP
-        count = audio.window_count(total_mel)  # raises a clear AudioError when the stream was too short
+        count = audio.window_count(total_mel)
         if count > self._raw_count:
             self._add_raw(self._encode_range(self._raw_count, count, total_mel=total_mel))
         assert self._last_raw is not None  # count >= 1 raw windows exist once window_count passed

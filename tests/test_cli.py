@@ -137,3 +137,13 @@ def test_no_pod_at_the_target_is_one_line_with_the_fix(capsys):
     code, err = run_cli(capsys, "client", "--target", "127.0.0.1:1", "--timeout", "10", "models")
     assert code == 1
     assert_one_line(err, "UNAVAILABLE", "is a pod running at 127.0.0.1:1")
+
+
+@pytest.mark.parametrize("argv", [("client", "stream-audio", "demo", "x.wav", "--chunk-ms", "0"),
+                                  ("client", "--timeout", "-5", "models"),
+                                  ("bench", "service", "--frames", "0"),
+                                  ("bench", "pool", "--hours", "nan")])
+def test_a_number_out_of_range_is_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(argv))
+    assert exit_.value.code == 2 and "expected a positive" in capsys.readouterr().err

@@ -344,6 +344,15 @@ async def test_a_huge_live_message_is_worked_in_short_steps(pod, engine):
     assert first_s < 0.5 * whole_s, f"first frame after {first_s:.2f} s; the whole message's work is {whole_s:.2f} s"
 
 
+async def test_stream_audio_without_a_sample_rate_is_16_khz_as_on_the_websocket(pod):
+    _, stub, _ = pod
+    pcm = speech_pcm16(0.5, seed=6)
+    unset = await _collect(stub.StreamAudio(live_requests("demo", pcm, rate=0)))
+    explicit = await _collect(stub.StreamAudio(live_requests("demo", pcm, rate=16000)))
+    assert [f.frame_id for f in unset] == [f.frame_id for f in explicit] == list(range(audio.frame_count(len(pcm) // 2)))
+    assert [f.image for f in unset] == [f.image for f in explicit]
+
+
 async def test_stream_audio_errors(pod):
     _, stub, _ = pod
 
@@ -354,8 +363,13 @@ async def test_stream_audio_errors(pod):
         yield pb.StreamAudioRequest(config=pb.StreamAudioConfig(model="demo", sample_rate=16000))
         yield pb.StreamAudioRequest(config=pb.StreamAudioConfig(model="demo", sample_rate=16000))
 
+    async def empty_message():
+        yield pb.StreamAudioRequest(config=pb.StreamAudioConfig(model="demo", sample_rate=16000))
+        yield pb.StreamAudioRequest()
+
     await expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.StreamAudio(no_config()), "config")
     await expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.StreamAudio(two_configs()), "config")
+    await expect_status(grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.StreamAudio(empty_message()), "empty")
     await expect_status(grpc.StatusCode.INVALID_ARGUMENT,
                         lambda: stub.StreamAudio(live_requests("demo", b"\x00\x00" * 50)), "too short")
     await expect_status(grpc.StatusCode.INVALID_ARGUMENT,

@@ -115,3 +115,17 @@ def test_every_track_length_ends_with_the_whole_tracks_windows(engine, extra_hop
     out, _ = stream(engine, pcm, 1280)  # 40 ms chunks, as the live page sends
     assert [frame_id for frame_id, _ in out] == list(range(len(expected)))
     np.testing.assert_allclose(np.stack([w for _, w in out]), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("pcm, rate", [(b"", 16000), (b"\x00\x00" * 2999, 16000), (b"\x00\x00" * 4000, 7999)],
+                         ids=["empty", "too-short", "bad-rate"])
+def test_a_live_stream_refuses_audio_in_the_words_a_whole_track_does(engine, pcm, rate):
+    from inference_pod.pipeline import AudioInput
+
+    with pytest.raises(AudioError) as whole:  # what GenerateFrame does with PCM16 audio
+        engine.track_features(AudioInput(pcm, "pcm16", rate, 1).decode())
+    with pytest.raises(AudioError) as live:
+        track = LiveTrack(engine, rate)
+        track.push(pcm)
+        track.finish()
+    assert str(live.value) == str(whole.value)

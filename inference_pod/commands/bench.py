@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from inference_pod.bench.service_bench import SCENARIOS as SERVICE_SCENARIOS
+from inference_pod.commands import positive_float, positive_int
 from inference_pod.engine import PRECISIONS
 from inference_pod.settings import TEMPLATE_STORAGES
 
@@ -30,23 +31,6 @@ def _float_list(text: str) -> tuple[float, ...]:
     if not values or min(values) <= 0:
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -89,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=_int_list, default="1,2,4,8,16,32,64", help="comma-separated batch sizes")
     p.add_argument("--frames", type=int, default=64, help="frames per batch-size run")
     p.add_argument("--naive-frames", type=int, default=16, help="frames through the naive loop (0: skip it)")
-    p.add_argument("--output-batch", type=_positive, default=16, help="batch of the region-vs-full-frame rows")
+    p.add_argument("--output-batch", type=positive_int, default=16, help="batch of the region-vs-full-frame rows")
     p.add_argument("--template-storage", type=_storages, default=",".join(TEMPLATE_STORAGES),
                    help="comma-separated template storages to compare at the largest batch size: resident bytes, "
                         "gather cost, frames/s (default: all of device,host,compressed; the first runs the "
@@ -107,20 +91,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--api-key", default=os.environ.get("LIPSYNC_API_KEY"), help="for --target (env LIPSYNC_API_KEY)")
     s.add_argument("--package", type=Path, help="with --target: the package of its first model, for the "
                                                 "in-process engine comparison")
-    s.add_argument("--models", type=_positive, help="models at once (default 6)")
-    s.add_argument("--width", type=_positive, help="U-Net base width of the demo models (default 4 on CPU, 32 = "
+    s.add_argument("--models", type=positive_int, help="models at once (default 6)")
+    s.add_argument("--width", type=positive_int, help="U-Net base width of the demo models (default 4 on CPU, 32 = "
                                                    "SyncTalk_2D's on CUDA)")
     s.add_argument("--frame-size", type=_size, help="demo frame size WxH (default 256x256)")
     s.add_argument("--device", help="device of the server it starts: cpu, cuda (default cpu)")
     s.add_argument("--precision", choices=sorted(PRECISIONS), help="default fp32")
-    s.add_argument("--frames", type=_positive, help="frames per scenario (default 100)")
-    s.add_argument("--clients", type=_positive, help="concurrent clients (default 4)")
+    s.add_argument("--frames", type=positive_int, help="frames per scenario (default 100)")
+    s.add_argument("--clients", type=positive_int, help="concurrent clients (default 4)")
     s.add_argument("--streams", type=int, help="most concurrent live audio streams tried (default 4, 48 on CUDA; 0: skip)")
     s.add_argument("--stream-seconds", type=float, help="audio per live stream (default 4)")
     s.add_argument("--chunk-ms", type=float, help="live audio chunk, sent at real time (default 40)")
     s.add_argument("--budget-ms", type=float, help="live frame deadline after its audio window (default 200)")
     s.add_argument("--stress-sizes", type=_int_list, help="frames of each stress run (default 100,1000)")
-    s.add_argument("--cache-pairs", type=_positive, help="frames asked for twice in the cache scenario (default 20)")
+    s.add_argument("--cache-pairs", type=positive_int, help="frames asked for twice in the cache scenario (default 20)")
     s.add_argument("--scenarios", type=_names, help=f"comma-separated subset of: {','.join(SERVICE_SCENARIOS)}")
     s.add_argument("--torch-threads", type=int, help="torch threads per process (default 1 on CPU: the client "
                                                      "and the server share the cores; 0: torch's default)")
@@ -145,21 +129,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Writes pool.json, pool.md and pool.png.")
     p.add_argument("--characters", type=_int_list, default="1000,10000", help="comma-separated (default 1000,10000)")
     p.add_argument("--zipf", type=_float_list, default="1.0,1.2", help="Zipf exponents (default 1.0,1.2)")
-    p.add_argument("--hours", type=_positive_float, default=24.0, help="simulated hours")
-    p.add_argument("--step-s", type=_positive_float, default=60.0, help="simulated seconds per step (default 60)")
-    p.add_argument("--peak-streams-per-character", type=_positive_float, default=0.25,
+    p.add_argument("--hours", type=positive_float, default=24.0, help="simulated hours")
+    p.add_argument("--step-s", type=positive_float, default=60.0, help="simulated seconds per step (default 60)")
+    p.add_argument("--peak-streams-per-character", type=positive_float, default=0.25,
                    help="concurrent live streams at the daily peak, per character (default 0.25)")
     p.add_argument("--spikes", type=int, default=8, help="spikes of a cold character in the run (default 8)")
-    p.add_argument("--spike-streams", type=_positive, default=40, help="streams a spike reaches (default 40)")
-    p.add_argument("--pod-fps", type=_positive_float, help="frames/s one pod serves (default: --engine-json, else 400)")
+    p.add_argument("--spike-streams", type=positive_int, default=40, help="streams a spike reaches (default 40)")
+    p.add_argument("--pod-fps", type=positive_float, help="frames/s one pod serves (default: --engine-json, else 400)")
     p.add_argument("--engine-json", type=Path, help="a lipsync bench engine JSON: pod capacity = its best "
                                                     "end-to-end FPS")
     p.add_argument("--package", type=Path, help="a character package: the footprint from its manifest")
-    p.add_argument("--footprint-mb", type=_positive_float, help="memory one character takes (overrides --package)")
-    p.add_argument("--pod-memory-gib", type=_positive_float, default=64.0, help="model memory per pod (default 64)")
-    p.add_argument("--demand-per-copy", type=_positive_float, default=100.0,
+    p.add_argument("--footprint-mb", type=positive_float, help="memory one character takes (overrides --package)")
+    p.add_argument("--pod-memory-gib", type=positive_float, default=64.0, help="model memory per pod (default 64)")
+    p.add_argument("--demand-per-copy", type=positive_float, default=100.0,
                    help="frames/s one copy should carry (default 100: 4 live streams)")
-    p.add_argument("--max-copies", type=_positive, default=100, help="most copies of one character (default 100)")
+    p.add_argument("--max-copies", type=positive_int, default=100, help="most copies of one character (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated demand")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/pool"),
                    help="directory for pool.json, pool.md and pool.png")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from inference_pod.commands import positive_float
+
 ACTIONS = ("frame", "batch", "stream", "stream-audio", "models", "load", "unload", "registry", "stats", "health")
 
 
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("LIPSYNC_API_KEY"), help="API key (env LIPSYNC_API_KEY)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca-cert)")
     p.add_argument("--ca-cert", type=Path, help="PEM file of the CA that signed the server's certificate")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds per unary call (default 60)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per unary call (default 60)")
     ps = p.add_subparsers(dest="client_command", required=True, metavar="ACTION")
 
     def output_flags(q: argparse.ArgumentParser) -> None:
@@ -72,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = ps.add_parser("stream-audio", help="StreamAudio: send an audio file as live PCM chunks, save frames")
     q.add_argument("model", help="model (character) name")
     q.add_argument("audio", type=Path, help="audio file, decoded here and streamed as 16 kHz PCM16")
-    q.add_argument("--chunk-ms", type=float, default=40.0, help="chunk length (default 40 ms)")
+    q.add_argument("--chunk-ms", type=positive_float, default=40.0, help="chunk length (default 40 ms)")
     q.add_argument("--realtime", action="store_true", help="send chunks at the pace of the audio, like a microphone")
     output_flags(q)
     q.add_argument("-o", "--out-dir", type=Path, default=Path("frames"), help="directory for the images")
