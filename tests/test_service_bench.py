@@ -223,7 +223,9 @@ def test_live_frames_past_their_deadline_are_counted_as_missed(pod):
     def level(budget_ms: float) -> dict:
         return run_level(pod.target, "demo", 1, seconds=1.0, chunk_ms=40.0, budget_ms=budget_ms)
 
-    impossible, lenient = level(1e-6), level(1e7)
+    # Frames flushed at the half-close start their clocks a playback period apart, so a quick pod delivers
+    # the last few before their clocks start: only a deadline a second before every clock cannot be met.
+    impossible, lenient = level(-1e3), level(1e7)
     for row in (impossible, lenient):
         assert row["ok_frames"] == row["planned_frames"] == audio.frame_count(audio.SAMPLE_RATE), row
     assert (impossible["missed"], impossible["miss_share"]) == (impossible["planned_frames"], 1.0)
