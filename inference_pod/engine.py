@@ -169,6 +169,9 @@ class _TemplateFrames:
         self._capacity = len(encoded) if self._resident else max(1, budget_bytes // per_frame)
         self._lock = threading.Lock()
         self._decoded[0] = first
+        # Kept as frames come and go: the model store reads them on every scrape and budget check.
+        self._encoded_bytes = sum(len(b) for b in encoded)
+        self._decoded_bytes = first.nbytes
 
     def get(self, index: int) -> np.ndarray:
         with self._lock:
@@ -178,13 +181,15 @@ class _TemplateFrames:
                 return frame
         frame = _decode_image(self._encoded[index], index)
         with self._lock:
+            raced = self._decoded.get(index)  # another thread decoded it meanwhile: replaced, not added
             self._decoded[index] = frame
+            self._decoded_bytes += frame.nbytes - (raced.nbytes if raced is not None else 0)
             while len(self._decoded) > self._capacity:
-                self._decoded.popitem(last=False)
+                self._decoded_bytes -= self._decoded.popitem(last=False)[1].nbytes
         return frame
 
     def nbytes(self) -> int:
-        return sum(f.nbytes for f in self._decoded.values()) + sum(len(b) for b in self._encoded)
+        return self._decoded_bytes + self._encoded_bytes
 
 
 def _encode_png(crop: np.ndarray) -> bytes:
@@ -317,6 +322,7 @@ class Engine:
 
         self._load_templates(package, frame_budget_bytes)
         self._template_scans = TemplateScans(jpeg_cache_bytes)
+        self._fixed: MemoryUse | None = None  # see _fixed_memory
         defaults = package.default_features()
         self.default_features = audio.pad_features(defaults.astype(np.float32)) if defaults is not None else None
 
@@ -564,17 +570,25 @@ class Engine:
 
     def memory_use(self) -> MemoryUse:
         """Bytes this engine holds, on the device and on the host (see MemoryUse)."""
-        net = self._network()
-        device = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-        if self.encoder is not None:
-            device += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
-        on_device = self._templates.numel() if self._templates is not None else 0
-        on_host = self._crops.nbytes if self._crops is not None else 0
-        on_host += sum(len(png) for png in self._pngs) if self._pngs is not None else 0
-        host = self._frames.nbytes() + self._template_scans.nbytes + on_host
-        host += sum(border.nbytes for border in self._borders if border is not None)
-        host += self._staging.numel() if self._staging is not None else 0
-        return MemoryUse(device=device + on_device, host=host, templates=on_device + on_host)
+        fixed = self._fixed_memory()
+        host = fixed.host + self._frames.nbytes() + self._template_scans.nbytes  # the caches grow after load
+        return MemoryUse(device=fixed.device, host=host, templates=fixed.templates)
+
+    def _fixed_memory(self) -> MemoryUse:
+        """What does not change after load (weights, template store, borders, staging), summed once: it
+        walks every template, and the model store asks on every metrics scrape and budget check."""
+        if self._fixed is None:
+            net = self._network()
+            device = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+            if self.encoder is not None:
+                device += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
+            on_device = self._templates.numel() if self._templates is not None else 0
+            on_host = self._crops.nbytes if self._crops is not None else 0
+            on_host += sum(len(png) for png in self._pngs) if self._pngs is not None else 0
+            host = on_host + sum(border.nbytes for border in self._borders if border is not None)
+            host += self._staging.numel() if self._staging is not None else 0
+            self._fixed = MemoryUse(device=device + on_device, host=host, templates=on_device + on_host)
+        return self._fixed
 
     def memory_bytes(self) -> int:
         """Bytes this engine holds, device and host together: what the model store's memory budget counts."""

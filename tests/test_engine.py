@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -260,3 +262,18 @@ def test_memory_use_follows_where_templates_live(demo_character_package):
     assert [use[s].templates for s in ("device", "host")] == [n * (inner + crop), n * crop]
     assert use["compressed"].templates == use["compressed"].host - frames - staging
     assert engines["device"].memory_bytes() == use["device"].total == use["device"].device + use["device"].host
+
+
+def test_decoded_frames_are_counted_as_they_come_and_go(demo_character_package):
+    """The frame cache keeps a running byte count (the model store reads it on every scrape): it must equal
+    the frames actually held, through decodes, evictions and frames decoded twice at once."""
+    first = Engine.from_package(demo_character_package)
+    per_frame = first.composite(0, first.template_crop(0)).nbytes
+    engine = Engine.from_package(demo_character_package, frame_budget_bytes=2 * per_frame + 1)  # 2 of 6 fit
+    frames = engine._frames
+    fixed = engine.memory_use().host - frames.nbytes()
+    with ThreadPoolExecutor(4) as pool:  # the same templates at once: some are decoded twice
+        list(pool.map(lambda i: engine.composite(i % 6, engine.template_crop(i % 6)), [0, 1, 2, 3, 1, 4, 5, 0] * 4))
+    held = sum(f.nbytes for f in frames._decoded.values()) + sum(len(b) for b in frames._encoded)
+    assert frames.nbytes() == held and len(frames._decoded) == 2
+    assert engine.memory_use().host == fixed + held
