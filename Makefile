@@ -8,7 +8,7 @@ export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path(
 
 .PHONY: setup system-deps browser-deps python-deps demo demo-weights test lint
 
-# nodejs runs the README's JavaScript example in tests/test_readme.py; espeak-ng is the demo character's
+# nodejs runs the README's JavaScript example in tests/cli/test_readme.py; espeak-ng is the demo character's
 # voice (training speech, default track, the lip-sync quality gate).
 system-deps:
 	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && command -v node >/dev/null \
@@ -17,7 +17,7 @@ system-deps:
 	  (apt-get update -qq && apt-get install -y -qq redis-server ffmpeg nodejs espeak-ng) >/dev/null || \
 	  (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server ffmpeg nodejs espeak-ng) >/dev/null; }
 
-# Headless Chromium for tests/test_live_page.py; the test skips (with the reason) when this fails.
+# Headless Chromium for tests/api/test_live_page.py; the test skips (with the reason) when this fails.
 browser-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
@@ -47,6 +47,7 @@ demo-weights: setup
 lint:
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m mypy
+	lint-imports
 
 # One worker per core; --dist loadfile keeps a file's tests (and its module-scoped servers) on one worker.
 # Tests marked `alone` keep pace with a wall clock (a browser speaking in real time), so they run afterwards,

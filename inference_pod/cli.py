@@ -67,13 +67,6 @@ def walk_parsers(parser: argparse.ArgumentParser, prog: str = "lipsync") -> Iter
                 yield from walk_parsers(child, f"{prog} {name}")
 
 
-def require_files(*paths: Path | None) -> None:
-    """Refuse missing input files before any slow work (a model load) starts; ``main`` words the error."""
-    for path in paths:
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

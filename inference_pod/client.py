@@ -92,7 +92,7 @@ def stream_audio_config(model: str, sample_rate: int = 16000, channels: int = 1,
 
 def decode_frame(frame: pb.Frame):
     """The frame's image as an (H, W, 3) uint8 BGR array."""
-    from inference_pod.encoding import decode_image
+    from inference_pod.core.encoding import decode_image
 
     return decode_image(frame.image, FORMAT_NAMES.get(frame.format, "jpeg"), frame.width, frame.height)
 

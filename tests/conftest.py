@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from inference_pod.demo_character import build_demo_package, write_checkpoints, write_synctalk_dataset
 from inference_pod.package import CharacterPackage, extract_package
+from inference_pod.tools.demo_character import build_demo_package, write_checkpoints, write_synctalk_dataset
 
 DEMO_NAME = "demo"
 DEMO_VERSION = "1"

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import soundfile
 
-from inference_pod.demo_character import build_demo_package, speech_like_audio
+from inference_pod.tools.demo_character import build_demo_package, speech_like_audio
 
 LOOPBACK = "127.0.0.1"
 
@@ -206,7 +206,7 @@ class ServerThread:
     """A Pod on its own event loop in a thread, so blocking clients can call it from the test."""
 
     def __init__(self, settings):
-        from inference_pod.pod import Pod
+        from inference_pod.app import Pod
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -21,7 +21,7 @@ import grpc
 from tqdm import tqdm
 
 from inference_pod.client import LipSyncClient
-from inference_pod.demo_character import build_demo_package
+from inference_pod.tools.demo_character import build_demo_package
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 300.0

@@ -25,9 +25,9 @@ import torch
 
 from inference_pod.bench import naive
 from inference_pod.bench.report import latency_summary, machine_info, markdown_table, write_json
-from inference_pod.encoding import DEFAULT_JPEG_QUALITY, OutputSpec, encode_image, frame_pool
-from inference_pod.engine import Engine
-from inference_pod.settings import TEMPLATE_STORAGES
+from inference_pod.core.encoding import DEFAULT_JPEG_QUALITY, OutputSpec, encode_image, frame_pool
+from inference_pod.core.engine import Engine
+from inference_pod.core.templates import TEMPLATE_STORAGES
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -218,7 +218,7 @@ def run(cfg: EngineBenchConfig, log=print) -> dict:
         workdir = Path(tmp)
         source = cfg.package
         if source is None:
-            from inference_pod.demo_character import build_demo_package
+            from inference_pod.tools.demo_character import build_demo_package
 
             source = workdir / "bench-demo.zip"
             build_demo_package("bench-demo", source, width=cfg.width, seed=cfg.seed, size=cfg.frame_size)

@@ -16,8 +16,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from inference_pod.bench.report import latency_summary
-from inference_pod.encoding import OutputSpec
-from inference_pod.engine import Engine
+from inference_pod.core.encoding import OutputSpec
+from inference_pod.core.engine import Engine
 
 OUTPUT = OutputSpec()  # what a request without output options gets
 WARMUP_FRAMES = 2

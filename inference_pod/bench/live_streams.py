@@ -3,7 +3,7 @@
 Each stream sends 16 kHz PCM16 in fixed chunks (40 ms by default) paced by the clock, as a microphone
 would; the streams start staggered across one chunk period, as independent callers would. Frame i cannot
 exist before the audio its window reads has arrived (raw AVE feature i+6, i.e. mel frames up to
-window_start(i+6)+15, whose STFT reads samples up to 200 t + 400: see inference_pod/streaming.py), about
+window_start(i+6)+15, whose STFT reads samples up to 200 t + 400: see inference_pod/core/live_features.py), about
 0.04 i + 0.45 s of audio. That look-ahead belongs to the model, not to the server, so the clock starts when
 the chunk completing frame i's audio was sent (frames flushed at the end: the half-close, then one frame
 period per flushed frame, as playback would show them). Deadline = that moment + the latency budget; a frame later than that, or never received, is
@@ -22,10 +22,10 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from inference_pod import audio
 from inference_pod.bench.report import latency_summary
 from inference_pod.bench.request_driver import connect
-from inference_pod.demo_character import speech_like_audio
+from inference_pod.core import audio
+from inference_pod.tools.demo_character import speech_like_audio
 
 STOP_MISS_SHARE = 0.5  # a level missing more than this ends the escalation: larger M only miss more
 OVERRUN_S = 30.0  # a stream still open this long after its audio ended is cancelled

@@ -4,7 +4,7 @@ For every output frame it reads the template JPEG and its landmarks file from di
 resizes, masks, runs the network on a batch of one and pastes the result back, exactly as
 SyncTalk_2D's inference_328.py does. It is what the engine benchmark compares against, and the
 reference the fidelity tests compare ``lipsync render`` with. It is deliberately independent of
-inference_pod.engine: its own ping-pong stepping, crop, mask and feature window code.
+inference_pod.core.engine: its own ping-pong stepping, crop, mask and feature window code.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from inference_pod.model import AUDIO_FEATURE_SHAPES, LipSyncUNet, load_strict
+from inference_pod.core.model import AUDIO_FEATURE_SHAPES, LipSyncUNet, load_strict
 
 N_LANDMARKS = 110
 

@@ -1,6 +1,9 @@
 """``lipsync`` subcommands: every module here exposes ``register(subparsers)``; cli.py discovers them."""
 
 import argparse
+import errno
+import os
+from pathlib import Path
 
 
 def positive_float(text: str) -> float:
@@ -23,3 +26,10 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def require_files(*paths: Path | None) -> None:
+    """Refuse missing input files before any slow work (a model load) starts; ``main`` words the error."""
+    for path in paths:
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from inference_pod.bench.service_bench import SCENARIOS as SERVICE_SCENARIOS
 from inference_pod.commands import positive_float, positive_int
-from inference_pod.engine import PRECISIONS
-from inference_pod.settings import TEMPLATE_STORAGES
+from inference_pod.core.engine import PRECISIONS
+from inference_pod.core.templates import TEMPLATE_STORAGES
 
 
 def _int_list(text: str) -> tuple[int, ...]:

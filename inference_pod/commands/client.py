@@ -230,7 +230,7 @@ def run_stream(client, args) -> int:
 def run_stream_audio(client, args) -> int:
     import numpy as np
 
-    from inference_pod import audio
+    from inference_pod.core import audio
 
     # read here, like every client command's audio, so a missing file is the CLI's one line naming AUDIO
     wav = audio.decode_audio(args.audio.read_bytes(), source=str(args.audio))

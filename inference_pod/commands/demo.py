@@ -26,11 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference_pod.demo_character import TRAINED, build_demo_package, default_speech
-    from inference_pod.engine import Engine
+    from inference_pod.core.engine import Engine
     from inference_pod.errors import InvalidInput
     from inference_pod.package import open_package
-    from inference_pod.render import render, track_for
+    from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
+    from inference_pod.tools.render import render, track_for
 
     if args.audio is not None and not args.audio.is_file():
         raise InvalidInput(f"--audio {args.audio}: no such file")

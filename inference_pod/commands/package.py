@@ -79,7 +79,7 @@ def _size(text: str) -> tuple[int, int]:
 
 def _build(args) -> int:
     from inference_pod.package import package_summary
-    from inference_pod.synctalk_dataset import build_package
+    from inference_pod.tools.synctalk_dataset import build_package
 
     manifest = build_package(
         args.synctalk_dataset, args.checkpoint, args.audio_encoder, args.name, args.out, version=args.version, mode=args.mode
@@ -89,14 +89,14 @@ def _build(args) -> int:
 
 
 def _demo(args) -> int:
-    from inference_pod.demo_character import (
+    from inference_pod.package import package_summary
+    from inference_pod.tools.demo_character import (
         TRAINED,
         TRAINING_SPEECH,
         build_demo_package,
         default_speech,
         speech_track,
     )
-    from inference_pod.package import package_summary
 
     trained = not (args.random_weights or args.training_set)
     width = args.width if args.width is not None else (TRAINED.width if trained or args.training_set else 8)
@@ -131,7 +131,7 @@ def _verify(args) -> int:
 
 
 def _publish(args) -> int:
-    from inference_pod.registry import publish
+    from inference_pod.serving.registry import publish
 
     entry = publish(args.package, args.registry, base_url=args.base_url)
     print(f"published {entry.name} {entry.version} to {args.registry}: {entry.url} (sha256 {entry.sha256})")
@@ -139,7 +139,7 @@ def _publish(args) -> int:
 
 
 def _fetch(args) -> int:
-    from inference_pod.registry import fetch
+    from inference_pod.serving.registry import fetch
 
     path = fetch(args.registry, args.name, args.version, args.out, expected_sha256=args.sha256, token=args.token)
     print(path)

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from inference_pod.engine import PRECISIONS
+from inference_pod.core.engine import PRECISIONS
 
 CACHE_DIR_ENV = "LIPSYNC_CACHE_DIR"
 
@@ -34,10 +34,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference_pod.cli import require_files
-    from inference_pod.engine import Engine
+    from inference_pod.commands import require_files
+    from inference_pod.core.engine import Engine
     from inference_pod.package import open_package
-    from inference_pod.render import render, track_for
+    from inference_pod.tools.render import render, track_for
 
     require_files(args.package, args.audio, args.features)  # before the model load, not after
     package = open_package(args.package, cache_dir=args.cache_dir)

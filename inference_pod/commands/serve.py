@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 
-from inference_pod.settings import Settings
+from inference_pod.serving.settings import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_args(args).check_paths()
     logging.getLogger().setLevel(settings.log_level)
-    from inference_pod.pod import Pod
+    from inference_pod.app import Pod
 
     asyncio.run(Pod(settings).run())
     return 0

@@ -1,4 +1,4 @@
-"""``lipsync train``: fine-tune a package's U-Net on its own template frames and default track (see inference_pod/train.py)."""
+"""``lipsync train``: fine-tune a package's U-Net on its own template frames and default track (see inference_pod/tools/train.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from inference_pod.train import TrainConfig, train
+    from inference_pod.tools.train import TrainConfig, train
 
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,

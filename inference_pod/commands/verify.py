@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from inference_pod.commands.render import add_cache_dir_flag
-from inference_pod.engine import PRECISIONS
+from inference_pod.core.engine import PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference_pod.cli import require_files
-    from inference_pod.verify import verify
+    from inference_pod.commands import require_files
+    from inference_pod.tools.verify import verify
 
     require_files(args.package, args.audio)
     result = verify(args.package, args.out, audio_path=args.audio, frames=args.frames, composite=args.composite,

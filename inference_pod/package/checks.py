@@ -11,9 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference_pod.audio import SAMPLE_RATE
+from inference_pod.core.audio import SAMPLE_RATE
+from inference_pod.core.model import (
+    AveAudioEncoder,
+    build_strict,
+    build_unet,
+    load_tensors,
+    normalize_state_dict,
+)
 from inference_pod.errors import CheckpointError, PackageError
-from inference_pod.model import AveAudioEncoder, build_strict, build_unet, load_tensors, normalize_state_dict
 from inference_pod.package.images import check_decodes, image_dimensions
 from inference_pod.package.manifest import (
     AUDIO_ENCODER,

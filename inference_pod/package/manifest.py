@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from inference_pod.audio import FEATURE_CONTEXT
+from inference_pod.core.audio import FEATURE_CONTEXT
+from inference_pod.core.model import AUDIO_FEATURE_SHAPES, MODE_FPS
 from inference_pod.errors import PackageError
-from inference_pod.model import AUDIO_FEATURE_SHAPES, MODE_FPS
 
 # Names and versions become Kubernetes-style identifiers, registry paths and Redis keys: one rule (IDENTIFIER),
 # shared with the registry index and so with the operator.

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference_pod.core.model import AUDIO_FEATURE_SHAPES, normalize_state_dict
 from inference_pod.errors import PackageError
-from inference_pod.model import AUDIO_FEATURE_SHAPES, normalize_state_dict
 from inference_pod.package.checks import (
     check_audio_encoder_state,
     check_crop_boxes,

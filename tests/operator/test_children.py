@@ -122,7 +122,7 @@ def test_the_inference_cli_accepts_what_the_operator_runs(name):
     """The pod contract, checked with the pod's own parser: `lipsync serve` gets the server's args and
     env, `lipsync package fetch` the init container's."""
     from inference_pod.cli import build_parser
-    from inference_pod.settings import Settings
+    from inference_pod.serving.settings import Settings
 
     pod = build(SPECS[name])["Deployment"]["spec"]["template"]["spec"]
     (server,), (init,) = pod["containers"], pod["initContainers"]

@@ -32,7 +32,7 @@ from lsm_harness import (
     free_port,
 )
 
-from inference_pod.demo_character import build_demo_package
+from inference_pod.tools.demo_character import build_demo_package
 from lipsync.v1 import lipsync_pb2 as pb
 from lipsync.v1 import lipsync_pb2_grpc as pb_grpc
 from lipsync_operator.pool import MODEL_LABEL_PREFIX, model_label, pool_selector_labels

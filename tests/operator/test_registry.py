@@ -111,8 +111,8 @@ def test_the_pull_secret_token_is_sent(tmp_path):
 
 
 def test_reads_an_index_published_by_the_pod_tooling(tmp_path, demo_package):
-    """Contract with inference_pod.registry: what `lipsync package publish` writes, the operator reads."""
-    from inference_pod.registry import publish
+    """Contract with inference_pod.serving.registry: what `lipsync package publish` writes, the operator reads."""
+    from inference_pod.serving.registry import publish
     reg = Registry(tmp_path / "published")
     reg.root.mkdir()
     entry = publish(demo_package, reg.root)
@@ -129,7 +129,7 @@ def test_reads_an_index_published_by_the_pod_tooling(tmp_path, demo_package):
 def test_the_pod_and_the_operator_refuse_the_same_invalid_names(registry, tmp_path, name, version):
     """One index reader (inference_pod.registry_index) for both: the same index gets the same verdict."""
     from inference_pod.errors import Unavailable
-    from inference_pod.registry import RegistryClient
+    from inference_pod.serving.registry import RegistryClient
 
     registry.add("alice", "1.0.0")
     hostile = {"name": name, "version": version, "size": 1, "sha256": "0" * 64, "url": "x.zip"}

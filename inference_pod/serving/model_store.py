@@ -1,0 +1,454 @@
+"""Which models are resident, and getting the others there: memory -> extracted store -> local zip -> registry.
+
+Every request goes through ``use(name)``: a resident model is returned at once; otherwise one load runs per
+model however many requests wait for it. After a load, least-recently-used models are unloaded until the
+resident set fits the memory budget. An unloaded model leaves once its in-flight requests are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from inference_pod.errors import InvalidInput, LipSyncError, ModelNotFound, PackageError, Unavailable, echo
+from inference_pod.package import (
+    AUDIO_ENCODER,
+    IDENTIFIER,
+    MANIFEST,
+    Manifest,
+    check_extracted_source,
+    extract_package,
+    open_package,
+    read_manifest,
+)
+from inference_pod.serving.metrics import Metrics
+from inference_pod.serving.protocols import FrameBatcher, InferenceEngine
+from inference_pod.serving.registry import RegistryClient, version_key
+
+log = logging.getLogger(__name__)
+
+
+# A package file as it is now: a failed load is remembered under it, and a changed file is tried again.
+PackageIdentity = tuple[str, int, int, int]  # path, inode, size, mtime_ns
+MAX_REMEMBERED_FAILURES = 256
+
+
+def package_identity(path: Path) -> PackageIdentity | None:
+    """A zip's identity, or an extracted directory's (by its manifest: re-extraction writes a new one)."""
+    target = path / MANIFEST if path.is_dir() else path
+    try:
+        st = target.stat()
+    except OSError:
+        return None
+    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_model_name(name: str, what: str = "model name") -> str:
+    """Names reach file paths and cache keys: only package identifiers are accepted."""
+    if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
+        raise InvalidInput(f"{what} {echo(name)} is not valid: 1-63 characters of a-z, 0-9, '.', '_', '-'")
+    return name
+
+
+@dataclass
+class LocalPackage:
+    """A package on local disk: extracted (``store``) or a zip (``zip``)."""
+
+    manifest: Manifest
+    path: Path
+    tier: str
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A resident model: its engine, its batcher, and who is using it."""
+
+    name: str
+    version: str
+    engine: InferenceEngine
+    batcher: FrameBatcher
+    manifest: Manifest
+    source: str
+    loaded_at: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+    users: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self):
+        self._idle.set()
+
+    def memory(self) -> ModelMemory:
+        """Bytes the engine holds now: its template encodings and decoded frames grow after load, up to caps."""
+        return _engine_bytes(self.engine)
+
+    @property
+    def encoder_id(self) -> str | None:
+        """Identifies the audio features this model consumes: same id, same features for the same audio."""
+        member = self.manifest.members.get(AUDIO_ENCODER)
+        return f"{self.manifest.audio_mode}-{member['sha256']}" if member else None
+
+    def acquire(self) -> None:
+        self.users += 1
+        self.last_used = time.monotonic()
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+EngineFactory = Callable[[Any], InferenceEngine]  # CharacterPackage -> Engine (blocking; runs in a thread)
+BatcherFactory = Callable[[str, InferenceEngine], FrameBatcher]  # (model name, engine) -> Batcher (event loop)
+
+
+class ModelStore:
+    def __init__(self, *, models_dir: Path, extract_dir: Path, metrics: Metrics, engine_factory: EngineFactory,
+                 batcher_factory: BatcherFactory, registry: RegistryClient | None = None,
+                 memory_budget_bytes: int = 0,
+                 on_loaded: Callable[[LoadedModel], Awaitable[None]] | None = None,
+                 on_unloaded: Callable[[str], Awaitable[None]] | None = None):
+        self.models_dir = Path(models_dir)
+        self.extract_dir = Path(extract_dir)
+        self.registry = registry
+        self.memory_budget_bytes = memory_budget_bytes
+        self._metrics = metrics
+        self._engine_factory = engine_factory
+        self._batcher_factory = batcher_factory
+        self._on_loaded = on_loaded
+        self._on_unloaded = on_unloaded
+        self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self._loads: dict[str, tuple[asyncio.Task[tuple[LoadedModel, str]], str | None]] = {}  # name -> (load, version asked for)
+        self._retiring: set[asyncio.Task] = set()
+        self._manifests: dict[Path, tuple[tuple[int, int], Manifest | None]] = {}
+        self._catalog: dict[str, list[LocalPackage]] = {}
+        self._zips: dict[tuple[str, str], Path] = {}
+        self._scan_task: asyncio.Task | None = None
+        # Packages that failed to load (broken, or weights that do not fit), by file identity: every request
+        # would otherwise repeat the same expensive failure. Only PackageErrors: they depend on the file alone.
+        self._failed: OrderedDict[PackageIdentity, PackageError] = OrderedDict()
+        self._closed = False
+
+    # -------------------------------------------------------------------------------------- lookups
+
+    @property
+    def resident(self) -> list[LoadedModel]:
+        return list(self._resident.values())
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(m.memory().total for m in self._resident.values())
+
+    def local_packages(self, rescan: bool = True) -> dict[str, list[LocalPackage]]:
+        """Local packages by name, newest version first (extracted before zip for the same version).
+
+        Blocking (it lists directories and reads new manifests): in the event loop, use ``catalog()``."""
+        if rescan:
+            self._catalog = self._scan()
+        return self._catalog
+
+    async def catalog(self) -> dict[str, list[LocalPackage]]:
+        """``local_packages()``, rescanned in a worker thread so that a slow disk or a large manifest never
+        stalls other requests; callers that arrive during a scan share it."""
+        task = self._scan_task
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.local_packages))
+            self._scan_task = task
+        return await asyncio.shield(task)
+
+    def _scan(self) -> dict[str, list[LocalPackage]]:
+        found: dict[tuple[str, str], LocalPackage] = {}
+        zips: dict[tuple[str, str], Path] = {}
+        candidates = []
+        for root, tier in ((self.extract_dir, "store"), (self.models_dir, None)):
+            if not root.is_dir():
+                continue
+            for path in sorted(root.iterdir()):
+                if path.name.startswith("."):
+                    continue  # temp files, partial extractions, the default store
+                if path.is_dir() and (path / "manifest.json").is_file():
+                    candidates.append((path, "store"))
+                elif tier is None and path.suffix == ".zip" and path.is_file():
+                    candidates.append((path, "zip"))
+        for path, tier in candidates:
+            manifest = self._manifest(path)
+            if manifest is None:
+                continue
+            key = (manifest.name, manifest.version)
+            if tier == "zip":
+                zips[key] = path
+            if key not in found or (found[key].tier == "zip" and tier == "store"):
+                found[key] = LocalPackage(manifest, path, tier)
+        self._zips = zips  # an extracted copy's zip, if it is still here, is checked when the copy is used
+        catalog: dict[str, list[LocalPackage]] = {}
+        for pkg in found.values():
+            catalog.setdefault(pkg.name, []).append(pkg)
+        for versions in catalog.values():
+            versions.sort(key=lambda p: version_key(p.version), reverse=True)
+        return catalog
+
+    def _manifest(self, path: Path) -> Manifest | None:
+        """Read a manifest once per (size, mtime); a broken package is logged and skipped, not fatal."""
+        target = path / "manifest.json" if path.is_dir() else path
+        try:
+            st = target.stat()
+        except OSError:
+            return None
+        stamp = (st.st_size, st.st_mtime_ns)
+        cached = self._manifests.get(path)
+        if cached and cached[0] == stamp:
+            return cached[1]
+        try:
+            manifest = read_manifest(path)
+        except (PackageError, OSError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            manifest = None
+        self._manifests[path] = (stamp, manifest)
+        return manifest
+
+    # -------------------------------------------------------------------------------------- using
+
+    @contextlib.asynccontextmanager
+    async def use(self, name: str) -> AsyncIterator[LoadedModel]:
+        """The resident model ``name`` (loaded if needed), held resident for the duration of the block."""
+        model = await self.get(name)
+        model.acquire()
+        try:
+            yield model
+        finally:
+            model.release()
+
+    async def get(self, name: str, version: str | None = None) -> LoadedModel:
+        model = self._resident.get(name)
+        if model is not None and (not version or model.version == version):
+            self._resident.move_to_end(name)  # most recently used last: eviction takes from the front
+            return model
+        model, _, _ = await self.load(name, version)
+        return model
+
+    async def load(self, name: str, version: str | None = None) -> tuple[LoadedModel, str, float]:
+        """Make ``name`` resident; returns (model, source tier, seconds). Concurrent callers share one load."""
+        check_model_name(name)
+        if version:
+            check_model_name(version, "model version")
+        started = time.perf_counter()
+        model = self._resident.get(name)
+        if model is not None and (not version or model.version == version):
+            self._metrics.model_loads.labels(model=name, source="memory", result="ok").inc()
+            return model, "memory", time.perf_counter() - started
+        if self._closed:
+            raise Unavailable("the server is shutting down")
+        running = self._loads.get(name)
+        if running is not None and version and running[1] != version:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running[0])  # a load of another version: let it land, then replace it
+            running = self._loads.get(name)
+        if running is None or (version and running[1] != version):
+            task = asyncio.get_running_loop().create_task(self._load(name, version), name=f"load-{name}")
+            self._loads[name] = (task, version)
+            task.add_done_callback(lambda t: self._forget_load(name, t))
+        else:
+            task = running[0]
+        # Shielded: a caller that gives up (client cancelled) must not cancel the load for everyone else.
+        loaded, source = await asyncio.shield(task)
+        return loaded, source, time.perf_counter() - started
+
+    def _forget_load(self, name: str, task: asyncio.Task) -> None:
+        if name in self._loads and self._loads[name][0] is task:
+            del self._loads[name]
+        if not task.cancelled():
+            task.exception()  # retrieved here so a load nobody awaited anymore is not reported as lost
+
+    async def _load(self, name: str, version: str | None) -> tuple[LoadedModel, str]:
+        started = time.perf_counter()
+        try:
+            package, source, identity = await self._find_package(name, version)  # counts failures per tier
+            try:
+                engine = await asyncio.to_thread(self._engine_factory, package)
+            except Exception as exc:
+                self._metrics.model_loads.labels(model=name, source=source, result="error").inc()
+                if isinstance(exc, PackageError):  # weights that do not fit: so they stay until the file changes
+                    self._remember_failure(identity, exc)
+                raise
+        except (ModelNotFound, Unavailable):
+            raise
+        except Exception as exc:
+            # A broken package or an engine that cannot be built (device, memory) is the server's problem,
+            # not the caller's: UNAVAILABLE, with the reason, rather than INVALID_ARGUMENT or INTERNAL.
+            if not isinstance(exc, LipSyncError):
+                log.exception("loading %s failed", name)
+            raise Unavailable(f"model {name!r} cannot be loaded: {exc}") from exc
+        model = LoadedModel(name=name, version=package.manifest.version, engine=engine,
+                            batcher=self._batcher_factory(name, engine), manifest=package.manifest, source=source)
+        previous = self._resident.pop(name, None)
+        self._resident[name] = model
+        elapsed = time.perf_counter() - started
+        self._metrics.model_loads.labels(model=name, source=source, result="ok").inc()
+        self._metrics.model_load_duration.observe(elapsed)
+        self._metrics.models_resident.set(len(self._resident))
+        log.info("loaded %s %s from %s in %.2fs (%.1f MiB)", name, model.version, source, elapsed, model.memory().total / 2**20)
+        if previous is not None:
+            self._retire_later(previous)
+        if self._on_loaded is not None:
+            await self._on_loaded(model)
+        await self._enforce_budget(keep=name)
+        return model, source
+
+    async def _find_package(self, name: str, version: str | None):
+        """(package, tier, its file's identity); each tier falls through to the next on failure."""
+        errors: list[LipSyncError] = []
+        catalog = await self.catalog()
+        local = [p for p in catalog.get(name, []) if not version or p.version == version]
+        if local:
+            chosen_version = local[0].version
+            for pkg in (p for p in local if p.version == chosen_version):  # store first, then zip
+                identity = package_identity(pkg.path)
+                try:
+                    self._raise_known_failure(identity)
+                    if pkg.tier == "store":
+                        source = self._zips.get((pkg.name, pkg.version))
+                        if source is not None:  # the copy is served; a zip damaged since is reported, not hidden
+                            await asyncio.to_thread(check_extracted_source, source, pkg.path)
+                        return await asyncio.to_thread(open_package, pkg.path), "store", identity
+                    return await asyncio.to_thread(self._extract, pkg.path, pkg.manifest), "zip", identity
+                except PackageError as exc:
+                    if self._remember_failure(identity, exc):
+                        log.warning("local package %s unusable: %s", pkg.path, exc)
+                    self._metrics.model_loads.labels(model=name, source=pkg.tier, result="error").inc()
+                    errors.append(exc)
+        if self.registry is None:
+            if errors:
+                raise errors[0]
+            what = f"{name} {version}" if version else name
+            raise ModelNotFound(f"model {what!r} is not in {self.models_dir} and no registry is configured")
+        identity = None
+        try:
+            zip_path = await asyncio.to_thread(self.registry.fetch, name, version, self.models_dir)
+            identity = package_identity(zip_path)
+            self._raise_known_failure(identity)
+            manifest = await asyncio.to_thread(read_manifest, zip_path)
+            if manifest.name != name:
+                raise PackageError(f"the registry's package for {name!r} contains model {manifest.name!r}")
+            return await asyncio.to_thread(self._extract, zip_path, manifest), "registry", identity
+        except ModelNotFound:
+            if errors:
+                raise errors[0] from None  # the local package's problem says more than "not in the registry"
+            raise
+        except LipSyncError as exc:
+            if isinstance(exc, PackageError):
+                self._remember_failure(identity, exc)
+            self._metrics.model_loads.labels(model=name, source="registry", result="error").inc()
+            raise
+
+    def _raise_known_failure(self, identity: PackageIdentity | None) -> None:
+        known = self._failed.get(identity) if identity is not None else None
+        if known is not None:
+            raise type(known)(str(known))  # a fresh one: re-raising the same object would grow its traceback
+
+    def _remember_failure(self, identity: PackageIdentity | None, exc: PackageError) -> bool:
+        """Remember why this file cannot load; True the first time (worth a log line)."""
+        if identity is None:
+            return True
+        first = identity not in self._failed
+        self._failed[identity] = exc
+        self._failed.move_to_end(identity)
+        while len(self._failed) > MAX_REMEMBERED_FAILURES:
+            self._failed.popitem(last=False)
+        return first
+
+    def _extract(self, zip_path: Path, manifest: Manifest):
+        return extract_package(zip_path, self.extract_dir / f"{manifest.name}-{manifest.version}")
+
+    # -------------------------------------------------------------------------------------- unloading
+
+    async def unload(self, name: str) -> bool:
+        """Unload ``name``; False if it was not resident. Unknown names raise ModelNotFound."""
+        check_model_name(name)
+        running = self._loads.get(name)
+        if running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running[0])
+        model = self._resident.pop(name, None)
+        if model is None:
+            if name not in await self.catalog():
+                raise ModelNotFound(f"model {name!r} is not loaded and not in {self.models_dir}")
+            return False
+        self._metrics.models_resident.set(len(self._resident))
+        await self._retire(model)
+        return True
+
+    def _retire_later(self, model: LoadedModel) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(model), name=f"retire-{model.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, model: LoadedModel) -> None:
+        """Let its in-flight requests finish, then free it."""
+        if self._on_unloaded is not None and model.name not in self._resident:
+            await self._on_unloaded(model.name)
+        await model.wait_idle()
+        await model.batcher.close()
+        close = getattr(model.engine, "close", None)
+        if close is not None:
+            close()
+        log.info("unloaded %s %s", model.name, model.version)
+
+    async def _enforce_budget(self, keep: str) -> None:
+        if self.memory_budget_bytes <= 0:
+            return
+        while self.resident_bytes > self.memory_budget_bytes:
+            victim = next((n for n in self._resident if n != keep), None)
+            if victim is None:
+                log.warning("model %s alone (%d MiB) exceeds the memory budget of %d MiB", keep,
+                            self.resident_bytes >> 20, self.memory_budget_bytes >> 20)
+                return
+            log.info("unloading %s to stay within the memory budget", victim)
+            model = self._resident.pop(victim)
+            self._metrics.models_resident.set(len(self._resident))
+            self._retire_later(model)  # not awaited: its in-flight requests may take a while
+
+    async def close(self) -> None:
+        self._closed = True
+        for task, _ in list(self._loads.values()):
+            with contextlib.suppress(BaseException):
+                await task
+        while self._resident:
+            _, model = self._resident.popitem(last=False)
+            self._retire_later(model)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
+        self._metrics.models_resident.set(0)
+
+
+class ModelMemory(NamedTuple):
+    total: int
+    device: int  # of total: on the accelerator (see engine.MemoryUse); 0 for engines that do not say
+    host: int
+
+
+def _engine_bytes(engine) -> ModelMemory:
+    """What the engine says it holds; engines that only give a total split nothing."""
+    use = getattr(engine, "memory_use", None)
+    if use is not None:
+        split = use()
+        return ModelMemory(split.device + split.host, split.device, split.host)
+    measure = getattr(engine, "memory_bytes", None)
+    return ModelMemory(int(measure()) if measure is not None else 0, 0, 0)

@@ -1,0 +1,233 @@
+"""The pod's settings: one dataclass, filled from ``lipsync serve`` flags, else ``LIPSYNC_<FLAG>`` env vars.
+
+The gRPC server and the HTTP gateway share this object, so a setting means the same thing on both paths.
+Precedence: command-line flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inference_pod.core.templates import TEMPLATE_STORAGES
+from inference_pod.errors import InvalidInput
+
+ENV_PREFIX = "LIPSYNC_"
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("fp32", "fp16", "bf16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# Where a model's template crops live (see inference_pod.core.engine): on the device, in host memory with a copy
+# per batch, or PNG-compressed in host memory with a decode per batch.
+_DEST_PREFIX = "setting_"
+
+
+def _path_or_none(value: str) -> Path | None:
+    return Path(value) if value else None
+
+
+def _names(value: str | list[str]) -> list[str]:
+    """A preload list from env (comma-separated) or flags (repeated / space-separated / comma-separated)."""
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    return [name.strip() for item in items for name in str(item).split(",") if name.strip()]
+
+
+@dataclass
+class Settings:
+    """Everything ``lipsync serve`` can be told. Field names are the flags' names in snake case."""
+
+    port: int = field(default=50051, metadata={"help": "gRPC port"})
+    metrics_port: int = field(default=9090, metadata={"help": "Prometheus metrics port (0 disables)"})
+    http_port: int = field(default=8080, metadata={"help": "HTTP gateway port: REST and WebSocket (0 disables)"})
+    host: str = field(default="0.0.0.0", metadata={"help": "address the gRPC, metrics and HTTP ports bind to"})
+    models_dir: Path = field(default=Path("models"), metadata={
+        "help": "directory of character packages (zips or extracted); registry downloads land here too"})
+    store_dir: Path | None = field(default=None, metadata={
+        "help": "where packages are extracted (default MODELS_DIR/.store)", "type": _path_or_none})
+    device: str = field(default="cpu", metadata={"help": "inference device", "choices": DEVICES})
+    precision: str = field(default="fp32", metadata={"help": "inference precision", "choices": PRECISIONS})
+    max_batch: int = field(default=32, metadata={"help": "largest device batch"})
+    template_storage: str = field(default="device", metadata={
+        "help": "where each model's template crops live: device (resident, fastest; device memory grows with "
+                "the template count), host (host memory, copied to the device per batch) or compressed "
+                "(PNG in host memory, decoded per batch; smallest)", "choices": TEMPLATE_STORAGES})
+    max_batch_delay_ms: float = field(default=5.0, metadata={
+        "help": "longest wait for a batch to fill once its first request arrived"})
+    max_queue: int = field(default=256, metadata={
+        "help": "queued frames per model before requests get RESOURCE_EXHAUSTED (frames of streams wait)"})
+    memory_budget_mb: int = field(default=0, metadata={
+        "help": "resident models' memory budget; least recently used models are unloaded (0: no limit)"})
+    registry_url: str = field(default="", metadata={"help": "model registry (http://, https:// or file://)"})
+    registry_token: str = field(default="", repr=False, metadata={"help": "bearer token for a private registry"})
+    redis_url: str = field(default="", metadata={
+        "help": "Redis for the frame and feature caches (default: an in-process LRU)"})
+    frame_cache_ttl: float = field(default=3600.0, metadata={"help": "seconds a cached frame lives (0: off)"})
+    feature_cache_ttl: float = field(default=86400.0, metadata={
+        "help": "seconds cached audio features live (0: off)"})
+    memory_cache_mb: int = field(default=256, metadata={"help": "size of the in-process cache without Redis"})
+    preload: list[str] = field(default_factory=list, metadata={
+        "help": "models to load at start (repeat, or comma-separate)", "nargs": "*", "type": str,
+        "metavar": "NAME"})
+    api_keys_file: Path | None = field(default=None, metadata={
+        "help": "file of accepted API keys, one per line; unset: no authentication", "type": _path_or_none})
+    health_requires_key: bool = field(default=False, metadata={
+        "help": "with API keys, a model's gRPC health (Health.Check service=NAME) needs a key too; the pod's own "
+                "health (service \"\") stays open for probes"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM), for gRPC and HTTP", "type": _path_or_none})
+    tls_key: Path | None = field(default=None, metadata={"help": "TLS private key (PEM)", "type": _path_or_none})
+    max_message_mb: int = field(default=64, metadata={
+        "help": "largest gRPC message, HTTP body or WebSocket message (audio uploads)"})
+    max_audio_seconds: float = field(default=600.0, metadata={"help": "longest audio accepted in one request"})
+    encode_threads: int = field(default=0, metadata={
+        "help": "threads for decoding, compositing and image encoding (0: number of CPUs)"})
+    shutdown_grace_s: float = field(default=30.0, metadata={
+        "help": "on SIGTERM, how long in-flight calls get to finish"})
+    log_level: str = field(default="INFO", metadata={"help": "log level", "choices": LOG_LEVELS})
+    benchmark_identity_network: bool = field(default=False, metadata={
+        "help": "BENCHMARKS ONLY: replace every model's U-Net by an identity that returns the template's own "
+                "mouth region, to measure what the serving layer carries without the network"})
+
+    def __post_init__(self):
+        # Accept plain strings from Python callers too, the same way flags and env vars are read.
+        self.models_dir = Path(self.models_dir)
+        for name in ("store_dir", "api_keys_file", "tls_cert", "tls_key"):
+            value = getattr(self, name)
+            setattr(self, name, Path(value) if value else None)
+        self.preload = _names(self.preload)
+        self.log_level = self.log_level.upper()
+
+    # ---------------------------------------------------------------------------------------- derived
+
+    @property
+    def extract_dir(self) -> Path:
+        return self.store_dir or self.models_dir / ".store"
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return max(0, self.memory_budget_mb) * 1024 * 1024
+
+    def validate(self) -> Settings:
+        """Reject settings that cannot work, with the flag's name in the message."""
+        problems = []
+        for name in ("port", "metrics_port", "http_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"--{_flag(name)} must be 0..65535")
+        for name in ("max_batch", "max_queue", "max_message_mb"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{_flag(name)} must be >= 1")
+        for name in ("max_batch_delay_ms", "frame_cache_ttl", "feature_cache_ttl", "memory_budget_mb",
+                     "memory_cache_mb", "encode_threads", "shutdown_grace_s", "max_audio_seconds"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{_flag(name)} must be >= 0")
+        if self.device not in DEVICES:
+            problems.append(f"--device must be one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.template_storage not in TEMPLATE_STORAGES:
+            problems.append(f"--template-storage must be one of {', '.join(TEMPLATE_STORAGES)}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("--tls-cert and --tls-key go together")
+        if problems:
+            raise InvalidInput("invalid settings: " + "; ".join(problems))
+        return self
+
+    def check_paths(self) -> Settings:
+        """Refuse, at start, paths that do not exist: a pod pointed at a missing models directory would
+        otherwise start, serve nothing and say nothing. Without a registry the directory must exist; with
+        one, downloads create it."""
+        if not self.models_dir.is_dir() and not self.registry_url:
+            what = "is not a directory" if self.models_dir.exists() else "does not exist"
+            raise InvalidInput(f"--models-dir {self.models_dir} {what} — point it at your character packages "
+                               f"(or create it, or set --registry-url to download them there)")
+        for name in ("api_keys_file", "tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise InvalidInput(f"--{_flag(name)} {path}: no such file — check the path")
+        return self
+
+    # ---------------------------------------------------------------------------------------- sources
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field. Defaults are left unset so ``from_args`` can tell a flag from its absence;
+        dests are prefixed so they cannot collide with the top-level parser's options (``--log-level``)."""
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            kwargs = {"dest": _DEST_PREFIX + f.name, "default": argparse.SUPPRESS,
+                      "help": f"{meta.pop('help')} ({_default_text(f)}env {env_name(f.name)})",
+                      "metavar": meta.pop("metavar", f.name.upper())}
+            if "choices" in meta:
+                kwargs["choices"] = meta.pop("choices")
+                kwargs["type"] = str.upper if f.name == "log_level" else str
+                del kwargs["metavar"]  # argparse shows the choices instead
+            if "nargs" in meta:
+                kwargs.update(nargs=meta.pop("nargs"), action="extend")
+            elif isinstance(f.default, bool):  # a switch: --flag alone is true; --flag false also works
+                kwargs.update(nargs="?", const="true", metavar="BOOL")
+            kwargs.setdefault("type", meta.pop("type", None) or _converter(f))
+            parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
+        env = os.environ if env is None else env
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw is None or not raw.strip():
+                continue
+            values[f.name] = _convert(f, raw)
+        values.update(overrides)
+        return cls(**values).validate()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+        flags = {f.name: getattr(args, _DEST_PREFIX + f.name) for f in dataclasses.fields(cls)
+                 if hasattr(args, _DEST_PREFIX + f.name)}
+        if "preload" in flags:
+            flags["preload"] = _names(flags["preload"])
+        return cls.from_env(env, **flags)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    """"default: X; " for the help line; flags' own defaults are SUPPRESS, so argparse cannot show them."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if default is None or default == "" or default == []:
+        return ""
+    return f"default: {default}; "
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _converter(f: dataclasses.Field):
+    default = f.default
+    if isinstance(default, bool):
+        return lambda s: s.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    if isinstance(default, Path):
+        return Path
+    return str
+
+
+def _convert(f: dataclasses.Field, raw: str):
+    if f.name == "preload":
+        return _names(raw)
+    convert = f.metadata.get("type") or _converter(f)
+    try:
+        value = convert(raw)
+    except ValueError as exc:
+        raise InvalidInput(f"environment variable {env_name(f.name)}={raw!r}: {exc}") from None
+    return value.upper() if f.name == "log_level" else value
