@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from podman import podman
+from podman_cli import podman
 
 # podman refuses annotation values longer than this (Kubernetes allows up to 256 KiB for all of them).
 PODMAN_ANNOTATION_MAX = 63
@@ -33,15 +33,17 @@ def pod_for_kube_play(deployment: dict) -> dict:
        host-network pod. The containers listen on the same ports either way.
     2. podman does not support the fieldRef ``metadata.namespace``: such env values are written in as the
        value the kubelet would give (the Deployment's namespace).
-    3. kind Pod, not the Deployment itself: podman restarts an init container forever under a Deployment's
-       ``restartPolicy: Always``; as a Pod it runs the init container once, then the server (a kubelet does
-       that for Deployment pods too).
+    3. Played as a Pod with ``restartPolicy: OnFailure``, not as the Deployment (whose pods are always
+       ``Always``): podman applies the restart policy to init containers too and restarts a finished init
+       container forever under ``Always``, where a kubelet runs it once. The server is still restarted
+       when it fails.
     4. podman refuses annotation values over 63 characters (the package's sha256 is 64): those are dropped.
     """
     template = copy.deepcopy(deployment["spec"]["template"])
     meta, spec = template.get("metadata") or {}, template["spec"]
     namespace = deployment["metadata"]["namespace"]
     spec["hostNetwork"] = True                                                           # 1
+    spec["restartPolicy"] = "OnFailure"                                                  # 3
     for container in spec.get("initContainers", []) + spec["containers"]:
         container.pop("ports", None)                                                     # 1
         for var in container.get("env", []):

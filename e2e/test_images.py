@@ -47,7 +47,7 @@ from lsm_harness import (  # noqa: E402
     eventually,
     free_port,
 )
-from podman import cannot_run_containers, exit_code, podman, remove  # noqa: E402
+from podman_cli import cannot_run_containers, exit_code, podman, remove  # noqa: E402
 
 from lipsync_operator import children  # noqa: E402
 from lipsync_operator.spec import normalize  # noqa: E402
@@ -105,13 +105,14 @@ def demo_package(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def registry_url(demo_package, tmp_path_factory):
-    """A real package registry (`lipsync package publish`) over HTTP on loopback."""
+def registry(demo_package, tmp_path_factory) -> Registry:
+    """A real package registry (`lipsync package publish`) over HTTP on loopback; it records its requests."""
     root = tmp_path_factory.mktemp("registry")
     lipsync("package", "publish", "--registry", str(root), str(demo_package))
-    registry = Registry(root)
-    yield registry.start()
-    registry.stop()
+    served = Registry(root)
+    served.start()
+    yield served
+    served.stop()
 
 
 @pytest.fixture(scope="session")
@@ -173,6 +174,7 @@ def test_the_inference_container_serves_the_demo_as_the_pods_run_it(demo_package
         podman("kill", "--signal", "TERM", name)
         podman("wait", name, timeout=grace_s + 30)
         took = time.monotonic() - start
+        print(f"IMAGES: inference container SIGTERM to exit: {took:.1f} s (grace {grace_s} s)")
         assert took < grace_s, f"SIGTERM to exit took {took:.1f} s, the grace period is {grace_s} s"
         assert exit_code(name) == 0, f"exit status {exit_code(name)} after SIGTERM: {logs(name)}"
     finally:
@@ -208,12 +210,12 @@ def kubeconfig(cluster, tmp_path) -> Path:  # noqa: F811
 
 
 @pytest.fixture()
-async def operator_container(cluster, kubeconfig, registry_url, chart, tmp_path):  # noqa: F811
+async def operator_container(cluster, kubeconfig, registry, chart, tmp_path):  # noqa: F811
     """The chart's operator container: its image, args, env, user and volumes as rendered, plus a kubeconfig
     (in a cluster the service account's token does that job)."""
     health_port = free_port()   # the host's network is shared: the chart's port value, not a fixed 8080
     docs = render(chart, {"operator": {"healthPort": health_port, "image": {"tag": TAG}},
-                          "inference": {"image": {"tag": TAG}}, "registry": {"url": registry_url}})
+                          "inference": {"image": {"tag": TAG}}, "registry": {"url": registry.url}})
     (deployment,) = find(docs, "Deployment", "lipsync-operator")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -268,31 +270,34 @@ async def apply_cpu_demo(cluster, kubeconfig) -> dict:  # noqa: F811
     return deployment
 
 
-async def test_the_operator_container_writes_the_deployment_and_service(cluster, kubeconfig, registry_url,  # noqa: F811
+async def test_the_operator_container_writes_the_deployment_and_service(cluster, kubeconfig, registry,  # noqa: F811
                                                                         operator_container):
     deployment = await apply_cpu_demo(cluster, kubeconfig)
     pod = deployment["spec"]["template"]["spec"]
     assert [c["image"] for c in pod["initContainers"] + pod["containers"]] == [INFERENCE_IMAGE] * 2
     fetch = pod["initContainers"][0]["command"]
-    assert fetch[:3] == ["lipsync", "package", "fetch"] and registry_url in fetch, fetch
+    assert fetch[:3] == ["lipsync", "package", "fetch"] and registry.url in fetch, fetch
     service = cluster.get(SERVICES, deployment["metadata"]["name"])
     assert {p["port"] for p in service["spec"]["ports"]} >= {children.GRPC_PORT}
     await eventually(lambda: condition(cluster.get(LSM, "demo"), "PackageAvailable")["status"] == "True",
                      timeout=30, what="PackageAvailable")
 
 
-async def test_the_pod_the_operator_wrote_serves_and_turns_the_model_ready(cluster, kubeconfig,  # noqa: F811
+async def test_the_pod_the_operator_wrote_serves_and_turns_the_model_ready(cluster, kubeconfig, registry,  # noqa: F811
                                                                             operator_container, tmp_path):
     ports = (children.GRPC_PORT, children.HTTP_PORT, children.METRICS_PORT)
     taken = [p for p in ports if port_taken(p)]
     assert not taken, f"the pod shares the host's network and its ports {taken} are taken on this machine"
     deployment = await apply_cpu_demo(cluster, kubeconfig)
     kubelet = PodmanKubelet(deployment, tmp_path)
+    played = time.monotonic()
     try:
         await asyncio.to_thread(kubelet.play)
         took = await asyncio.to_thread(kubelet.wait_ready, SERVING_DEADLINE_S)
         print(f"\nIMAGES: played pod ready {took:.1f} s after `kube play` returned")
-        assert exit_code(kubelet.container("fetch-package")) == 0
+        # The init container (podman removes it once it finished) downloaded the package from the registry.
+        assert [path for when, method, path in registry.requests if when > played and method == "GET"
+                and path.endswith(".zip")], registry.requests
         await asyncio.to_thread(kubelet.report_ready, str(cluster.url))
         ready = await eventually(lambda: condition(cluster.get(LSM, "demo"), "Ready"), timeout=30, what="Ready")
         await eventually(lambda: condition(cluster.get(LSM, "demo"), "Ready")["status"] == "True", timeout=60,
@@ -305,7 +310,9 @@ async def test_the_pod_the_operator_wrote_serves_and_turns_the_model_ready(clust
 
         await asyncio.to_thread(kubectl, kubeconfig, "delete", "lipsyncmodel", "demo", "--wait=false")
         await eventually(lambda: cluster.get(DEPLOYMENTS, "demo") is None, timeout=60, what="the Deployment gone")
+        start = time.monotonic()
         stopped = await asyncio.to_thread(kubelet.stop_when_gone, str(cluster.url), 60)
+        print(f"IMAGES: played pod stopped {time.monotonic() - start:.1f} s after the Deployment was deleted")
         assert stopped == 0, f"the server's exit status after the pod was stopped: {stopped}"
         assert not kubelet.exists()
     finally:
