@@ -73,7 +73,7 @@ images:
 
 # Builds both images on local bases (no image registry: debootstrap, Debian's Python, the CPU torch wheel)
 # and runs the chain in containers: e2e/test_images.py. Installs podman, runc and debootstrap when missing.
-test-images:
+test-images: python-deps
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null && command -v catatonit >/dev/null || { \
 	  echo "test-images: installing podman, runc, catatonit (the pods' pause process) and debootstrap (apt)"; export DEBIAN_FRONTEND=noninteractive; \
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc catatonit debootstrap) >/dev/null || \
