@@ -81,4 +81,4 @@ test-images: python-deps
 	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) docker/base/build-local-bases.sh
 	$(MAKE) images CONTAINER_ENGINE=podman BASE_IMAGE=localhost/lipsync-torch-cpu:$(TORCH_VERSION) \
 	  PYTHON_IMAGE=localhost/lipsync-python:bookworm IMAGE_TAG=$(IMAGE_TAG)
-	$(PYTHON) -m pytest -q -p no:cacheprovider e2e/test_images.py --image-tag $(IMAGE_TAG)
+	IMAGE_TAG=$(IMAGE_TAG) $(PYTHON) -m pytest -q -p no:cacheprovider -s e2e/test_images.py

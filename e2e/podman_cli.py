@@ -51,6 +51,11 @@ def running(container: str) -> bool:
     return proc.returncode == 0 and proc.stdout.strip() == "true"
 
 
+def logs(container: str, tail: int = 3000) -> str:
+    proc = podman("logs", container, check=False)
+    return (proc.stdout + proc.stderr)[-tail:]
+
+
 def remove(*containers: str) -> None:
     for name in containers:
         podman("rm", "--force", "--time", "0", name, check=False)

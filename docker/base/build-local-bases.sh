@@ -28,10 +28,10 @@ build() {
 
 # The Debian mirror apt is configured with (deb822 sources first, then the classic list).
 apt_mirror() {
-  { awk '/^URIs:/ {print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null
+  { awk '/^URIs:/ {print $2}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true
     awk '$1 == "deb" {for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) {print $i; break}}' \
-      /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null
-  } | grep -v -- '-security' | head -n 1
+      /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null || true
+  } | grep -v -- '-security' | head -n 1 || true
 }
 
 if ! podman image exists "$DEBIAN_IMAGE"; then
