@@ -72,12 +72,14 @@ images:
 	  -t lipsync-inference:$(IMAGE_TAG) .
 
 # Builds both images on local bases (no image registry: debootstrap, Debian's Python, the CPU torch wheel)
-# and runs the chain in containers: e2e/test_images.py. Installs podman, runc and debootstrap when missing.
+# and runs the chain in containers: e2e/test_images.py. Installs podman, runc, catatonit and debootstrap when
+# missing (as root, or with sudo).
 test-images: python-deps
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null && command -v catatonit >/dev/null || { \
 	  echo "test-images: installing podman, runc, catatonit (the pods' pause process) and debootstrap (apt)"; export DEBIAN_FRONTEND=noninteractive; \
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc catatonit debootstrap) >/dev/null || \
-	  (sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends podman runc catatonit debootstrap) >/dev/null; }
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends podman runc catatonit debootstrap) >/dev/null || \
+	  { echo "test-images: FAILED: podman, runc, catatonit or debootstrap could not be installed with apt"; exit 1; }; }
 	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) docker/base/build-local-bases.sh
 	$(MAKE) images CONTAINER_ENGINE=podman BASE_IMAGE=localhost/lipsync-torch-cpu:$(TORCH_VERSION) \
 	  PYTHON_IMAGE=localhost/lipsync-python:bookworm IMAGE_TAG=$(IMAGE_TAG)
