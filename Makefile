@@ -72,9 +72,11 @@ images:
 	  -t lipsync-inference:$(IMAGE_TAG) .
 
 # Builds both images on local bases (no image registry: debootstrap, Debian's Python, the CPU torch wheel)
-# and runs the chain in containers: e2e/test_images.py. Installs podman, runc, catatonit and debootstrap when
+# and runs the chain in containers: e2e/test_images.py (the project installed first unless `make test` did). Installs podman, runc, catatonit and debootstrap when
 # missing (as root, or with sudo).
-test-images: python-deps
+test-images:
+	@$(PYTHON) -c "import inference_pod, kmock, helm_python, sys; sys.exit(not inference_pod.__file__.startswith('$(CURDIR)/'))" \
+	  2>/dev/null || $(MAKE) python-deps
 	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null && command -v catatonit >/dev/null || { \
 	  echo "test-images: installing podman, runc, catatonit (the pods' pause process) and debootstrap (apt)"; export DEBIAN_FRONTEND=noninteractive; \
 	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc catatonit debootstrap) >/dev/null || \
