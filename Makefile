@@ -6,7 +6,7 @@ DEMO_TRAIN_STEPS ?= 500
 # The interpreter's scripts folder first on PATH, so `lipsync` is found in an unactivated venv too.
 export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))"):$(PATH)
 
-.PHONY: setup system-deps browser-deps python-deps demo demo-weights test lint
+.PHONY: setup system-deps browser-deps python-deps demo demo-weights test lint images test-images
 
 # nodejs runs the README's JavaScript example in tests/cli/test_readme.py; espeak-ng is the demo character's
 # voice (training speech, default track, the lip-sync quality gate).
@@ -55,3 +55,35 @@ lint:
 test: setup browser-deps lint
 	$(PYTHON) -m pytest -q -n auto --dist loadfile -m "not alone"
 	$(PYTHON) -m pytest -q -m alone
+
+# Both images (docs/KUBERNETES.md), with docker where its daemon answers, else podman. BASE_IMAGE picks the
+# inference image's torch base (empty: the Dockerfile's CUDA default; a CPU torch image for kind and CPU
+# clusters); PYTHON_IMAGE the operator's Python. podman reads docker/containers.conf, the settings a host like
+# the CI machine needs (runc, cgroupfs, the caller's ulimits, host network); set CONTAINERS_CONF to use yours.
+CONTAINER_ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || { command -v podman >/dev/null && echo podman; } || echo docker)
+IMAGE_TAG ?= 0.1.0
+BASE_IMAGE ?=
+PYTHON_IMAGE ?=
+ENGINE_BUILD = $(CONTAINER_ENGINE) build $(if $(filter podman,$(CONTAINER_ENGINE)),--network host --ignorefile $(1).dockerignore) -f $(1)
+images test-images: export CONTAINERS_CONF ?= $(CURDIR)/docker/containers.conf
+images:
+	$(call ENGINE_BUILD,docker/operator.Dockerfile) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
+	  -t lipsync-operator:$(IMAGE_TAG) .
+	$(call ENGINE_BUILD,docker/inference.Dockerfile) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+	  -t lipsync-inference:$(IMAGE_TAG) .
+
+# Builds both images on local bases (no image registry: debootstrap, Debian's Python, the CPU torch wheel)
+# and runs the chain in containers: e2e/test_images.py (the project installed first unless `make test` did). Installs podman, runc, catatonit and debootstrap when
+# missing (as root, or with sudo).
+test-images:
+	@$(PYTHON) -c "import inference_pod, kmock, helm_python, sys; sys.exit(not inference_pod.__file__.startswith('$(CURDIR)/'))" \
+	  2>/dev/null || $(MAKE) python-deps
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null && command -v catatonit >/dev/null || { \
+	  echo "test-images: installing podman, runc, catatonit (the pods' pause process) and debootstrap (apt)"; export DEBIAN_FRONTEND=noninteractive; \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends podman runc catatonit debootstrap) >/dev/null || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends podman runc catatonit debootstrap) >/dev/null || \
+	  { echo "test-images: FAILED: podman, runc, catatonit or debootstrap could not be installed with apt"; exit 1; }; }
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_VERSION) docker/base/build-local-bases.sh
+	$(MAKE) images CONTAINER_ENGINE=podman BASE_IMAGE=localhost/lipsync-torch-cpu:$(TORCH_VERSION) \
+	  PYTHON_IMAGE=localhost/lipsync-python:bookworm IMAGE_TAG=$(IMAGE_TAG)
+	IMAGE_TAG=$(IMAGE_TAG) $(PYTHON) -m pytest -q -p no:cacheprovider -s e2e/test_images.py

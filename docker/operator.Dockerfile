@@ -2,11 +2,16 @@
 # The LipSyncModel operator: kopf, the lipsync_operator package and the pod's stdlib-only registry index reader;
 # none of the inference stack.
 #   docker build -f docker/operator.Dockerfile -t lipsync-operator:0.1.0 .
+# (or `make images`). PYTHON_IMAGE: any Debian-based Python 3.10+ image with pip (build arg).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# The gRPC stubs the operator uses to call pool pods (LoadModel, UnloadModel, GetStats), from proto/.
+# The gRPC stubs the operator uses to call pool pods (LoadModel, UnloadModel, GetStats), from proto/, by
+# grpcio-tools of the grpcio version the image runs (read from the one requirements file: stubs refuse a
+# grpcio older than the tools that generated them).
 FROM ${PYTHON_IMAGE} AS stubs
-RUN pip install --no-cache-dir grpcio-tools==1.85.3
+COPY docker/operator-requirements.txt /tmp/requirements.txt
+RUN grpcio=$(sed -n 's/^grpcio==//p' /tmp/requirements.txt) && test -n "$grpcio" \
+ && pip install --no-cache-dir --constraint /tmp/requirements.txt "grpcio-tools==$grpcio"
 COPY proto/lipsync /src/lipsync
 RUN mkdir /out && python -m grpc_tools.protoc -I/src --python_out=/out --grpc_python_out=/out \
       /src/lipsync/v1/lipsync.proto \
@@ -29,7 +34,7 @@ COPY operator/lipsync_operator /app/lipsync_operator
 COPY inference_pod/__init__.py inference_pod/registry_index.py /app/inference_pod/
 # Compiled now: the container runs with a read-only root filesystem.
 RUN python -m compileall -q /app/lipsync /app/lipsync_operator /app/inference_pod \
- && python -c "import lipsync_operator, lipsync_operator.registry"
+ && python -c "import lipsync_operator, lipsync_operator.registry, lipsync.v1.lipsync_pb2_grpc"
 
 # The chart runs it as 10001 with runAsNonRoot; no shell login, no home needed.
 USER 10001:10001

@@ -4,6 +4,7 @@ manifests the script applies, the `lipsync` commands it runs in the cluster, and
 from __future__ import annotations
 
 import ast
+import copy
 import fnmatch
 import importlib.metadata
 import importlib.util
@@ -192,3 +193,88 @@ def test_the_operator_image_has_every_module_the_operator_imports():
                     continue
                 assert {d.lower() for d in providers.get(top, [])} & installed, f"{path.name} imports {top}"
     assert ROOT / "inference_pod" / "registry_index.py" in seen  # the shared index reader was followed
+
+
+REQUIREMENTS = "docker/operator-requirements.txt"
+
+
+def stages(name: str) -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions, one list per FROM."""
+    out: list[list[tuple[str, str]]] = []
+    for instruction, args in dockerfile(name):
+        if instruction == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((instruction, args))
+    return out
+
+
+def test_the_image_pins_are_exact_and_include_grpcio():
+    pins = [Requirement(line) for line in (ROOT / REQUIREMENTS).read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    assert all(len(p.specifier) == 1 and next(iter(p.specifier)).operator == "==" for p in pins), pins
+    assert {p.name for p in pins} >= {"grpcio", "protobuf", "kopf", "kubernetes"}
+
+
+@pytest.mark.parametrize("name", ["operator.Dockerfile", "inference.Dockerfile"])
+def test_the_images_generate_their_stubs_with_the_grpcio_they_install(name):
+    """Generated stubs refuse a grpcio older than the grpcio-tools that wrote them: the tools' version is read
+    from the grpcio pin of the images' one requirements file, never written in a Dockerfile."""
+    text = (DOCKER / name).read_text()
+    assert not re.search(r"grpcio-tools\s*(==|>=|~=)\s*[0-9]", text), f"{name} pins grpcio-tools itself"
+    (stage,) = [s for s in stages(name) if any("grpcio-tools" in args for _, args in s)]
+    copied = {args.split()[-1]: args.split()[0] for instruction, args in stage
+              if instruction == "COPY" and "--from=" not in args}
+    (run,) = [args for instruction, args in stage if instruction == "RUN" and "grpcio-tools" in args]
+    found = re.search(r"(\w+)=\$\(sed -n 's/\^grpcio==//p' (\S+)\)", run)
+    assert found, f"{name}: the grpcio-tools version is not read from the grpcio pin: {run}"
+    variable, path = found.groups()
+    assert copied.get(path) == REQUIREMENTS, f"{name}: {path} is not {REQUIREMENTS}"
+    assert f'"grpcio-tools==${variable}"' in run and "--constraint" in run, run
+    # What that sed reads: the pinned grpcio, which the image then installs (requirements or constraints).
+    versions = [line.removeprefix("grpcio==") for line in (ROOT / REQUIREMENTS).read_text().splitlines()
+                if line.startswith("grpcio==")]
+    assert len(versions) == 1 and re.fullmatch(r"[0-9][0-9.]*", versions[0]), versions
+    installs = [args for instruction, args in stages(name)[-1] if instruction == "RUN" and "pip install" in args]
+    assert any("--requirement" in args or "--constraint" in args for args in installs), installs
+
+
+def test_the_kube_play_adaptation_changes_only_the_four_documented_things():
+    """e2e/kubelet_standin.py plays the operator's pod template with podman: host network without ports, the
+    namespace written in, a Pod restarted only on failure, no annotation over 63 characters. Undoing exactly
+    those gives the template back."""
+    sys.path.insert(0, str(ROOT / "e2e"))
+    try:
+        from kubelet_standin import PODMAN_ANNOTATION_MAX, pod_for_kube_play
+    finally:
+        sys.path.remove(str(ROOT / "e2e"))
+    from lipsync_operator.config import OperatorConfig
+    from lipsync_operator.registry import PackageCheck
+
+    owner = {"metadata": {"name": "demo", "namespace": "studio", "uid": "0b7d1d7e-5f0e-4a8e-9a53-0c2f1e0c1a11"}}
+    package = PackageCheck(True, "Verified", "", name="demo", version="1", sha256="ab" * 32, size=1,
+                           url="http://127.0.0.1:1/demo/1/demo-1.zip", registry="http://127.0.0.1:1/")
+    config = OperatorConfig(registry_url="http://127.0.0.1:1/", inference_image="lipsync-inference:0.1.0")
+    spec = normalize(yaml.safe_load((ROOT / "crds" / "examples" / "cpu-demo.yaml").read_text())["spec"])
+    deployment = children.deployment(owner, spec, package, config)
+    template = deployment["spec"]["template"]
+    pod = pod_for_kube_play(deployment)
+
+    assert (pod["kind"], pod["metadata"]["name"], pod["metadata"]["namespace"]) == ("Pod", "demo", "studio")
+    assert pod["metadata"]["labels"] == template["metadata"]["labels"]
+    assert pod["metadata"]["annotations"] == {k: v for k, v in template["metadata"]["annotations"].items()
+                                              if len(v) <= PODMAN_ANNOTATION_MAX}
+    assert len(pod["metadata"]["annotations"]) == len(template["metadata"]["annotations"]) - 1   # the sha256
+    restored = copy.deepcopy(pod["spec"])
+    assert restored.pop("hostNetwork") is True and restored.pop("restartPolicy") == "OnFailure"
+    for played, written in zip(restored["initContainers"] + restored["containers"],
+                               template["spec"]["initContainers"] + template["spec"]["containers"], strict=True):
+        assert "ports" not in played
+        if "ports" in written:
+            played["ports"] = written["ports"]
+        for var in played.get("env", []):
+            if var["name"] == "POD_NAMESPACE":
+                assert var.pop("value") == "studio"
+                var["valueFrom"] = {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert restored == template["spec"]
+    assert "restartPolicy" not in template["spec"] and not template["spec"].get("hostNetwork")
