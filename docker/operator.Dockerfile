@@ -35,4 +35,4 @@ RUN python -m compileall -q /app/lipsync /app/lipsync_operator /app/inference_po
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["kopf"]
-CMD ["run", "--module=lipsync_operator", "--standalone", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"]
+CMD ["run", "--module=lipsync_operator.handlers", "--standalone", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"]
