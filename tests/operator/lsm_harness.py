@@ -57,8 +57,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "lipsyncmodels.synctalk.io.yaml"
 POOL_CRD_PATH = ROOT / "crds" / "lipsyncpools.synctalk.io.yaml"
 APPLY = "application/apply-patch+yaml"
-# Who writes: the operator's own client (lipsync_operator.kube) and kopf's (progress annotations, events).
-OPERATOR_AGENTS = ("lipsync-operator", "kopf/")
+# The test's own requests and the garbage collector's come from KMock's client; everything else is the
+# operator's (its own client, lipsync_operator.kube, and kopf's: progress annotations, events).
+TEST_AGENT = "kmock/"
 NAMESPACE = "studio"
 
 LSM = kmock.resource("synctalk.io", "v1alpha1", "lipsyncmodels")
@@ -167,7 +168,7 @@ class Cluster(kmock.KubernetesEmulator):
         response = await self._emulate(request)
         if request.resource is not None and isinstance(request.data, dict) \
                 and request.method in (kmock.method.POST, kmock.method.PATCH, kmock.method.PUT) \
-                and request.headers.get("User-Agent", "").startswith(OPERATOR_AGENTS):
+                and not request.headers.get("User-Agent", "").startswith(TEST_AGENT):
             meta = request.data.get("metadata") or {}
             key = (request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))
             stored = self._current(key) if key[2] else None
