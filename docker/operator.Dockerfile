@@ -34,10 +34,10 @@ COPY operator/lipsync_operator /app/lipsync_operator
 COPY inference_pod/__init__.py inference_pod/registry_index.py /app/inference_pod/
 # Compiled now: the container runs with a read-only root filesystem.
 RUN python -m compileall -q /app/lipsync /app/lipsync_operator /app/inference_pod \
- && python -c "import lipsync_operator, lipsync_operator.registry, lipsync.v1.lipsync_pb2_grpc"
+ && python -c "import lipsync_operator.handlers, lipsync.v1.lipsync_pb2_grpc"
 
 # The chart runs it as 10001 with runAsNonRoot; no shell login, no home needed.
 USER 10001:10001
 EXPOSE 8080
 ENTRYPOINT ["kopf"]
-CMD ["run", "--module=lipsync_operator", "--standalone", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"]
+CMD ["run", "--module=lipsync_operator.handlers", "--standalone", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"]

@@ -1,9 +1,5 @@
-"""The LipSyncModel operator: ``kopf run -m lipsync_operator --all-namespaces``.
-
-Importing the package registers the kopf handlers (lipsync_operator.handlers). Settings come from
-``LIPSYNC_OPERATOR_*`` environment variables (lipsync_operator.config).
+"""The LipSyncModel operator. Its kopf handlers live in lipsync_operator.handlers, which the operator runs as
+``kopf run --module=lipsync_operator.handlers --all-namespaces``; importing the package (or any other module of
+it, e.g. lipsync_operator.placement) registers nothing. Settings come from ``LIPSYNC_OPERATOR_*`` environment
+variables (lipsync_operator.config).
 """
-
-from lipsync_operator import handlers  # noqa: F401  (registers the handlers with kopf)
-
-__all__ = ["handlers"]

@@ -6,6 +6,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from lipsync_operator.egress import RegistryPolicy
+from lipsync_operator.images import ImagePolicy, repository
+
 ENV_PREFIX = "LIPSYNC_OPERATOR_"
 
 GROUP = "synctalk.io"
@@ -17,6 +20,11 @@ API_VERSION = f"{GROUP}/{VERSION}"
 OPERATOR_NAME = "lipsync-operator"
 FIELD_MANAGER = OPERATOR_NAME
 FINALIZER = f"{GROUP}/{OPERATOR_NAME}"
+
+
+def _list(text: str) -> tuple[str, ...]:
+    """``a, b`` -> ("a", "b"); blanks ignored."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _labels(text: str) -> dict[str, str]:
@@ -45,6 +53,23 @@ class OperatorConfig:
     api_timeout_seconds: float = 30.0      # Kubernetes API requests
     pool_interval_seconds: float = 15.0    # how often each LipSyncPool's placement is reconsidered
     pod_grpc_port: int = 50051             # where the operator reaches pool pods (their gRPC port)
+    # Registries a resource may name (egress.AllowedRegistry forms), besides registry_url itself, which is
+    # always allowed: empty means that registry only (docs/KUBERNETES.md, "What a resource may name").
+    allowed_registries: tuple[str, ...] = ()
+    # Image repositories a resource may run (``repo`` or ``prefix/*``), besides inference_image's own.
+    allowed_images: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.registry_policy()   # a malformed entry stops the operator at start, with the entry named
+        self.image_policy()
+
+    def registry_policy(self) -> RegistryPolicy:
+        """The allow-list the operator fetches under: the default registry (named exactly) and the entries."""
+        return RegistryPolicy([*([self.registry_url] if self.registry_url else []), *self.allowed_registries])
+
+    def image_policy(self) -> ImagePolicy:
+        """The repositories a resource may run: the default image's and the entries."""
+        return ImagePolicy([repository(self.inference_image), *self.allowed_images])
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -71,6 +96,8 @@ class OperatorConfig:
             api_timeout_seconds=get("API_TIMEOUT_SECONDS", defaults.api_timeout_seconds),
             pool_interval_seconds=get("POOL_INTERVAL_SECONDS", defaults.pool_interval_seconds),
             pod_grpc_port=get("POD_GRPC_PORT", defaults.pod_grpc_port),
+            allowed_registries=_list(env.get(ENV_PREFIX + "ALLOWED_REGISTRIES", "")),
+            allowed_images=_list(env.get(ENV_PREFIX + "ALLOWED_IMAGES", "")),
         )
 
     def backoff(self, retry: int) -> float:

@@ -1,4 +1,9 @@
-"""kopf handlers: they register on import (``kopf run -m lipsync_operator``) and delegate to the Reconciler.
+"""The operator's entry point: ``kopf run --module=lipsync_operator.handlers`` (the chart and the image run it).
+
+Importing this module registers the kopf handlers below; nothing else in the package registers any, so
+``lipsync_operator.placement`` and the rest import without side effects (``lipsync bench pool`` does).
+The handlers delegate to the model controller (lipsync_operator.reconcile) and the pool controller
+(lipsync_operator.pool), both built at startup from the ``LIPSYNC_OPERATOR_*`` settings.
 
 - create / update / resume (operator start): reconcile; an unavailable package or a conflicting child is
   retried with exponential backoff (kopf.TemporaryError), an invalid spec waits for the next change.
@@ -14,6 +19,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +29,9 @@ import kopf
 from lipsync_operator.children import MANAGED_BY_LABEL
 from lipsync_operator.config import FINALIZER, GROUP, OPERATOR_NAME, PLURAL, VERSION, OperatorConfig
 from lipsync_operator.kube import KubeClient
-from lipsync_operator.reconcile import GiveUp, Reconciler, RetryLater, controller_owner
+from lipsync_operator.owners import controller_owner
+from lipsync_operator.pool import PoolController
+from lipsync_operator.reconcile import GiveUp, Reconciler, RetryLater
 from lipsync_operator.spec import InvalidSpec
 
 POOL_PLURAL = "lipsyncpools"
@@ -49,11 +57,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Log
     settings.watching.server_timeout = 300          # re-list now and then: robust against lost watch events
     settings.watching.client_timeout = 330
     config = OperatorConfig.from_env()
-    memo.reconciler = Reconciler(KubeClient.from_environment(timeout_s=config.api_timeout_seconds), config)
+    kube = KubeClient.from_environment(timeout_s=config.api_timeout_seconds)
+    memo.reconciler = Reconciler(kube, config)
+    memo.pools = PoolController(kube, config)
     # the Redis host only: the chart's default URL carries the password
     redis_host = urlsplit(config.default_redis_url).hostname if config.default_redis_url else None
-    logger.info("lipsync-operator: registry=%r image=%r redis host=%r", config.registry_url or None,
-                config.inference_image, redis_host)
+    logger.info("lipsync-operator: registry=%r image=%r redis host=%r; allowed registries: %s; allowed images: %s",
+                config.registry_url or None, config.inference_image, redis_host,
+                config.registry_policy().describe(), config.image_policy().describe())
 
 
 @kopf.on.cleanup()
@@ -110,7 +121,7 @@ for _group, _version, _plural in CHILD_RESOURCES:
 @kopf.on.update(group=GROUP, version=VERSION, plural=POOL_PLURAL)
 def reconcile_pool(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     try:
-        summary = memo.reconciler.pools.reconcile(_plain(body))
+        summary = memo.pools.reconcile(_plain(body))
     except InvalidSpec as exc:
         kopf.warn(body, reason="InvalidSpec", message=str(exc))
         raise kopf.PermanentError(f"invalid spec: {exc}") from None
@@ -119,17 +130,20 @@ def reconcile_pool(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.daemon(group=GROUP, version=VERSION, plural=POOL_PLURAL, cancellation_timeout=5.0)
-def place_pool(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger,
-               **_: Any) -> None:
-    """Each pool's placement rounds, one after another, until the pool goes (or the operator stops)."""
-    pools = memo.reconciler.pools
+async def place_pool(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, logger: kopf.Logger,
+                     **_: Any) -> None:
+    """Each pool's placement rounds, one after another, until the pool goes (or the operator stops).
+
+    An async daemon whose rounds run in a thread: when the operator stops, kopf cancels the task at once
+    (a sync daemon's thread could outlive the operator's loop), and only a round already running finishes."""
+    pools = memo.pools
     namespace, name = body.metadata.namespace, body.metadata.name
     while not stopped:
         try:
-            pools.run_round(namespace, name)
+            await asyncio.to_thread(pools.run_round, namespace, name)
         except Exception as exc:   # one failed round (API or pod trouble) must not end the pool's rounds
             logger.warning("pool %s/%s: placement round failed: %s", namespace, name, exc)
-        stopped.wait(pools.config.pool_interval_seconds)
+        await stopped.wait(pools.config.pool_interval_seconds)
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 import kubernetes
 import urllib3
 
-from lipsync_operator.config import API_VERSION, FIELD_MANAGER, KIND, PLURAL
+from lipsync_operator.config import API_VERSION, FIELD_MANAGER, KIND, OPERATOR_NAME, PLURAL
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ def kind_of(obj: dict) -> Kind:
 class KubeClient:
     def __init__(self, api_client: kubernetes.client.ApiClient, timeout_s: float = 30.0):
         self.api = api_client
+        self.api.user_agent = OPERATOR_NAME   # the API server's audit log names who wrote what
         self.timeout_s = timeout_s
 
     @classmethod
@@ -193,6 +194,11 @@ class KubeClient:
             return True
         except NotFound:
             return False
+
+    def serves(self, kind: Kind) -> bool:
+        """Whether the API serves ``kind`` (e.g. PodMonitors only where the Prometheus operator is installed)."""
+        served = self.served_resources(kind.api_version)
+        return served is not None and kind.plural in served
 
     def served_resources(self, group_version: str) -> set[str] | None:
         """Plural names the API serves under ``group/version``; None when the API is not installed."""

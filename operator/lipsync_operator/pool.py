@@ -1,8 +1,7 @@
-"""LipSyncPools: identical inference pods that host many characters, and the placement of pooled models on them.
+"""LipSyncPools: the pool controller. It applies a pool's own children (lipsync_operator.pool_children) and runs
+its placement rounds, which put copies of the pool's models on its pods.
 
-A pool owns one Deployment of pods that preload nothing (plus its HPA and PDB). A pooled LipSyncModel owns only
-its Service, which selects the pool's pods carrying the label ``models.synctalk.io/<model>: "true"``. Every
-``poolIntervalSeconds`` the operator asks each ready pool pod (gRPC at its pod IP) what it holds and how many
+Every ``poolIntervalSeconds`` the operator asks each ready pool pod (gRPC at its pod IP) what it holds and how many
 frames each model generated, computes the next placement (lipsync_operator.placement) and carries it out:
 
 - placing: LoadModel on the pod, then label the pod (the Service sends requests only once the copy is loaded);
@@ -15,14 +14,14 @@ What the pods report is the truth: after an operator restart the same placement 
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from lipsync_operator import children, status
+from lipsync_operator import admission, status
 from lipsync_operator.config import API_VERSION, OPERATOR_NAME, OperatorConfig
 from lipsync_operator.kube import (
     EVENT,
@@ -33,156 +32,36 @@ from lipsync_operator.kube import (
     POD,
     PODMONITOR,
     ApiError,
+    Kind,
     KubeClient,
     NotFound,
 )
+from lipsync_operator.owners import controller_uid
 from lipsync_operator.placement import MIB, Model, Placement, Pod, place, pods_needed
 from lipsync_operator.podclient import PodClient, PodReport, PodUnreachable
+from lipsync_operator.pool_children import (
+    MODEL_LABEL_PREFIX,
+    POOL_KIND,
+    model_label,
+    pool_deployment,
+    pool_hpa,
+    pool_pdb,
+    pool_pod_monitor,
+    pool_selector_labels,
+    selector_string,
+)
+from lipsync_operator.pool_status import compose_model_status, compose_pool_problem, compose_pool_status
 from lipsync_operator.spec import InvalidSpec, normalize, normalize_pool
 
 log = logging.getLogger(__name__)
 
-POOL_LABEL = "synctalk.io/pool"
-MODEL_LABEL_PREFIX = "models.synctalk.io/"
-POOL_KIND = "LipSyncPool"
 DEFAULT_FOOTPRINT = 1024 * MIB
 DRAIN_POLL_SECONDS = 0.2
 TARGET_LOAD = 0.7          # pods for load: demand at this share of capacity (the HPA adds more on queues)
 
 
-def model_label(model: str) -> str:
-    return MODEL_LABEL_PREFIX + model
-
-
-def pool_selector_labels(pool: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "lipsync-inference", POOL_LABEL: pool}
-
-
-def selector_string(labels: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-
-
-def model_service_selector(pool: str, model: str) -> dict[str, str]:
-    return {**pool_selector_labels(pool), model_label(model): "true"}
-
-
 def _memory(n: int) -> str:
     return f"{n / (1 << 30):.1f}Gi"
-
-
-# ------------------------------------------------------------------------------------------ children
-
-
-def _pool_metadata(owner: dict, labels: dict[str, str] | None = None) -> dict:
-    meta = owner["metadata"]
-    return {"name": meta["name"], "namespace": meta["namespace"],
-            "labels": {**pool_selector_labels(meta["name"]), "app.kubernetes.io/component": "inference",
-                       "app.kubernetes.io/part-of": "lipsync", children.MANAGED_BY_LABEL: OPERATOR_NAME,
-                       **(labels or {})},
-            "ownerReferences": [{"apiVersion": API_VERSION, "kind": POOL_KIND, "name": meta["name"],
-                                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}]}
-
-
-@dataclass(frozen=True)
-class _NoPackage:
-    """A pool pod preloads nothing: the dedicated pod's manifest, without a package."""
-    registry: str
-    name: str = ""
-    version: str = ""
-    sha256: str = ""
-
-
-def pool_deployment(owner: dict, spec: dict, config: OperatorConfig) -> dict:
-    """A dedicated model's Deployment, less its package: no fetch init container, no --preload; the pods
-    load what the operator asks for from the registry, within the pool's model memory budget."""
-    name = owner["metadata"]["name"]
-    as_model = {**copy.deepcopy(spec), "package": {}}
-    as_model["runtime"]["memoryBudgetMb"] = spec["modelMemoryBudgetMb"]
-    as_model["runtime"]["templateStorage"] = spec["templateStorage"]
-    dep = children.deployment({**owner, "metadata": {**owner["metadata"]}}, as_model,
-                              _NoPackage(registry=config.registry_url), config)
-    pod = dep["spec"]["template"]
-    server = pod["spec"]["containers"][0]
-    if server["args"][-2:-1] == ["--preload"]:
-        server["args"] = server["args"][:-2]
-    pod["spec"].pop("initContainers", None)
-    pod["metadata"]["labels"] = _pool_metadata(owner)["labels"]
-    pod["metadata"]["annotations"] = {k: v for k, v in pod["metadata"]["annotations"].items()
-                                      if not k.startswith("synctalk.io/package")}
-    pod["spec"]["topologySpreadConstraints"][0]["labelSelector"] = {"matchLabels": pool_selector_labels(name)}
-    dep["metadata"] = _pool_metadata(owner)
-    dep["spec"]["selector"] = {"matchLabels": pool_selector_labels(name)}
-    return dep
-
-
-def pool_hpa(owner: dict, spec: dict, min_pods: int) -> dict:
-    hpa = children.horizontal_pod_autoscaler(owner, spec)
-    hpa["metadata"] = _pool_metadata(owner)
-    auto = spec["autoscaling"]
-    # Never below what the copies need in memory; never above the pool's maximum.
-    hpa["spec"]["minReplicas"] = max(auto["minReplicas"], min(auto["maxReplicas"], min_pods))
-    return hpa
-
-
-def pool_pdb(owner: dict, spec: dict) -> dict:
-    pdb = children.pod_disruption_budget(owner, spec)
-    pdb["metadata"] = _pool_metadata(owner)
-    pdb["spec"]["selector"] = {"matchLabels": pool_selector_labels(owner["metadata"]["name"])}
-    return pdb
-
-
-def pool_pod_monitor(owner: dict, spec: dict, config: OperatorConfig) -> dict:
-    """Scrapes the pool's pods; the dashboard's pool view groups them by the ``lipsyncpool`` label."""
-    monitor = children.pod_monitor(owner, spec, config)
-    monitor["metadata"] = _pool_metadata(owner, config.monitor_labels)
-    monitor["spec"]["selector"] = {"matchLabels": pool_selector_labels(owner["metadata"]["name"])}
-    monitor["spec"]["podMetricsEndpoints"][0]["relabelings"] = [
-        {"sourceLabels": ["__meta_kubernetes_pod_label_synctalk_io_pool"], "targetLabel": "lipsyncpool"}]
-    return monitor
-
-
-def model_service(lsm: dict, spec: dict) -> dict:
-    """The pooled model's Service: the dedicated model's, selecting the pool pods that hold a copy."""
-    svc = children.service(lsm, spec)
-    svc["spec"]["selector"] = model_service_selector(spec["pool"], lsm["metadata"]["name"])
-    return svc
-
-
-# ------------------------------------------------------------------------------------------ status
-
-
-def compose_model_status(current: dict, *, generation: int, package_condition, problem, pool: str,
-                         copies: int | None = None, ready_copies: int | None = None, wanted: int | None = None,
-                         full: str | None = None) -> dict:
-    """A pooled model's status: Ready while one copy serves; Progressing while copies are being placed;
-    Degraded when the spec, the package or the pool (full) stands in the way."""
-    old = current.get("conditions") or []
-    copies = current.get("copies", 0) if copies is None else copies
-    ready_copies = current.get("readyCopies", 0) if ready_copies is None else ready_copies
-    if package_condition is status.KEEP:
-        package_condition = status.find(old, "PackageAvailable") or status.condition(
-            "PackageAvailable", None, "Checking", "the package has not been checked yet", generation)
-    counts = f"{ready_copies} of {copies} copies ready in pool {pool}"
-    ready = status.condition("Ready", ready_copies > 0, "Available" if ready_copies else "NoCopyReady", counts,
-                             generation)
-    placing = wanted is not None and ready_copies < wanted
-    progressing = status.condition("Progressing", placing, "PlacingCopies" if placing else "Placed", counts,
-                                   generation)
-    if problem:
-        degraded = status.condition("Degraded", True, problem[0], problem[1], generation)
-    elif package_condition["status"] != "True":
-        degraded = status.condition("Degraded", True, "PackageUnavailable", package_condition.get("message", ""),
-                                    generation)
-    elif full:
-        degraded = status.condition("Degraded", True, "PoolFull", full, generation)
-    else:
-        degraded = status.condition("Degraded", False, "AsExpected", "", generation)
-    return {"conditions": status.merge_conditions(old, [ready, package_condition, progressing, degraded],
-                                                  status.now()),
-            "pool": pool, "copies": copies, "readyCopies": ready_copies}
-
-
-# ---------------------------------------------------------------------------------------- placement
 
 
 @dataclass
@@ -210,17 +89,28 @@ class PoolController:
 
     # ----------------------------------------------------------------------------------- the pool
 
-    def reconcile(self, lsp: dict) -> str | None:
-        """The pool's own objects: Deployment, HPA (or none), PDB (or none). Raises InvalidSpec."""
-        namespace, name = lsp["metadata"]["namespace"], lsp["metadata"]["name"]
+    def _spec(self, lsp: dict) -> dict:
+        """The pool's normalised spec, admitted by the operator's configuration; raises InvalidSpec."""
         spec = normalize_pool(lsp.get("spec") or {})
+        admission.check_pool(lsp, spec, self.config)
+        return spec
+
+    def reconcile(self, lsp: dict) -> str | None:
+        """The pool's own objects: Deployment, HPA (or none), PDB (or none). Raises InvalidSpec, after writing
+        it into the pool's status (Degraded)."""
+        namespace, name = lsp["metadata"]["namespace"], lsp["metadata"]["name"]
+        generation = lsp["metadata"].get("generation", 0)
+        try:
+            spec = self._spec(lsp)
+        except InvalidSpec as exc:
+            self._write_pool_problem(lsp, generation, ("InvalidSpec", str(exc)))
+            raise
         desired = [pool_deployment(lsp, spec, self.config)]
         if "autoscaling" in spec:
             desired.append(pool_hpa(lsp, spec, spec["autoscaling"]["minReplicas"]))
         if spec["disruptionBudget"]["enabled"]:
             desired.append(pool_pdb(lsp, spec))
-        served = self.kube.served_resources(PODMONITOR.api_version)
-        monitoring = served is not None and PODMONITOR.plural in served
+        monitoring = self.kube.serves(PODMONITOR)
         if monitoring and spec["monitoring"]["enabled"]:
             desired.append(pool_pod_monitor(lsp, spec, self.config))
         for child in desired:
@@ -228,8 +118,9 @@ class PoolController:
         for kind, wanted in ((HPA, "autoscaling" in spec), (PDB, spec["disruptionBudget"]["enabled"]),
                              (PODMONITOR, not monitoring or spec["monitoring"]["enabled"])):
             existing = None if wanted else self.kube.get(kind, namespace, name)
-            if existing is not None and _controller_uid(existing) == lsp["metadata"]["uid"]:
+            if existing is not None and controller_uid(existing) == lsp["metadata"]["uid"]:
                 self.kube.delete(kind, namespace, name, uid=existing["metadata"]["uid"])
+        self._write_pool_problem(lsp, generation, None)
         return f"applied {', '.join(c['kind'] for c in desired)}"
 
     def run_round(self, namespace: str, pool_name: str) -> Placement | None:
@@ -239,9 +130,9 @@ class PoolController:
             if lsp is None or lsp["metadata"].get("deletionTimestamp"):
                 return None
             try:
-                spec = normalize_pool(lsp.get("spec") or {})
+                spec = self._spec(lsp)
             except InvalidSpec:
-                return None
+                return None   # its reconcile reported why
             models = self._pooled_models(namespace, pool_name)
             pods = self._live_pods(namespace, pool_name, spec)
             return self._place(lsp, spec, models, pods)
@@ -254,8 +145,9 @@ class PoolController:
                 continue
             try:
                 spec = normalize(lsm.get("spec") or {})
+                admission.check_model(lsm, spec, self.config)
             except InvalidSpec:
-                continue
+                continue   # its reconcile reported why; nothing of it is placed
             if not ((lsm.get("status") or {}).get("package") or {}).get("version"):
                 continue   # its package is not checked (or not available) yet: nothing to load
             out[lsm["metadata"]["name"]] = (lsm, spec)
@@ -398,16 +290,6 @@ class PoolController:
 
     # -------------------------------------------------------------------------------------- status
 
-    def write_model_status(self, lsm: dict, spec: dict, *, observed_generation: int | None, package_condition,
-                           problem, package=None) -> None:
-        """From the model's own reconcile: its package and problems; the copies stay as last counted."""
-        self._patch_status(LIPSYNCMODEL, lsm["metadata"]["namespace"], lsm["metadata"]["name"], lambda cur, gen: {
-            **compose_model_status(cur, generation=gen, package_condition=package_condition, problem=problem,
-                                   pool=spec["pool"]),
-            "endpoint": children.endpoint(lsm["metadata"]["name"], lsm["metadata"]["namespace"]),
-            **({"observedGeneration": observed_generation} if observed_generation is not None else {}),
-            **({"package": package.status()} if package is not None else {})})
-
     def _write_model_status(self, lsm: dict, pool: str, *, copies: int, ready_copies: int, wanted: int,
                             full: str | None) -> None:
         namespace, name = lsm["metadata"]["namespace"], lsm["metadata"]["name"]
@@ -442,31 +324,20 @@ class PoolController:
         self._full[f"{namespace}/lsp/{name}"] = full
 
         def compose(cur: dict, gen: int) -> dict:
-            conditions = [
-                status.condition("Ready", bool(pods), "PodsReady" if pods else "NoPodReady",
-                                 f"{len(pods)} of {len(all_pods)} pods ready", gen),
-                status.condition("Full", plan.full is not None, "CopiesDoNotFit" if plan.full else "Room",
-                                 full or f"{needed} pods needed", gen),
-            ]
-            old = cur.get("conditions") or []
-            merged = []
-            stamp = status.now()
-            for c in conditions:
-                prev = status.find(old, c["type"])
-                if prev is not None and prev.get("status") == c["status"] and "lastTransitionTime" in prev:
-                    since = prev["lastTransitionTime"]
-                else:
-                    since = stamp
-                merged.append({**c, "lastTransitionTime": since})
-            return {"replicas": len(all_pods), "readyReplicas": len(pods), "observedGeneration": gen,
-                    "selector": selector_string(pool_selector_labels(name)), "podsNeeded": needed,
-                    "models": sum(1 for c in plan.copies.values() if c),
-                    "copies": sum(len(c) for c in plan.copies.values()),
-                    "memoryUsed": _memory(used), "memoryFree": _memory(max(0, budget - used)),
-                    "conditions": merged}
+            return compose_pool_status(
+                cur, generation=gen, ready_pods=len(pods), pods=len(all_pods), full=full if plan.full else None,
+                needed=needed, models=sum(1 for c in plan.copies.values() if c),
+                copies=sum(len(c) for c in plan.copies.values()), memory_used=_memory(used),
+                memory_free=_memory(max(0, budget - used)), selector=selector_string(pool_selector_labels(name)))
         self._patch_status(LIPSYNCPOOL, namespace, name, compose, expect_uid=lsp["metadata"]["uid"])
 
-    def _patch_status(self, kind, namespace: str, name: str, compose, expect_uid: str | None = None) -> None:
+    def _write_pool_problem(self, lsp: dict, generation: int, problem: tuple[str, str] | None) -> None:
+        self._patch_status(LIPSYNCPOOL, lsp["metadata"]["namespace"], lsp["metadata"]["name"],
+                           lambda cur, gen: compose_pool_problem(cur, generation=generation, problem=problem),
+                           expect_uid=lsp["metadata"]["uid"])
+
+    def _patch_status(self, kind: Kind, namespace: str, name: str, compose: Callable[[dict, int], dict],
+                      expect_uid: str | None = None) -> None:
         """``compose(current status, generation)``: the new status (see KubeClient.patch_status)."""
         self.kube.patch_status(kind, namespace, name,
                                lambda obj: compose(obj.get("status") or {}, obj["metadata"].get("generation", 0)),
@@ -488,8 +359,3 @@ class PoolController:
             log.warning("event %s on %s: %s", reason, meta["name"], exc)
 
 
-def _controller_uid(obj: dict) -> str | None:
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref.get("uid")
-    return None

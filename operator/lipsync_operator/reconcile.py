@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 
-from lipsync_operator import children, status
+from lipsync_operator import admission, children, status
 from lipsync_operator.config import FIELD_MANAGER, OperatorConfig
 from lipsync_operator.kube import (
     DEPLOYMENT,
@@ -28,8 +28,9 @@ from lipsync_operator.kube import (
     Unreachable,
     kind_of,
 )
-from lipsync_operator.pool import PoolController
-from lipsync_operator.pool import model_service as pooled_service
+from lipsync_operator.owners import controller_uid
+from lipsync_operator.pool_children import model_service as pooled_service
+from lipsync_operator.pool_status import compose_model_status
 from lipsync_operator.registry import PackageCheck, check_package
 from lipsync_operator.spec import InvalidSpec, normalize
 
@@ -61,13 +62,6 @@ class ChildConflict(Exception):
     pass
 
 
-def controller_uid(obj: dict) -> str | None:
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref.get("uid")
-    return None
-
-
 def applies_replicas(deployment: dict, manager: str = FIELD_MANAGER) -> bool:
     """Whether ``manager`` owns spec.replicas through server-side apply (per the managedFields)."""
     for entry in (deployment.get("metadata") or {}).get("managedFields") or []:
@@ -77,15 +71,6 @@ def applies_replicas(deployment: dict, manager: str = FIELD_MANAGER) -> bool:
     return False
 
 
-def controller_owner(obj: dict) -> dict | None:
-    """The LipSyncModel owner reference of a child, if it has one."""
-    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("kind") == LIPSYNCMODEL.kind \
-                and ref.get("apiVersion") == LIPSYNCMODEL.api_version:
-            return ref
-    return None
-
-
 class Reconciler:
     def __init__(self, kube: KubeClient, config: OperatorConfig):
         self.kube = kube
@@ -93,7 +78,6 @@ class Reconciler:
         self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
         self._monitoring: tuple[bool, float] | None = None
-        self.pools = PoolController(kube, config)
 
     def _lock(self, namespace: str, name: str) -> threading.Lock:
         # The change handlers and the child watchers run in kopf's thread pool: one at a time per object.
@@ -119,6 +103,7 @@ class Reconciler:
                 return None   # the garbage collector removes the children (owner references)
             try:
                 spec = normalize(lsm.get("spec") or {})
+                admission.check_model(lsm, spec, self.config)   # before any fetch or write
             except InvalidSpec as exc:
                 self.write_status(namespace, name, observed_generation=generation, problem=("InvalidSpec", str(exc)))
                 raise GiveUp("InvalidSpec", f"invalid spec: {exc}") from None
@@ -171,9 +156,9 @@ class Reconciler:
         meta = lsm["metadata"]
         namespace, name, generation = meta["namespace"], meta["name"], meta.get("generation", 0)
 
-        def report(problem, with_package: bool = False) -> None:
-            self.pools.write_model_status(lsm, spec, observed_generation=generation, package_condition=pkg_condition,
-                                          problem=problem, package=package if with_package else None)
+        def report(problem: tuple[str, str] | None, with_package: bool = False) -> None:
+            self._write_pooled_status(lsm, spec, observed_generation=generation, package_condition=pkg_condition,
+                                      problem=problem, package=package if with_package else None)
 
         if not package.available:
             report(None)
@@ -264,8 +249,7 @@ class Reconciler:
         cached = self._monitoring
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        served = self.kube.served_resources(PODMONITOR.api_version)
-        installed = served is not None and PODMONITOR.plural in served
+        installed = self.kube.serves(PODMONITOR)
         self._monitoring = (installed, time.monotonic() + MONITORING_CACHE_SECONDS)
         return installed
 
@@ -283,8 +267,8 @@ class Reconciler:
                                     f"secret {ref['name']} with key {ref['key']} not found in {namespace}",
                                     name=pkg["name"])
             token = base64.b64decode(encoded).decode("utf-8").strip()
-        return check_package(pkg, default_registry=self.config.registry_url, token=token,
-                             timeout=self.config.http_timeout_seconds)
+        return check_package(pkg, default_registry=self.config.registry_url, policy=self.config.registry_policy(),
+                             token=token, timeout=self.config.http_timeout_seconds)
 
     # --------------------------------------------------------------------------------------- status
 
@@ -311,3 +295,21 @@ class Reconciler:
 
         self.kube.patch_status(LIPSYNCMODEL, namespace, name, compose, expect_uid=expect_uid,
                                attempts=STATUS_WRITE_ATTEMPTS)
+
+    def _write_pooled_status(self, lsm: dict, spec: dict, *, observed_generation: int | None,
+                             package_condition: dict, problem: tuple[str, str] | None,
+                             package: PackageCheck | None = None) -> None:
+        """A pooled model's package and problems; its copies stay as the pool's last round counted them."""
+        namespace, name = lsm["metadata"]["namespace"], lsm["metadata"]["name"]
+
+        def compose(obj: dict) -> dict:
+            new = compose_model_status(obj.get("status") or {}, generation=obj["metadata"].get("generation", 0),
+                                       package_condition=package_condition, problem=problem, pool=spec["pool"])
+            new["endpoint"] = children.endpoint(name, namespace)
+            if observed_generation is not None:
+                new["observedGeneration"] = observed_generation
+            if package is not None:
+                new["package"] = package.status()
+            return new
+
+        self.kube.patch_status(LIPSYNCMODEL, namespace, name, compose, attempts=STATUS_WRITE_ATTEMPTS)

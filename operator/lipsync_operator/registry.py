@@ -7,17 +7,21 @@ A registry is a directory served over HTTP(S) with ``index.json``::
 ``url`` is relative to the index or absolute. The operator resolves the spec to one entry (the newest
 version when none is pinned), confirms the file is there, and hands name, version and sha256 to the pod's
 init container, so every pod of a rollout runs exactly the same bytes.
+
+Every request goes through the operator's registry policy (lipsync_operator.egress): the index, the package
+file the index points at, and any redirect. A refused URL is reported (reason RegistryRefused), never opened.
 """
 
 from __future__ import annotations
 
 import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass
+from typing import Any
 
 # The pod's own index reader: standard library only, copied into the operator image beside this package.
 from inference_pod.registry_index import INDEX_NAME, MAX_INDEX_BYTES, InvalidIndex, parse_index, version_key
+from lipsync_operator.egress import RefusedURL, RegistryPolicy, refusal
 
 USER_AGENT = "lipsync-operator"
 
@@ -46,17 +50,29 @@ class _Failure(Exception):
         self.message = message
 
 
-def _open(url: str, *, method: str, token: str | None, timeout: float):
-    headers = {"User-Agent": USER_AGENT, "Accept": "application/json, */*"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    return urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers), timeout=timeout)
+@dataclass(frozen=True)
+class _Fetcher:
+    policy: RegistryPolicy
+    token: str | None
+    timeout: float
+
+    def open(self, url: str, method: str) -> Any:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json, */*"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            return self.policy.open(url, method=method, headers=headers, timeout=self.timeout)
+        except (RefusedURL, urllib.error.URLError) as exc:
+            refused = refusal(exc)
+            if refused:
+                raise _Failure("RegistryRefused", refused) from None
+            raise
 
 
-def _read_index(registry: str, token: str | None, timeout: float) -> list[dict]:
+def _read_index(registry: str, fetch: _Fetcher) -> list[dict]:
     url = urllib.parse.urljoin(registry, INDEX_NAME)
     try:
-        with _open(url, method="GET", token=token, timeout=timeout) as response:
+        with fetch.open(url, "GET") as response:
             data = response.read(MAX_INDEX_BYTES + 1)
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
@@ -74,10 +90,10 @@ def _read_index(registry: str, token: str | None, timeout: float) -> list[dict]:
     return [entry.to_dict() | {"url": urllib.parse.urljoin(url, entry.url)} for entry in entries]
 
 
-def _confirm_file(entry: dict, token: str | None, timeout: float) -> None:
+def _confirm_file(entry: dict, fetch: _Fetcher) -> None:
     """HEAD the package file: an index may list a file that was never uploaded or has been removed."""
     try:
-        with _open(entry["url"], method="HEAD", token=token, timeout=timeout) as response:
+        with fetch.open(entry["url"], "HEAD") as response:
             length = response.headers.get("Content-Length")
     except urllib.error.HTTPError as exc:
         if exc.code in (405, 501):   # servers without HEAD: the init container's download will tell
@@ -103,9 +119,11 @@ def _enclosing_dirs(uri: str) -> list[str]:
     return dirs
 
 
-def check_package(package: dict, *, default_registry: str, token: str | None = None,
+def check_package(package: dict, *, default_registry: str, policy: RegistryPolicy, token: str | None = None,
                   timeout: float = 5.0) -> PackageCheck:
-    """Resolve ``spec.package`` against its registry; never raises for registry trouble, reports it."""
+    """Resolve ``spec.package`` against its registry, fetching only what ``policy`` allows; never raises for
+    registry trouble, reports it."""
+    fetch = _Fetcher(policy, token, timeout)
     name = package["name"]
     pinned = package.get("version") or ""
     want_sha = (package.get("sha256") or "").lower()
@@ -116,9 +134,9 @@ def check_package(package: dict, *, default_registry: str, token: str | None = N
             entry = None
             for candidate in _enclosing_dirs(uri):
                 try:
-                    entries = _read_index(candidate, token, timeout)
+                    entries = _read_index(candidate, fetch)
                 except _Failure as failure:
-                    if failure.reason in ("IndexNotFound", "RegistryForbidden"):
+                    if failure.reason in ("IndexNotFound", "RegistryForbidden", "RegistryRefused"):
                         continue
                     raise
                 matches = [e for e in entries if e["url"] == uri]
@@ -136,7 +154,7 @@ def check_package(package: dict, *, default_registry: str, token: str | None = N
             if not registry:
                 raise _Failure("NoRegistry", "neither package.registry nor an operator-wide registry is set")
             registry = registry if registry.endswith("/") else registry + "/"
-            entries = [e for e in _read_index(registry, token, timeout) if e["name"] == name]
+            entries = [e for e in _read_index(registry, fetch) if e["name"] == name]
             if not entries:
                 raise _Failure("PackageNotFound", f"{registry}{INDEX_NAME} lists no package {name!r}")
             if pinned:
@@ -147,7 +165,7 @@ def check_package(package: dict, *, default_registry: str, token: str | None = N
         if want_sha and entry["sha256"] != want_sha:
             raise _Failure("ChecksumMismatch",
                            f"{name} {entry['version']} has sha256 {entry['sha256']}, the spec expects {want_sha}")
-        _confirm_file(entry, token, timeout)
+        _confirm_file(entry, fetch)
     except _Failure as failure:
         return PackageCheck(False, failure.reason, failure.message, name=name, version=pinned, registry=registry)
     return PackageCheck(True, "Verified",

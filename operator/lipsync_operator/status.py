@@ -48,10 +48,11 @@ def find(conditions: list[dict] | None, type_: str) -> dict | None:
     return next((c for c in conditions or [] if c.get("type") == type_), None)
 
 
-def merge_conditions(old: list[dict] | None, new: list[dict], timestamp: str) -> list[dict]:
+def merge_conditions(old: list[dict] | None, new: list[dict], timestamp: str,
+                     order: tuple[str, ...] = CONDITION_TYPES) -> list[dict]:
     """``new`` in canonical order; lastTransitionTime moves only when a condition's status changes."""
     out = []
-    for cond in sorted(new, key=lambda c: CONDITION_TYPES.index(c["type"])):
+    for cond in sorted(new, key=lambda c: order.index(c["type"])):
         prev = find(old, cond["type"])
         if prev is not None and prev.get("status") == cond["status"] and "lastTransitionTime" in prev:
             since = prev["lastTransitionTime"]

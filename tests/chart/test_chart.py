@@ -26,6 +26,7 @@ from chart_support import (
 
 from lipsync_operator import children
 from lipsync_operator.config import OperatorConfig
+from lipsync_operator.egress import RefusedURL
 from lipsync_operator.spec import METRICS
 
 KUBE_VERSIONS = ("1.27", "1.29", "1.37")
@@ -41,7 +42,9 @@ NON_DEFAULT = {
                  "retry": {"baseSeconds": 2, "maxSeconds": 120}, "httpTimeoutSeconds": 10,
                  "nodeSelector": {"pool": "system"}, "podAnnotations": {"team": "avatars"},
                  "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
-                 "priorityClassName": "system-cluster-critical"},
+                 "priorityClassName": "system-cluster-critical",
+                 "allowedRegistries": ["*.models.example.com", "https://cdn.example.com/lipsync/"],
+                 "allowedImages": ["registry.example.com/ml/*"]},
     "inference": {"image": {"repository": "registry.example.com/ml/lipsync-inference", "tag": "cuda12"}},
     "registry": {"url": "http://model-registry.studio.svc:8000/"},
     "serviceAccount": {"create": True, "name": "lsm-operator", "annotations": {"iam": "role"}},
@@ -73,7 +76,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(chart, values):
 def test_defaults_install_the_operator_with_cluster_wide_least_privilege(chart):
     docs = render(chart)
     container = operator_container(docs)
-    assert container["args"][:3] == ["run", "--module=lipsync_operator", "--standalone"]
+    assert container["args"][:3] == ["run", "--module=lipsync_operator.handlers", "--standalone"]
     assert "--all-namespaces" in container["args"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     (role,) = find(docs, "ClusterRole", f"{RELEASE}-operator")
@@ -125,6 +128,27 @@ def test_the_operator_reads_what_the_chart_sets(chart):
     assert config.monitor_labels == {"release": "kube-prometheus-stack"}
     assert (config.retry_base_seconds, config.retry_max_seconds, config.http_timeout_seconds) == (2, 120, 10)
     assert config.default_redis_url.startswith("redis://:correct-horse-battery-staple@")
+    assert config.allowed_registries == ("*.models.example.com", "https://cdn.example.com/lipsync/")
+    assert config.allowed_images == ("registry.example.com/ml/*",)
+    policy = config.registry_policy()
+    policy.check("http://model-registry.studio.svc:8000/models/")      # registry.url: always allowed
+    policy.check("https://eu.models.example.com/")
+    with pytest.raises(RefusedURL):
+        policy.check("http://169.254.169.254/latest/meta-data/")
+    assert config.image_policy().allows("registry.example.com/ml/custom-inference:2")
+    assert not config.image_policy().allows("docker.io/attacker/miner:latest")
+
+
+def test_by_default_the_operator_fetches_from_registry_url_only_and_runs_the_inference_image_only(chart):
+    docs = render(chart, {"registry": {"url": "http://model-registry.studio.svc:8000/"}})
+    config = OperatorConfig.from_env(container_env(operator_container(docs), docs))
+    config.registry_policy().check("http://model-registry.studio.svc:8000/")
+    for elsewhere in ("http://other-registry.studio.svc:8000/", "http://169.254.169.254/"):
+        with pytest.raises(RefusedURL):
+            config.registry_policy().check(elsewhere)
+    assert config.image_policy().allows(f"lipsync-inference:{chart.metadata['appVersion']}")
+    assert config.image_policy().allows("docker.io/library/lipsync-inference:other")
+    assert not config.image_policy().allows("docker.io/attacker/miner:latest")
 
 
 def test_kopf_accepts_the_operator_arguments(chart):
@@ -333,6 +357,9 @@ def test_helm_lint_is_clean():
     ({"redis": {"auth": {"password": "a password with spaces"}}}, "/redis/auth/password"),
     ({"networkPolicy": {"enabled": "on"}}, "/networkPolicy/enabled"),
     ({"typo": True}, "typo"),
+    ({"operator": {"allowedRegistries": ["ftp://models"]}}, "/operator/allowedRegistries/0"),
+    ({"operator": {"allowedRegistries": ["a b"]}}, "/operator/allowedRegistries/0"),
+    ({"operator": {"allowedImages": ["Attacker/Miner"]}}, "/operator/allowedImages/0"),
 ])
 def test_values_schema_refuses_bad_values(chart, values, where):
     with pytest.raises(helm.HelmValuesError) as info:

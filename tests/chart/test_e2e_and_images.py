@@ -141,7 +141,7 @@ def test_images_copy_what_exists_and_run_as_the_uid_the_pods_require(name):
 def test_the_operator_image_entrypoint_matches_the_chart():
     instructions = dict(dockerfile("operator.Dockerfile"))
     assert ast.literal_eval(instructions["ENTRYPOINT"]) == ["kopf"]
-    assert ast.literal_eval(instructions["CMD"])[:2] == ["run", "--module=lipsync_operator"]
+    assert ast.literal_eval(instructions["CMD"])[:2] == ["run", "--module=lipsync_operator.handlers"]
     inference = dict(dockerfile("inference.Dockerfile"))
     assert ast.literal_eval(inference["ENTRYPOINT"]) == ["lipsync"]
 

@@ -10,10 +10,13 @@ API-server behaviour the operator relies on (as KMock's docs suggest: inherit an
 - server-side apply (application/apply-patch+yaml): creates a missing object, records managedFields, and
   removes the fields a manager applied before but no longer sends, unless another apply manager still
   sends them; a plain patch takes over the fields it sets (as the HPA's scale updates do);
-- DeleteOptions preconditions on uid;
+- DeleteOptions preconditions on uid; metadata.generateName on create;
 - lists carry their kind and apiVersion, and the core group's discovery says `v1` (kubectl, which
   e2e/run_e2e.py drives, needs both);
-- admission refusals on demand (``cluster.refusals[resource] = message``), as a policy webhook would.
+- admission refusals on demand (``cluster.refusals[resource] = message``), as a policy webhook would;
+- validation: every object the operator (or kopf on its behalf) creates or changes is recorded, and each
+  test's teardown checks them as an API server would (api_validation.py: kubernetes-validate, names,
+  labels, the CRDs' status schemas); one refusal fails the test.
 
 The garbage collector (kube-controller-manager's job) runs beside it as a task that deletes, through the
 API, every object whose owners are all gone. Nothing of the operator is mocked: it talks HTTP to this
@@ -46,13 +49,17 @@ import kopf
 import kubernetes
 import pytest
 import yaml
+from api_validation import check_writes
 
-import lipsync_operator  # noqa: F401  (registers the handlers in kopf's default registry)
+import lipsync_operator.handlers  # noqa: F401  (registers the handlers in kopf's default registry)
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "lipsyncmodels.synctalk.io.yaml"
 POOL_CRD_PATH = ROOT / "crds" / "lipsyncpools.synctalk.io.yaml"
 APPLY = "application/apply-patch+yaml"
+# The test's own requests and the garbage collector's come from KMock's client; everything else is the
+# operator's (its own client, lipsync_operator.kube, and kopf's: progress annotations, events).
+TEST_AGENT = "kmock/"
 NAMESPACE = "studio"
 
 LSM = kmock.resource("synctalk.io", "v1alpha1", "lipsyncmodels")
@@ -147,6 +154,7 @@ class Cluster(kmock.KubernetesEmulator):
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000), init=False)
     _applied: dict = attrs.field(factory=dict, init=False)   # (resource, ns, name, manager) -> last applied
     refusals: dict = attrs.field(factory=dict, init=False)   # resource -> message: an admission webhook says no
+    written: list = attrs.field(factory=list, init=False)    # what the operator created or changed, as stored
 
     def _now(self) -> str:
         return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -157,6 +165,21 @@ class Cluster(kmock.KubernetesEmulator):
         return None
 
     async def _handle(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
+        response = await self._emulate(request)
+        if request.resource is not None and isinstance(request.data, dict) \
+                and request.method in (kmock.method.POST, kmock.method.PATCH, kmock.method.PUT) \
+                and not request.headers.get("User-Agent", "").startswith(TEST_AGENT):
+            meta = request.data.get("metadata") or {}
+            key = (request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))
+            stored = self._current(key) if key[2] else None
+            obj = copy.deepcopy(stored if stored is not None else request.data)
+            resource = request.resource
+            obj.setdefault("apiVersion", f"{resource.group}/{resource.version}" if resource.group else resource.version)
+            obj.setdefault("kind", self.resources[resource].kind)
+            self.written.append(obj)
+        return response
+
+    async def _emulate(self, request: kmock.Request) -> aiohttp.web.StreamResponse:
         method = request.method
         if request.resource is None or not isinstance(request.data, dict) and method != kmock.method.DELETE:
             return await super()._handle(request)
@@ -169,6 +192,8 @@ class Cluster(kmock.KubernetesEmulator):
                 meta.setdefault("namespace", request.namespace)
             meta.update(uid=str(uuid.uuid4()), resourceVersion=str(next(self._versions)), generation=1,
                         creationTimestamp=self._now())
+            if not meta.get("name") and meta.get("generateName"):   # kopf's events
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         elif method == kmock.method.PATCH and request.name is not None:
             key = (request.resource, request.namespace, request.name)
             current = self._current(key)
@@ -328,6 +353,8 @@ async def cluster(request) -> Cluster:
             gc.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await gc
+        refused = await asyncio.to_thread(check_writes, emulator.written)
+        assert not refused, "the operator wrote what an API server would refuse:\n" + "\n".join(refused)
 
 
 def pytest_configure(config) -> None:
@@ -345,6 +372,7 @@ class Registry:
         self.packages: list[dict] = []
         self.requests: list[tuple[float, str, str]] = []   # (time, method, path)
         self.fail_index: int = 0                             # answer 503 to this many index requests
+        self.redirect_index: str | None = None               # answer index requests with 302 to this URL
         self._server: http.server.ThreadingHTTPServer | None = None
 
     def add(self, name: str, version: str, payload: bytes | None = None) -> dict:
@@ -371,6 +399,12 @@ class Registry:
 
             def _record(self) -> bool:
                 registry.requests.append((time.monotonic(), self.command, self.path))
+                if self.path.endswith("/index.json") and registry.redirect_index:
+                    self.send_response(302)
+                    self.send_header("Location", registry.redirect_index)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return False
                 if self.path.endswith("/index.json") and registry.fail_index > 0:
                     registry.fail_index -= 1
                     self.send_error(503, "registry is warming up")
@@ -442,6 +476,8 @@ def operator_env(cluster, registry, tmp_path, monkeypatch) -> dict[str, str]:
         "LIPSYNC_OPERATOR_RETRY_BASE_SECONDS": "0.2",
         "LIPSYNC_OPERATOR_RETRY_MAX_SECONDS": "1",
         "LIPSYNC_OPERATOR_HTTP_TIMEOUT_SECONDS": "2",
+        # The test registries listen on loopback: allowed by name (the default registry is allowed anyway).
+        "LIPSYNC_OPERATOR_ALLOWED_REGISTRIES": "127.0.0.1",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -508,7 +544,7 @@ async def operator(start_operator) -> RunningOperator:
 
 
 class OperatorProcess:
-    """``kopf run -m lipsync_operator``: the operator exactly as the container runs it."""
+    """``kopf run -m lipsync_operator.handlers``: the operator exactly as the container runs it."""
 
     def __init__(self, env: dict[str, str], log: Path):
         self.log = log
@@ -517,7 +553,7 @@ class OperatorProcess:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kopf", "run", "-m", "lipsync_operator", "--standalone", "--all-namespaces",
+            sys.executable, "-m", "kopf", "run", "-m", "lipsync_operator.handlers", "--standalone", "--all-namespaces",
             env=self._env, stdout=self.log.open("ab"), stderr=asyncio.subprocess.STDOUT)
 
     async def kill(self) -> None:

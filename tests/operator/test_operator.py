@@ -407,7 +407,7 @@ async def test_a_status_write_re_reads_and_retries_when_another_writer_got_in_fi
 
 
 async def test_the_operator_restarts_at_any_moment_without_duplicates(cluster, registry, operator_env, tmp_path):
-    """``kopf run -m lipsync_operator`` in a subprocess, killed (SIGKILL) and started again."""
+    """``kopf run -m lipsync_operator.handlers`` in a subprocess, killed (SIGKILL) and started again."""
     first = OperatorProcess(operator_env, tmp_path / "operator.log")
     await first.start()
     await apply_model(cluster, "alice", {"package": {"name": "alice"}, "replicas": 1})

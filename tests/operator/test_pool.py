@@ -35,7 +35,7 @@ from lsm_harness import (
 from inference_pod.tools.demo_character import build_demo_package
 from lipsync.v1 import lipsync_pb2 as pb
 from lipsync.v1 import lipsync_pb2_grpc as pb_grpc
-from lipsync_operator.pool import MODEL_LABEL_PREFIX, model_label, pool_selector_labels
+from lipsync_operator.pool_children import MODEL_LABEL_PREFIX, model_label, pool_selector_labels
 
 FOOTPRINT_MB = 16          # a width-4 demo model reports about 15.2 MiB
 BUDGET_MB = 40             # two such models per pod

@@ -6,8 +6,7 @@ import kubernetes_validate
 import pytest
 
 from lipsync_operator.config import OperatorConfig
-from lipsync_operator.pool import (
-    compose_model_status,
+from lipsync_operator.pool_children import (
     model_label,
     model_service,
     pool_deployment,
@@ -15,6 +14,7 @@ from lipsync_operator.pool import (
     pool_pod_monitor,
     pool_selector_labels,
 )
+from lipsync_operator.pool_status import compose_model_status
 from lipsync_operator.spec import normalize, normalize_pool
 from lipsync_operator.status import KEEP, condition
 

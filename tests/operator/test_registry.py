@@ -10,7 +10,10 @@ import threading
 import pytest
 from lsm_harness import Registry, free_port
 
+from lipsync_operator.egress import RegistryPolicy
 from lipsync_operator.registry import check_package, version_key
+
+LOCAL = RegistryPolicy(["127.0.0.1"])   # the test registries: loopback, allowed by name
 
 
 def test_versions_order_naturally():
@@ -20,7 +23,7 @@ def test_versions_order_naturally():
 
 def test_unpinned_resolves_the_newest_version(registry):
     registry.add("alice", "1.10.0")
-    check = check_package({"name": "alice"}, default_registry=registry.url)
+    check = check_package({"name": "alice"}, policy=LOCAL, default_registry=registry.url)
     assert check.available and check.reason == "Verified"
     assert (check.version, check.registry) == ("1.10.0", registry.url)
     assert check.url == f"{registry.url}alice/1.10.0/alice-1.10.0.zip"
@@ -30,7 +33,7 @@ def test_unpinned_resolves_the_newest_version(registry):
 def test_pinned_version_and_matching_sha256(registry):
     sha = next(p["sha256"] for p in registry.packages if p["version"] == "1.0.0")
     check = check_package({"name": "alice", "version": "1.0.0", "sha256": sha, "registry": registry.url.rstrip("/")},
-                          default_registry="")
+                          policy=LOCAL, default_registry="")
     assert check.available and check.version == "1.0.0" and check.sha256 == sha
 
 
@@ -40,37 +43,37 @@ def test_pinned_version_and_matching_sha256(registry):
     ({"name": "alice", "version": "1.0.0", "sha256": "0" * 64}, "ChecksumMismatch"),
 ])
 def test_what_the_index_does_not_have(registry, package, reason):
-    check = check_package(package, default_registry=registry.url)
+    check = check_package(package, policy=LOCAL, default_registry=registry.url)
     assert not check.available and check.reason == reason, check
 
 
 def test_a_listed_file_that_is_missing_or_different(registry):
     (registry.root / "bob/3/bob-3.zip").unlink()
-    assert check_package({"name": "bob"}, default_registry=registry.url).reason == "PackageFileMissing"
+    assert check_package({"name": "bob"}, policy=LOCAL, default_registry=registry.url).reason == "PackageFileMissing"
     (registry.root / "alice/1.2.0/alice-1.2.0.zip").write_bytes(b"truncated")
-    assert check_package({"name": "alice"}, default_registry=registry.url).reason == "SizeMismatch"
+    assert check_package({"name": "alice"}, policy=LOCAL, default_registry=registry.url).reason == "SizeMismatch"
 
 
 def test_unreachable_missing_and_broken_registries(registry, tmp_path):
     port = free_port()
-    check = check_package({"name": "alice"}, default_registry=f"http://127.0.0.1:{port}/", timeout=2)
+    check = check_package({"name": "alice"}, policy=LOCAL, default_registry=f"http://127.0.0.1:{port}/", timeout=2)
     assert check.reason == "RegistryUnreachable" and f"127.0.0.1:{port}" in check.message
-    assert check_package({"name": "alice"}, default_registry=registry.url + "elsewhere/").reason == "IndexNotFound"
+    assert check_package({"name": "alice"}, policy=LOCAL, default_registry=registry.url + "elsewhere/").reason == "IndexNotFound"
     (registry.root / "index.json").write_text('{"packages": [{"name": "alice"}]}')
-    assert check_package({"name": "alice"}, default_registry=registry.url).reason == "InvalidIndex"
-    assert check_package({"name": "alice"}, default_registry="").reason == "NoRegistry"
+    assert check_package({"name": "alice"}, policy=LOCAL, default_registry=registry.url).reason == "InvalidIndex"
+    assert check_package({"name": "alice"}, policy=LOCAL, default_registry="").reason == "NoRegistry"
     registry.fail_index = 1
-    assert check_package({"name": "alice"}, default_registry=registry.url).reason == "RegistryError"
+    assert check_package({"name": "alice"}, policy=LOCAL, default_registry=registry.url).reason == "RegistryError"
 
 
 def test_uri_is_resolved_through_the_enclosing_registry_index(registry):
     uri = f"{registry.url}alice/1.0.0/alice-1.0.0.zip"
-    check = check_package({"name": "alice", "uri": uri}, default_registry="http://unused.invalid/")
+    check = check_package({"name": "alice", "uri": uri}, policy=LOCAL, default_registry="http://unused.invalid/")
     assert check.available, check
     assert (check.registry, check.version, check.url) == (registry.url, "1.0.0", uri)
-    assert check_package({"name": "bob", "uri": uri}, default_registry="").reason == "PackageNotFound"
+    assert check_package({"name": "bob", "uri": uri}, policy=LOCAL, default_registry="").reason == "PackageNotFound"
     missing = f"{registry.url}alice/9/alice-9.zip"
-    assert check_package({"name": "alice", "uri": missing}, default_registry="").reason == "PackageNotFound"
+    assert check_package({"name": "alice", "uri": missing}, policy=LOCAL, default_registry="").reason == "PackageNotFound"
 
 
 def test_the_pull_secret_token_is_sent(tmp_path):
@@ -103,8 +106,8 @@ def test_the_pull_secret_token_is_sent(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/"
     try:
-        assert check_package({"name": "priv"}, default_registry=url).reason == "RegistryForbidden"
-        assert check_package({"name": "priv"}, default_registry=url, token="s3cret").available
+        assert check_package({"name": "priv"}, policy=LOCAL, default_registry=url).reason == "RegistryForbidden"
+        assert check_package({"name": "priv"}, policy=LOCAL, default_registry=url, token="s3cret").available
     finally:
         server.shutdown()
         server.server_close()
@@ -118,7 +121,7 @@ def test_reads_an_index_published_by_the_pod_tooling(tmp_path, demo_package):
     entry = publish(demo_package, reg.root)
     reg.start()
     try:
-        check = check_package({"name": entry.name}, default_registry=reg.url)
+        check = check_package({"name": entry.name}, policy=LOCAL, default_registry=reg.url)
         assert check.available, check
         assert (check.version, check.sha256, check.size) == (entry.version, entry.sha256, entry.size)
     finally:
@@ -134,7 +137,7 @@ def test_the_pod_and_the_operator_refuse_the_same_invalid_names(registry, tmp_pa
     registry.add("alice", "1.0.0")
     hostile = {"name": name, "version": version, "size": 1, "sha256": "0" * 64, "url": "x.zip"}
     (registry.root / "index.json").write_text(json.dumps({"packages": [*registry.packages, hostile]}))
-    check = check_package({"name": "alice"}, default_registry=registry.url)
+    check = check_package({"name": "alice"}, policy=LOCAL, default_registry=registry.url)
     assert (check.available, check.reason) == (False, "InvalidIndex") and "invalid name or version" in check.message
     with pytest.raises(Unavailable, match="invalid name or version") as pod:
         RegistryClient(registry.url).list()
@@ -154,15 +157,17 @@ class Refuse:
 
 sys.meta_path.insert(0, Refuse())
 import inference_pod
-import lipsync_operator
+import lipsync_operator.handlers
+from lipsync_operator.egress import RegistryPolicy
 from lipsync_operator.registry import check_package
 
+LOCAL = RegistryPolicy(["127.0.0.1"])
 print(inference_pod.__file__)
 try:
     import inference_pod.package
 except ImportError as exc:
     print("package:", exc)
-check = check_package({"name": "alice"}, default_registry=sys.argv[1])
+check = check_package({"name": "alice"}, policy=LOCAL, default_registry=sys.argv[1])
 print(check.reason, check.version)
 """
 
