@@ -29,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
     from inference_pod.demo_character import TRAINED, build_demo_package, default_speech
     from inference_pod.engine import Engine
     from inference_pod.errors import InvalidInput
-    from inference_pod.package import open_package
+    from inference_pod.model_store import store_copy
+    from inference_pod.package import extract_package
     from inference_pod.render import render, track_for
+    from inference_pod.settings import Settings
 
     if args.audio is not None and not args.audio.is_file():
         raise InvalidInput(f"--audio {args.audio}: no such file")
@@ -39,10 +41,11 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     package_path = args.out / f"{args.name}.zip"
     width = TRAINED.width if not args.random_weights else (args.width or 8)
-    build_demo_package(args.name, package_path, width=width, frames=args.frames, speech=default_speech(),
-                       trained=not args.random_weights)
+    manifest = build_demo_package(args.name, package_path, width=width, frames=args.frames, speech=default_speech(),
+                                  trained=not args.random_weights)
     print(f"demo character package: {package_path}")
-    package = open_package(package_path, cache_dir=args.out / "store")
+    # Extracted where `lipsync serve --models-dir OUT` keeps its copies, so serving the demo reuses this one.
+    package = extract_package(package_path, store_copy(Settings(models_dir=args.out).extract_dir, manifest))
     engine = Engine.from_package(package, device=args.device)
     video = None if args.no_video or shutil.which("ffmpeg") is None else args.out / f"{args.name}.mp4"
     audio_path = args.audio or package.default_audio_path()
