@@ -428,3 +428,19 @@ def test_the_documents_track_figures_are_the_demos(scratch_master):
     for name, text in {"README.md": readme, "docs/API.md": api, "docs/HTTP_API.md": http}.items():
         lasts = {int(k) for k in re.findall(r'(?:last: |--last |"demo", 0, )(\d+)', text)}
         assert lasts and max(lasts) == n - 1, (name, lasts)  # the whole track is streamed, and no further
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("target", ["system-deps", "browser-deps", "python-deps"])
+def test_each_install_step_says_what_it_installs_before_it_starts(target):
+    # --always-make --dry-run prints the recipe without running it: apt-get and pip must be announced first
+    recipe = subprocess.run(["make", "--always-make", "--dry-run", target, "PYTHON=python3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    installs = list(re.finditer(r"apt-get install -y|-m pip install", recipe))
+    assert installs, recipe
+    previous = 0
+    for install in installs:
+        between = recipe[previous : install.start()]
+        # announced since the previous install, unless this is that install's retry with sudo
+        assert 'echo "make: installing' in between or "(sudo" in between, f"{target}:\n{recipe}"
+        previous = install.end()
