@@ -226,8 +226,9 @@ def test_every_block_is_runnable_or_marked(path):
     blocks = document_blocks(path)
     unknown = [b.name for b in blocks if b.marker is None and b.lang not in RUNNABLE]
     assert not unknown, f"blocks this test cannot run: mark them <!-- doc-test: skip (why) -->: {unknown}"
-    bad = [b.name for b in blocks if b.marker and b.marker[0] == "skip" and not b.marker[1]]
-    assert not bad, f"a skip marker says why: {bad}"
+    bad = [b.name for b in blocks if b.marker and b.marker[0] == "skip"
+           and (not b.marker[1] or b.marker[1].count("(") != b.marker[1].count(")"))]
+    assert not bad, f"a skip marker says why, in one pair of parentheses: {bad}"
     needs = [b.name for b in blocks if b.marker and b.marker[0] == "needs" and not re.fullmatch(r"[\w.-]+", b.marker[1])]
     assert not needs, f"a needs marker names one tool: {needs}"
 
@@ -308,7 +309,7 @@ def _check_json(scratch: Scratch, block: Block) -> None:
 
 def _check_yaml(scratch: Scratch, block: Block) -> None:
     try:
-        yaml.safe_load(block.code)
+        list(yaml.safe_load_all(block.code))  # a manifest may hold several documents
     except yaml.YAMLError as exc:
         raise AssertionError(f"{block.name} is not YAML: {exc}") from None
 
@@ -338,7 +339,7 @@ globalThis.WebSocket = class extends globalThis.WebSocket {
 NODE_REAL_REPORT = """
 const __deadline = Date.now() + 60000;
 const __wait = () => (__sockets.every((s) => s.types.includes("end") || s.errors.length) || Date.now() > __deadline)
-  ? console.log(JSON.stringify({ sockets: __sockets, src: __shown.src ?? null }))
+  ? console.log("doc-test report " + JSON.stringify({ sockets: __sockets, src: __shown.src ?? null }))
   : setTimeout(__wait, 50);
 __wait();
 """
@@ -351,8 +352,8 @@ globalThis.WebSocket = class {
   send(message) { __sockets.find((s) => s.url === this.url).messages.push(message); }
 };
 """
-NODE_CAPTURED_REPORT = ("\nsetTimeout(() => console.log(JSON.stringify({ sockets: __sockets, src: __shown.src ?? null "
-                        "})), 100);\n")
+NODE_CAPTURED_REPORT = ("\nsetTimeout(() => console.log(\"doc-test report \" + JSON.stringify({ sockets: __sockets, "
+                        "src: __shown.src ?? null })), 100);\n")
 
 
 def _node_websocket() -> list[str] | None:
@@ -378,7 +379,9 @@ def _run_js(scratch: Scratch, block: Block) -> None:
     proc = subprocess.run(["node", *(flags or []), str(script)], cwd=scratch.root, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, f"{block.name} failed under node:\n{proc.stderr}"
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("doc-test report ")]
+    assert len(reports) == 1, f"{block.name}: no report from node:\n{proc.stdout[-2000:]}"
+    report = json.loads(reports[0].removeprefix("doc-test report "))
     if report["src"] is not None:  # an image the block put on the page
         assert report["src"].startswith("data:image/jpeg;base64,"), report["src"][:60]
         _assert_image(report["src"].split(",", 1)[1], block)
