@@ -8,26 +8,36 @@ export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path(
 
 .PHONY: setup system-deps browser-deps python-deps demo demo-weights test lint images test-images
 
-# nodejs runs the README's JavaScript example in tests/cli/test_readme.py; espeak-ng is the demo character's
-# voice (training speech, default track, the lip-sync quality gate).
+# nodejs runs the docs' JavaScript examples in tests/cli/test_readme.py; espeak-ng is the demo character's
+# voice (training speech, default track, the lip-sync quality gate); redis-server is for the tests (and for
+# pods run with --redis-url); ffmpeg muxes the demo's mp4 and decodes compressed audio.
+# Each step says what it installs before it starts: apt-get and pip can take minutes.
+SYSTEM_PACKAGES := redis-server ffmpeg nodejs espeak-ng
 system-deps:
 	@command -v redis-server >/dev/null && command -v ffmpeg >/dev/null && command -v node >/dev/null \
 	  && command -v espeak-ng >/dev/null || { \
+	  echo "make: installing system packages with apt-get: $(SYSTEM_PACKAGES) (a few minutes)"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  (apt-get update -qq && apt-get install -y -qq redis-server ffmpeg nodejs espeak-ng) >/dev/null || \
-	  (sudo apt-get update -qq && sudo apt-get install -y -qq redis-server ffmpeg nodejs espeak-ng) >/dev/null; }
+	  (apt-get update -qq && apt-get install -y -qq $(SYSTEM_PACKAGES)) >/dev/null || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq $(SYSTEM_PACKAGES)) >/dev/null || { \
+	    echo "make: could not install $(SYSTEM_PACKAGES): install them yourself (apt-get install ...)"; exit 1; }; \
+	  echo "make: installed $(SYSTEM_PACKAGES)"; }
 
 # Headless Chromium for tests/api/test_live_page.py; the test skips (with the reason) when this fails.
 browser-deps:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "make: installing chromium and chromium-driver with apt-get, for the live-page test (a few minutes)"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
 	  (sudo apt-get update -qq && sudo apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 || \
-	  echo "chromium could not be installed: the browser test will be skipped"; }
+	  echo "make: chromium could not be installed: the browser test will be skipped"; }
 
 # torch first, pinned, so pip takes the local CPU build instead of pulling the CUDA one.
 python-deps:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q torch==$(TORCH_VERSION)
+	@$(PYTHON) -c "import torch" 2>/dev/null || { \
+	  echo "make: installing torch==$(TORCH_VERSION) with pip (the CPU build where pip finds it first; minutes)"; \
+	  $(PIP) install -q torch==$(TORCH_VERSION); }
+	@echo "make: installing this project and its test dependencies with pip (pip install -e \".[test]\")"
 	@$(PIP) install -q -e ".[test]"
 
 setup: system-deps python-deps

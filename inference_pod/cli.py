@@ -2,7 +2,9 @@
 
 ``main`` is the one place that turns a user's mistake into one line, ``lipsync: error: <what> — <fix>``,
 and a non-zero exit: the project's own errors (``LipSyncError``) and operating-system errors on a path the
-user gave. Anything else is a bug and keeps its traceback.
+user gave. Anything else is a bug and keeps its traceback. A usage mistake is answered by the parser of the
+command the user was typing (``lipsync client frame``'s usage, not ``lipsync``'s), and output cut short by
+its reader (``lipsync package inspect --json | head -1``) ends quietly, as for any Unix tool.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from inference_pod import __version__, commands
 from inference_pod.errors import LipSyncError
 
 USER_ERROR = 2  # the project's errors and bad paths, like argparse's usage errors
+BROKEN_PIPE = 141  # what a shell reports for a writer killed by SIGPIPE (128 + 13)
 
 _OS_FIXES = {
     errno.ENOENT: ("no such file or directory", "check the path"),
@@ -69,12 +72,19 @@ def walk_parsers(parser: argparse.ArgumentParser, prog: str = "lipsync") -> Iter
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so a reader that went away is handled below
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (`| head -1`): stop quietly. Point stdout at /dev/null so the
+        # interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE
     except LipSyncError as exc:
         return fail(str(exc))
     except OSError as exc:
@@ -82,6 +92,46 @@ def main(argv: list[str] | None = None) -> int:
         if line is None:
             raise  # not about a path the user gave: a bug, keep the traceback
         return fail(line)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args``, except that unknown arguments are reported by the innermost command's parser,
+    with its usage, and an option that belongs to an enclosing command says where it goes."""
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    chain = _chosen_parsers(parser, args)  # [(prog, parser)], outermost first
+    prog, innermost = chain[-1]
+    message = f"unrecognized arguments: {' '.join(unknown)}"
+    for outer_prog, outer in reversed(chain[:-1]):
+        options = [o for a in outer._actions if not isinstance(a, argparse._HelpAction) for o in a.option_strings]
+        misplaced = [u for u in unknown if u.split("=", 1)[0] in options]
+        if misplaced:
+            action = prog[len(outer_prog):].split()[0]
+            message += (f" — {', '.join(misplaced)} belongs to '{outer_prog}': put it before '{action}', "
+                        f"e.g. {outer_prog} {misplaced[0].split('=', 1)[0]} ... {action} ...")
+            break
+        if options and outer is not parser:
+            action = prog[len(outer_prog):].split()[0]
+            message += f" (options of '{outer_prog}', such as {', '.join(options[:3])}, go before '{action}')"
+            break
+    innermost.error(message)
+    raise AssertionError("unreachable: ArgumentParser.error exits")
+
+
+def _chosen_parsers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, argparse.ArgumentParser]]:
+    """The parsers of the command line the user typed, outermost first: lipsync, lipsync client, ..."""
+    chain: list[tuple[str, argparse.ArgumentParser]] = [(parser.prog, parser)]
+    current: argparse.ArgumentParser | None = parser
+    while current is not None:
+        child = None
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                child = action.choices.get(getattr(args, action.dest, None) or "")
+        if child is not None:
+            chain.append((child.prog, child))
+        current = child
+    return chain
 
 
 def fail(message: str) -> int:

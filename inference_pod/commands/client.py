@@ -114,12 +114,21 @@ def _calling(run):
             with _client(args) as client:
                 return run(client, args) or 0
         except grpc.RpcError as exc:
-            hint = (f" — is a pod running at {args.target}? (--target or LIPSYNC_TARGET)"
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE else "")
-            print(f"lipsync: error: {exc.code().name}: {exc.details()}{hint}", file=sys.stderr)
+            print(f"lipsync: error: {exc.code().name}: {exc.details()}{_hint(exc.code(), args)}", file=sys.stderr)
             return 1
 
     return wrapper
+
+
+def _hint(code: grpc.StatusCode, args: argparse.Namespace) -> str:
+    """What a command-line user does about a failed call; the server's message stays protocol-neutral."""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f" — is a pod running at {args.target}? (--target or LIPSYNC_TARGET)"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        given = "the key given was refused; " if args.api_key else ""
+        return (f" — {given}pass a valid key with --api-key KEY before the action "
+                f"(lipsync client --api-key KEY {args.client_command} ...) or in LIPSYNC_API_KEY")
+    return ""
 
 
 def _print(message_or_obj) -> None:
@@ -160,17 +169,23 @@ def _save(frame, out_dir: Path, fmt: str) -> Path:
 
 
 def _parse_items(specs: list[str]) -> list[tuple[str, int]]:
+    from inference_pod.errors import InvalidInput
+
     items = []
     for spec in specs:
         model, sep, frames = spec.rpartition(":")
         if not sep or not model:
-            raise SystemExit(f"lipsync: error: batch item {spec!r} is not MODEL:FRAME or MODEL:FIRST-LAST")
+            raise InvalidInput(f"batch item {spec!r} is not MODEL:FRAME or MODEL:FIRST-LAST — e.g. demo:0-24")
         first, _, last = frames.partition("-")
         try:
-            ids = range(int(first), int(last or first) + 1)
+            first_id, last_id = int(first), int(last or first)
         except ValueError:
-            raise SystemExit(f"lipsync: error: batch item {spec!r} has a bad frame id") from None
-        items += [(model, i) for i in ids]
+            raise InvalidInput(f"batch item {spec!r} has a bad frame id — frame ids are whole numbers from 0, "
+                               "e.g. demo:0-24") from None
+        if last_id < first_id:  # an empty range would send an empty batch and print nothing
+            raise InvalidInput(f"batch item {spec!r} is an empty range: {last_id} is before {first_id} — "
+                               f"write FIRST-LAST with FIRST <= LAST, e.g. {model}:{last_id}-{first_id}")
+        items += [(model, i) for i in range(first_id, last_id + 1)]
     return items
 
 

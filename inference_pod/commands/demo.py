@@ -1,8 +1,8 @@
 """``lipsync demo``: the embedded default — a demo character rendered to PNG frames and an mp4, on CPU.
 
-Needs no GPU, no Redis and no cluster: the character is generated (drawn frames, the committed trained
-weights, an espeak-ng voice), packaged with the real converter, then rendered speaking its own line or
-any audio file passed with --audio.
+Needs no GPU, no Redis and no cluster (espeak-ng gives the voice, ffmpeg the mp4): the character is
+generated (drawn frames, the committed trained weights, an espeak-ng voice), packaged with the real
+converter, then rendered speaking its own line or any audio file passed with --audio.
 """
 
 from __future__ import annotations
@@ -26,26 +26,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from inference_pod.tools.demo_character import TRAINED
     from inference_pod.core.engine import Engine
     from inference_pod.errors import InvalidInput
-    from inference_pod.package import open_package
-    from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
     from inference_pod.tools.render import render, track_for
 
     if args.audio is not None and not args.audio.is_file():
         raise InvalidInput(f"--audio {args.audio}: no such file")
     if args.width is not None and not args.random_weights:
         raise InvalidInput(f"--width applies to --random-weights only: the trained demo is width {TRAINED.width}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    package_path = args.out / f"{args.name}.zip"
-    width = TRAINED.width if not args.random_weights else (args.width or 8)
-    build_demo_package(args.name, package_path, width=width, frames=args.frames, speech=default_speech(),
-                       trained=not args.random_weights)
-    print(f"demo character package: {package_path}")
-    package = open_package(package_path, cache_dir=args.out / "store")
+    package = build(args.out, args.name, args.frames, args.random_weights, args.width)
     engine = Engine.from_package(package, device=args.device)
     video = None if args.no_video or shutil.which("ffmpeg") is None else args.out / f"{args.name}.mp4"
     audio_path = args.audio or package.default_audio_path()
     result = render(engine, args.out / "frames", track_for(engine, args.audio, None), video=video, audio_path=audio_path)
     print(f"rendered {result.frames} frames to {result.out_dir}" + (f", video {result.video}" if result.video else ""))
     return 0
+
+
+def build(out: Path, name: str = "demo", frames: int = 50, random_weights: bool = False, width: int | None = None):
+    """The demo's package, ``OUT/NAME.zip``, extracted where ``lipsync serve --models-dir OUT`` keeps its
+    copies (``OUT/.store``), so that serving the demo's output reuses this copy instead of making a second."""
+    from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
+    from inference_pod.serving.model_store import store_copy
+    from inference_pod.package import extract_package
+    from inference_pod.serving.settings import Settings
+
+    out.mkdir(parents=True, exist_ok=True)
+    package_path = out / f"{name}.zip"
+    manifest = build_demo_package(name, package_path, width=(width or 8) if random_weights else TRAINED.width,
+                                  frames=frames, speech=default_speech(), trained=not random_weights)
+    print(f"demo character package: {package_path}")
+    return extract_package(package_path, store_copy(Settings(models_dir=out).extract_dir, manifest))

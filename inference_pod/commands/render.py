@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from inference_pod.commands import positive_int
 from inference_pod.core.engine import PRECISIONS
 
 CACHE_DIR_ENV = "LIPSYNC_CACHE_DIR"
@@ -27,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="fp32 is SyncTalk_2D's exact arithmetic; fp16 and bf16 are for CUDA")
-    p.add_argument("--batch-size", type=int, default=16, help="frames per network call")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="frames per network call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cache_dir_flag(p)
     p.set_defaults(func=run)

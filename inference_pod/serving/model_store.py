@@ -120,6 +120,12 @@ EngineFactory = Callable[[Any], InferenceEngine]  # CharacterPackage -> Engine (
 BatcherFactory = Callable[[str, InferenceEngine], FrameBatcher]  # (model name, engine) -> Batcher (event loop)
 
 
+
+def store_copy(store_dir: Path, manifest: Manifest) -> Path:
+    """Where a store keeps its one extracted copy of a package version (``lipsync demo`` puts its copy there
+    too, so a pod serving the demo's output reuses it instead of extracting a second one)."""
+    return Path(store_dir) / f"{manifest.name}-{manifest.version}"
+
 class ModelStore:
     def __init__(self, *, models_dir: Path, extract_dir: Path, metrics: Metrics, engine_factory: EngineFactory,
                  batcher_factory: BatcherFactory, registry: RegistryClient | None = None,
@@ -375,7 +381,7 @@ class ModelStore:
         return first
 
     def _extract(self, zip_path: Path, manifest: Manifest):
-        return extract_package(zip_path, self.extract_dir / f"{manifest.name}-{manifest.version}")
+        return extract_package(zip_path, store_copy(self.extract_dir, manifest))
 
     # -------------------------------------------------------------------------------------- unloading
 

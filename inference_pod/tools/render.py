@@ -71,7 +71,8 @@ def render(
 
     pending: deque = deque()
     tracker = RenderProgress(n, warmup_frames=min(batch_size, n))
-    bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]"  # tqdm's own rate counts warm-up
+    # tqdm's own rate counts the warm-up, so the postfix says rate and time left; tqdm writes it as ", TEXT"
+    bar_format = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
     with frame_pool(workers, "lipsync-render") as pool, tqdm(total=n, unit="frame", disable=not progress,
                                                                bar_format=bar_format, postfix="warming up") as bar:
         try:

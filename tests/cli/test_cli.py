@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
+import socket
 import subprocess
 import sys
 
 import pytest
+from serving_support import LOOPBACK, free_port, speech_pcm16, wait_serving, wav_bytes
 
 from inference_pod import cli
+from inference_pod.client import LipSyncClient
 
 
 def _options(parser: argparse.ArgumentParser):
@@ -147,3 +153,123 @@ def test_a_number_out_of_range_is_a_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(list(argv))
     assert exit_.value.code == 2 and "expected a positive" in capsys.readouterr().err
+
+
+# ----------------------------------------------------- silent non-errors and rough edges, as a user meets them
+
+
+def lipsync(*argv, timeout=120, **kwargs) -> subprocess.CompletedProcess:
+    """The real ``lipsync`` command in a subprocess (the console script runs the same ``main``)."""
+    return subprocess.run([sys.executable, "-m", "inference_pod.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=timeout, **kwargs)
+
+
+def test_a_batch_range_that_runs_backwards_is_one_line_not_silence():
+    proc = lipsync("client", "--target", "127.0.0.1:1", "batch", "demo:5-2")
+    assert proc.returncode == cli.USER_ERROR and proc.stdout == ""
+    assert_one_line(proc.stderr, "'demo:5-2'", "empty range", "demo:2-5")
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(demo_package):
+    # `lipsync package inspect --json | head -1`, with the reader gone before the first write: deterministic
+    proc = subprocess.Popen([sys.executable, "-m", "inference_pod.cli", "package", "inspect", "--json", str(demo_package)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == cli.BROKEN_PIPE
+    assert err == "", err
+
+
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["client", "frame", "demo", "1", "--target", "127.0.0.1:1"], "usage: lipsync client frame",
+     "--target belongs to 'lipsync client': put it before 'frame'"),
+    (["client", "models", "--api-key", "k"], "usage: lipsync client models",
+     "--api-key belongs to 'lipsync client': put it before 'models'"),
+    (["client", "frame", "demo", "1", "--bogus"], "usage: lipsync client frame",
+     "options of 'lipsync client', such as --target, --api-key"),
+    (["package", "inspect", "x.zip", "--log-level", "DEBUG"], "usage: lipsync package inspect",
+     "--log-level belongs to 'lipsync': put it before 'package'"),
+    (["render", "x.zip", "--out", "o", "--bogus"], "usage: lipsync render", "unrecognized arguments: --bogus"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_an_unknown_flag_gets_the_subcommands_usage_and_where_global_options_go(argv, usage, hint):
+    proc = lipsync(*argv)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(usage), proc.stderr
+    assert hint in proc.stderr.splitlines()[-1], proc.stderr
+
+
+def test_render_names_the_batch_size_flag(demo_package, tmp_path):
+    proc = lipsync("render", demo_package, "--out", tmp_path / "frames", "--batch-size", "0")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--batch-size" in proc.stderr.splitlines()[-1] and "max batch" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "frames").exists()
+
+
+def test_the_render_progress_bar_has_no_empty_field(demo_package, tmp_path):
+    proc = lipsync("render", demo_package, "--out", tmp_path / "frames", "--cache-dir", tmp_path / "cache",
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    states = [s.strip() for s in proc.stderr.replace("\r", "\n").splitlines() if "frame" in s or "warming" in s]
+    assert any(re.search(r"\[\d\d:\d\d, warming up\]$", s) for s in states), states
+    assert not [s for s in states if ", ," in s or "[, " in s or ", ]" in s], states
+
+
+def test_a_busy_grpc_port_is_one_line_without_grpcs_own_log_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = lipsync("serve", "--host", LOOPBACK, "--port", port, "--http-port", "0", "--metrics-port", "0",
+                       "--models-dir", tmp_path)
+    assert proc.returncode == cli.USER_ERROR, proc.stderr
+    assert "add_port" not in proc.stderr and not re.search(r"^[EWI]\d{4} ", proc.stderr, re.M), proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lipsync: error:")]
+    assert len(errors) == 1 and f"{LOOPBACK}:{port} (gRPC port, --port)" in errors[0], proc.stderr
+    assert "in use" in errors[0], errors
+
+
+@pytest.fixture(scope="module")
+def demo_pod(tmp_path_factory):
+    """``lipsync demo --out DEMO`` (a short render), then ``lipsync serve --models-dir DEMO`` with an API key."""
+    root = tmp_path_factory.mktemp("demo-pod")
+    wav = root / "short.wav"
+    wav.write_bytes(wav_bytes(speech_pcm16(0.4, seed=3)))
+    demo = lipsync("demo", "--out", root / "demo-output", "--frames", "4", "--no-video", "--audio", wav, timeout=600,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert demo.returncode == 0, demo.stderr
+    (root / "keys.txt").write_text("the-key\n")
+    port = free_port()
+    log = open(root / "pod.log", "w")  # noqa: SIM115 - the pod's log for its lifetime
+    pod = subprocess.Popen([sys.executable, "-m", "inference_pod.cli", "serve", "--host", LOOPBACK, "--port", str(port),
+                            "--http-port", "0", "--metrics-port", "0", "--models-dir", str(root / "demo-output"),
+                            "--api-keys-file", str(root / "keys.txt")],
+                           stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        with LipSyncClient(f"{LOOPBACK}:{port}", timeout=5) as client:
+            wait_serving(client, pod, 120)
+        yield root / "demo-output", f"{LOOPBACK}:{port}"
+    finally:
+        pod.terminate()
+        pod.wait(timeout=60)
+        log.close()
+
+
+def test_serving_the_demos_output_reuses_the_demos_extracted_copy(demo_pod):
+    out, target = demo_pod
+    proc = lipsync("client", "--target", target, "--api-key", "the-key", "load", "demo")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["source"] == "store"  # not "zip": nothing was extracted again
+    copies = [p.name for p in (out / ".store").iterdir() if not p.name.startswith(".")]
+    assert copies == ["demo-1"], copies
+    assert sorted(p.name for p in out.iterdir()) == [".store", "demo.zip", "frames"]
+
+
+def test_unauthenticated_tells_a_cli_user_about_api_key(demo_pod):
+    _, target = demo_pod
+    proc = lipsync("client", "--target", target, "models", env={k: v for k, v in os.environ.items()
+                                                               if k != "LIPSYNC_API_KEY"})
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert_one_line(proc.stderr, "UNAUTHENTICATED", "--api-key KEY", "lipsync client --api-key KEY models")
+    wrong = lipsync("client", "--target", target, "--api-key", "not-it", "models")
+    assert wrong.returncode == 1
+    assert_one_line(wrong.stderr, "UNAUTHENTICATED", "the key given was refused", "--api-key")

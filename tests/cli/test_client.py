@@ -193,6 +193,7 @@ def test_cli_health_of_an_unknown_model_says_so(pod, capsys):
 
 
 def test_cli_rejects_malformed_batch_items(pod, capsys):
-    with pytest.raises(SystemExit, match="MODEL:FRAME"):
-        cli(pod, capsys, "batch", "demo")
+    for item, words in {"demo": "is not MODEL:FRAME", "demo:x": "bad frame id", "demo:5-2": "empty range"}.items():
+        code, out, err = cli(pod, capsys, "batch", item)
+        assert code == 2 and out == "" and err.startswith(f"lipsync: error: batch item {item!r}") and words in err, err
     assert shutil.which("lipsync") is not None  # the console script is installed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import grpc
@@ -70,6 +71,10 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME], server)
         address = f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}"
+        try:
+            _check_bindable(s.host, s.port)
+        except OSError as exc:
+            raise Unavailable(f"cannot listen on {address} (gRPC port, --port): {exc}") from None
         try:
             if s.tls_cert is not None and s.tls_key is not None:  # both or neither (Settings.validate)
                 try:
@@ -341,3 +346,14 @@ def lipsync_handlers(servicer: LipSyncServicer) -> grpc.GenericRpcHandler:
                     else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(behaviour, request_deserializer=None, response_serializer=serialize)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Bind and release the address as gRPC will (SO_REUSEADDR), raising OSError if it cannot be had.
+
+    gRPC's own bind failure is a RuntimeError without the reason, and its core writes a raw ``E... add_port.cc``
+    line to stderr first; finding a busy or forbidden port here gives one clean line instead."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
