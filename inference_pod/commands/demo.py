@@ -26,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from inference_pod.tools.demo_character import TRAINED
     from inference_pod.core.engine import Engine
     from inference_pod.errors import InvalidInput
+    from inference_pod.tools.demo_character import TRAINED
     from inference_pod.tools.render import render, track_for
 
     if args.audio is not None and not args.audio.is_file():
@@ -47,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
 def build(out: Path, name: str = "demo", frames: int = 50, random_weights: bool = False, width: int | None = None):
     """The demo's package, ``OUT/NAME.zip``, extracted where ``lipsync serve --models-dir OUT`` keeps its
     copies (``OUT/.store``), so that serving the demo's output reuses this copy instead of making a second."""
-    from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
-    from inference_pod.serving.model_store import store_copy
     from inference_pod.package import extract_package
+    from inference_pod.serving.model_store import store_copy
     from inference_pod.serving.settings import Settings
+    from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
 
     out.mkdir(parents=True, exist_ok=True)
     package_path = out / f"{name}.zip"

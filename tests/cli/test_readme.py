@@ -64,8 +64,8 @@ from serving_support import LOOPBACK, free_port, speech_pcm16, wait_serving, wav
 from inference_pod import cli
 from inference_pod.client import LipSyncClient
 from inference_pod.commands import demo as demo_command
-from inference_pod.tools.demo_character import write_checkpoints, write_synctalk_dataset
 from inference_pod.serving.settings import Settings
+from inference_pod.tools.demo_character import write_checkpoints, write_synctalk_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
