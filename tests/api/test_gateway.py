@@ -31,6 +31,7 @@ from serving_support import (
     free_port,
     models_dir_with,
     package,
+    small_filesystem,
     speech_pcm16,
     wav_bytes,
 )
@@ -847,6 +848,18 @@ async def expect_grpc(code: grpc.StatusCode, call, match: str = "") -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     assert info.value.code() == code and match in info.value.details(), info.value.details()
+
+
+async def test_a_full_disk_is_resource_exhausted_on_both_doors(tmp_path):
+    """A store on a real 2 MiB filesystem cannot hold the package: 507 / RESOURCE_EXHAUSTED saying what to do."""
+    with small_filesystem(tmp_path / "small") as disk:
+        models = models_dir_with(tmp_path / "models", "demo-1")
+        async with running(settings_for(models, store_dir=disk)) as pod:
+            status, reply = await pod.call("POST", "/generate/frame", json={"model_name": "demo", "frame_id": 0})
+            assert (status, reply["code"]) == (507, "RESOURCE_EXHAUSTED"), reply
+            assert "no space left on device" in reply["error"] and "--store-dir" in reply["error"]
+            await expect_grpc(grpc.StatusCode.RESOURCE_EXHAUSTED, pod.stub.GenerateFrame(
+                pb.GenerateFrameRequest(model="demo", frame_id=0), metadata=GRPC_KEY), "no space left on device")
 
 
 async def test_unreachable_registry_is_unavailable(tmp_path):
