@@ -18,6 +18,8 @@ ERROR_CODES = ["INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_
 # Model names and versions: the validator's own pattern (package.IDENTIFIER), so the schema accepts exactly
 # what the server does. ECMA-262's ``$`` matches only at the very end, as ``fullmatch`` does.
 NAME = {"type": "string", "pattern": f"^{IDENTIFIER.pattern}$", "minLength": 1, "maxLength": 63}
+# A health check's service: a model name, or empty for the pod itself (as gRPC Health's service "").
+SERVICE = {"type": "string", "pattern": f"^({IDENTIFIER.pattern})?$", "maxLength": 63}
 # Standard base64, or a data: URL of it; never empty (leave the field out instead). The server also accepts
 # line breaks inside (what MIME encoders write); the schema states the canonical form.
 BASE64_TEXT = r"^(data:[^,]*;base64,)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
@@ -264,8 +266,9 @@ def openapi_document(version: str, max_batch_items: int, *, keys_required: bool,
                 "summary": "200 while serving, 503 while starting (preloading) or draining; with service=NAME, "
                            "that model's health as gRPC Health.Check answers it",
                 "security": OPEN,
-                "parameters": [{"name": "service", "in": "query", "required": False, "schema": NAME,
-                                "description": "a model: 200 serving (resident), 503 not serving, 404 unknown"
+                "parameters": [{"name": "service", "in": "query", "required": False, "schema": SERVICE,
+                                "description": "a model: 200 serving (resident), 503 not serving, 404 unknown; "
+                                               "empty, as left out: the pod itself (gRPC's service \"\")"
                                                + (" (needs a key: --health-requires-key)"
                                                   if health_requires_key else "")}],
                 "responses": {
