@@ -8,6 +8,7 @@ a bug: the caller gets a generic INTERNAL reply and the traceback goes to the lo
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 
@@ -67,6 +68,27 @@ class TooLarge(LipSyncError):
 
     grpc_status = "RESOURCE_EXHAUSTED"
     http_status = 413
+
+
+class StorageFull(LipSyncError):
+    """The disk a package is being downloaded or extracted to is full (or over quota). gRPC names this case
+    RESOURCE_EXHAUSTED ("the entire file system is out of space"); HTTP has 507 Insufficient Storage. Retrying
+    does not help until someone frees space or points the pod at a larger disk."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+    http_status = 507
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """An OSError that says the disk is full or the user's quota is spent: not transient, not a bug."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class PermissionDenied(LipSyncError):
+    """A caller the pod knows and refuses: a web page from an origin it does not allow."""
+
+    grpc_status = "PERMISSION_DENIED"
+    http_status = 403
 
 
 class Unavailable(LipSyncError):

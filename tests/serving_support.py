@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import http.server
 import io
 import shutil
@@ -170,6 +171,32 @@ class _RegistryHandler(http.server.SimpleHTTPRequestHandler):
             self.send_error(503, "registry warming up")
             return
         super().do_GET()
+
+
+@contextlib.contextmanager
+def small_filesystem(mount_point: Path, size: str = "2m"):
+    """A real filesystem of ``size`` (tmpfs) at ``mount_point``: a disk that fills up, for the full-disk tests.
+    Skips the test where mounting is refused (not root, or a container without CAP_SYS_ADMIN)."""
+    import pytest
+
+    mount_point.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a small tmpfs for the full-disk test: {exc}")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs for the full-disk test: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def grow_filesystem(mount_point: Path, size: str) -> None:
+    """Give a ``small_filesystem`` more room, as an operator freeing space would."""
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(mount_point)], check=True, capture_output=True,
+                   timeout=30)
 
 
 class StaticRegistry:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from inference_pod.errors import PackageError
+from inference_pod.errors import PackageError, StorageFull, is_disk_full
 from inference_pod.package.character import CharacterPackage
 from inference_pod.package.checks import validate_contents
 from inference_pod.package.manifest import LAYOUT_DIRS, MANIFEST, Manifest, error_context
@@ -63,9 +63,9 @@ def extract_package(zip_path, dest_dir, limits: PackageLimits = PackageLimits())
             _check_source(zip_path, zf, entries, manifest, dest_dir, limits)
             return CharacterPackage(dest_dir, manifest)
 
-        dest_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest_dir.with_name(f".{dest_dir.name}.{uuid.uuid4().hex}.partial")
         try:
+            dest_dir.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             total = 0
             for member, expected in sorted(manifest.members.items()):
@@ -74,6 +74,12 @@ def extract_package(zip_path, dest_dir, limits: PackageLimits = PackageLimits())
             validate_contents(tmp, manifest, tensors=True, decode_frames=False)
             _install(tmp, dest_dir, digest, manifest)
             _write_stamp(zip_path, dest_dir)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            # The partial copy goes (below); what is left to say is where the space ran out.
+            raise StorageFull(f"no space left on device extracting {zip_path.name} into {dest_dir.parent} "
+                              f"({exc.strerror})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return CharacterPackage(dest_dir, manifest)

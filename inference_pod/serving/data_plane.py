@@ -30,6 +30,7 @@ from inference_pod.errors import (
     FailedPrecondition,
     InvalidInput,
     LipSyncError,
+    PermissionDenied,
     Unauthenticated,
     Unavailable,
     reply_for,
@@ -40,6 +41,7 @@ from inference_pod.serving.cache import Cache
 from inference_pod.serving.health import Health
 from inference_pod.serving.metrics import Metrics
 from inference_pod.serving.model_store import LoadedModel, ModelStore, check_model_name
+from inference_pod.serving.origins import OriginPolicy
 from inference_pod.serving.pipeline import AudioInput, FramePipeline, FrameRequest, FrameResult
 from inference_pod.serving.protocols import InferenceEngine
 from inference_pod.serving.registry import RegistryClient
@@ -78,6 +80,7 @@ class DataPlane:
         self.settings = settings.validate()
         self.metrics = Metrics()
         self.api_keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else ApiKeys()
+        self.origins = OriginPolicy(settings.allowed_origins)
         self.health = Health()
         self.started_at = time.monotonic()
         self.ports = Ports()  # set by the composition root once the doors are bound
@@ -193,6 +196,18 @@ class DataPlane:
         except Unauthenticated:
             self.metrics.request_duration.labels(method=method, code="UNAUTHENTICATED").observe(0)
             raise
+
+    def cors_origin(self, origin: str | None, host: str | None) -> str | None:
+        """The Access-Control-Allow-Origin of an HTTP answer to a page at ``origin`` (None: no header, and
+        the browser keeps the answer from the page); ``host`` is the address the page used for the pod."""
+        return self.origins.cors_origin(origin, host)
+
+    def check_origin(self, origin: str | None, host: str | None) -> None:
+        """A WebSocket handshake from a web page: browsers send any site's handshakes with an Origin header,
+        and no CORS check guards a WebSocket, so a page the pod does not allow is refused here."""
+        if not self.origins.allows(origin, host):
+            raise PermissionDenied(f"a web page at {origin!r} may not use this pod: allow its origin with "
+                                   "--allowed-origins (LIPSYNC_ALLOWED_ORIGINS)")
 
     @property
     def health_requires_key(self) -> bool:

@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from inference_pod.errors import InvalidInput, LipSyncError, ModelNotFound, PackageError, Unavailable, echo
+from inference_pod.errors import (
+    InvalidInput,
+    LipSyncError,
+    ModelNotFound,
+    PackageError,
+    StorageFull,
+    Unavailable,
+    echo,
+)
 from inference_pod.package import (
     AUDIO_ENCODER,
     IDENTIFIER,
@@ -48,6 +56,18 @@ def package_identity(path: Path) -> PackageIdentity | None:
     except OSError:
         return None
     return str(path), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def package_label(path: Path) -> str:
+    """The name a package file goes by: its file name without ``.zip``."""
+    return path.name.removesuffix(".zip")
+
+
+def named_for(path: Path, name: str) -> bool:
+    """Whether a package file's name says it holds model ``name``: ``name.zip``, ``name-1.zip``,
+    ``name-anything`` (a version or a note after a dash, as ``lipsync package`` and downloads name them)."""
+    label = package_label(path)
+    return label == name or label.startswith(name + "-")
 
 
 def check_model_name(name: str, what: str = "model name") -> str:
@@ -144,7 +164,10 @@ class ModelStore:
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._loads: dict[str, tuple[asyncio.Task[tuple[LoadedModel, str]], str | None]] = {}  # name -> (load, version asked for)
         self._retiring: set[asyncio.Task] = set()
-        self._manifests: dict[Path, tuple[tuple[int, int], Manifest | None]] = {}
+        self._manifests: dict[Path, tuple[tuple[int, int], Manifest | None, str]] = {}  # stamp, manifest, problem
+        # Package files whose name promises a model they do not give (damaged, or holding another model), with
+        # why: a request for that model hears it instead of a bare "not found". Rebuilt by every scan.
+        self._misleading: dict[Path, str] = {}
         self._catalog: dict[str, list[LocalPackage]] = {}
         self._zips: dict[tuple[str, str], Path] = {}
         self._scan_task: asyncio.Task | None = None
@@ -194,15 +217,22 @@ class ModelStore:
                     candidates.append((path, "store"))
                 elif tier is None and path.suffix == ".zip" and path.is_file():
                     candidates.append((path, "zip"))
+        misleading = {}
         for path, tier in candidates:
             manifest = self._manifest(path)
             if manifest is None:
+                misleading[path] = f"{path} was skipped: it is damaged ({self._manifests[path][2]}); replace it"
                 continue
+            if not named_for(path, manifest.name):
+                misleading[path] = (f"{path} was not taken as {package_label(path)!r}: it holds model "
+                                    f"{manifest.name!r} (version {manifest.version}) and serves under that name; "
+                                    "rename the file or ask for that name")
             key = (manifest.name, manifest.version)
             if tier == "zip":
                 zips[key] = path
             if key not in found or (found[key].tier == "zip" and tier == "store"):
                 found[key] = LocalPackage(manifest, path, tier)
+        self._misleading = misleading
         self._zips = zips  # an extracted copy's zip, if it is still here, is checked when the copy is used
         catalog: dict[str, list[LocalPackage]] = {}
         for pkg in found.values():
@@ -222,13 +252,22 @@ class ModelStore:
         cached = self._manifests.get(path)
         if cached and cached[0] == stamp:
             return cached[1]
+        manifest, problem = None, ""
         try:
             manifest = read_manifest(path)
         except (PackageError, OSError) as exc:
-            log.warning("skipping %s: %s", path, exc)
-            manifest = None
-        self._manifests[path] = (stamp, manifest)
+            problem = str(exc).removeprefix(f"{path}: ")
+            log.warning("skipping %s: %s", path, problem)
+        if manifest is not None and not named_for(path, manifest.name):
+            log.warning("%s holds model %r (version %s): it serves as %r, not as %r", path, manifest.name,
+                        manifest.version, manifest.name, package_label(path))
+        self._manifests[path] = (stamp, manifest, problem)
         return manifest
+
+    def _not_found(self, name: str, message: str) -> ModelNotFound:
+        """NOT_FOUND, saying which package files looked like ``name`` and why none of them is it."""
+        reasons = [why for path, why in self._misleading.items() if named_for(path, name)]
+        return ModelNotFound("; ".join([message, *reasons[:3]]))
 
     # -------------------------------------------------------------------------------------- using
 
@@ -296,6 +335,9 @@ class ModelStore:
                 raise
         except (ModelNotFound, Unavailable):
             raise
+        except StorageFull as exc:  # the operator's to fix, and said in one line: no traceback per request
+            log.warning("loading %s failed: %s", name, exc)
+            raise
         except Exception as exc:
             # A broken package or an engine that cannot be built (device, memory) is the server's problem,
             # not the caller's: UNAVAILABLE, with the reason, rather than INVALID_ARGUMENT or INTERNAL.
@@ -335,6 +377,9 @@ class ModelStore:
                             await asyncio.to_thread(check_extracted_source, source, pkg.path)
                         return await asyncio.to_thread(open_package, pkg.path), "store", identity
                     return await asyncio.to_thread(self._extract, pkg.path, pkg.manifest), "zip", identity
+                except StorageFull as exc:
+                    self._metrics.model_loads.labels(model=name, source=pkg.tier, result="error").inc()
+                    raise self._storage_full(name, exc) from None
                 except PackageError as exc:
                     if self._remember_failure(identity, exc):
                         log.warning("local package %s unusable: %s", pkg.path, exc)
@@ -344,7 +389,7 @@ class ModelStore:
             if errors:
                 raise errors[0]
             what = f"{name} {version}" if version else name
-            raise ModelNotFound(f"model {what!r} is not in {self.models_dir} and no registry is configured")
+            raise self._not_found(name, f"model {what!r} is not in {self.models_dir} and no registry is configured")
         identity = None
         try:
             zip_path = await asyncio.to_thread(self.registry.fetch, name, version, self.models_dir)
@@ -354,14 +399,16 @@ class ModelStore:
             if manifest.name != name:
                 raise PackageError(f"the registry's package for {name!r} contains model {manifest.name!r}")
             return await asyncio.to_thread(self._extract, zip_path, manifest), "registry", identity
-        except ModelNotFound:
+        except ModelNotFound as exc:
             if errors:
                 raise errors[0] from None  # the local package's problem says more than "not in the registry"
-            raise
+            raise self._not_found(name, str(exc)) from None
         except LipSyncError as exc:
             if isinstance(exc, PackageError):
                 self._remember_failure(identity, exc)
             self._metrics.model_loads.labels(model=name, source="registry", result="error").inc()
+            if isinstance(exc, StorageFull):
+                raise self._storage_full(name, exc) from None
             raise
 
     def _raise_known_failure(self, identity: PackageIdentity | None) -> None:
@@ -379,6 +426,11 @@ class ModelStore:
         while len(self._failed) > MAX_REMEMBERED_FAILURES:
             self._failed.popitem(last=False)
         return first
+
+    def _storage_full(self, name: str, exc: StorageFull) -> StorageFull:
+        """Not remembered as a failure: freeing space fixes it, and the next request tries again."""
+        return StorageFull(f"model {name!r} cannot be loaded: {exc}: free space there, or give the pod a larger "
+                           "disk (--store-dir for extracted packages, --models-dir for downloads)")
 
     def _extract(self, zip_path: Path, manifest: Manifest):
         return extract_package(zip_path, store_copy(self.extract_dir, manifest))

@@ -31,7 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from inference_pod import __version__, registry_index
-from inference_pod.errors import InvalidInput, ModelNotFound, PackageError, Unavailable
+from inference_pod.errors import (
+    InvalidInput,
+    ModelNotFound,
+    PackageError,
+    StorageFull,
+    Unavailable,
+    is_disk_full,
+)
 from inference_pod.registry_index import INDEX_NAME, MAX_INDEX_BYTES, IndexEntry, latest, version_key
 
 log = logging.getLogger(__name__)
@@ -241,16 +248,19 @@ class RegistryClient:
         try:
             sha, size = hashlib.sha256(), 0
             with self._open(url) as response, open(tmp, "wb") as out:
-                try:
-                    while chunk := response.read(CHUNK):
-                        size += len(chunk)
-                        if size > entry.size:
-                            raise PackageError(f"{url}: the registry serves more than the {entry.size} bytes its "
-                                               f"index lists for {entry.name} {entry.version}")
-                        sha.update(chunk)
-                        out.write(chunk)
-                except (OSError, http.client.HTTPException) as exc:  # connection dropped mid-body
-                    raise _Retryable(f"download interrupted after {size} bytes: {exc}") from None
+                while True:
+                    try:
+                        chunk = response.read(CHUNK)
+                    except (OSError, http.client.HTTPException) as exc:  # connection dropped mid-body
+                        raise _Retryable(f"download interrupted after {size} bytes: {exc}") from None
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > entry.size:
+                        raise PackageError(f"{url}: the registry serves more than the {entry.size} bytes its "
+                                           f"index lists for {entry.name} {entry.version}")
+                    sha.update(chunk)
+                    out.write(chunk)  # a full disk is not the registry's fault: not retried (below)
                 out.flush()
                 os.fsync(out.fileno())
             if size != entry.size:
@@ -260,6 +270,11 @@ class RegistryClient:
                 raise PackageError(f"sha256 mismatch for {entry.name} {entry.version} from {url}: index lists "
                                    f"{entry.sha256}, downloaded {digest}")
             os.replace(tmp, dest)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            raise StorageFull(f"no space left on device downloading {entry.name} {entry.version} "
+                              f"({entry.size} bytes) into {dest.parent} ({exc.strerror})") from None
         finally:
             tmp.unlink(missing_ok=True)
 

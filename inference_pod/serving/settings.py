@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,23 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Where a model's template crops live (see inference_pod.core.engine): on the device, in host memory with a copy
 # per batch, or PNG-compressed in host memory with a decode per batch.
 _DEST_PREFIX = "setting_"
+LIST_FIELDS = frozenset({"preload", "allowed_origins"})  # repeated, space- or comma-separated; env: commas
+
+
+def origin_problem(origin: str) -> str | None:
+    """What is wrong with an --allowed-origins entry, or None: ``*``, or scheme://host[:port] as browsers send
+    it in the Origin header (no path, no trailing slash)."""
+    if origin == "*":
+        return None
+    try:
+        parts = urllib.parse.urlsplit(origin)
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number)
+    except ValueError as exc:
+        return f"not an origin ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query or parts.fragment:
+        return "an origin is http(s)://host[:port], as a browser's Origin header names a page, e.g. " \
+               "https://app.example.com (or * for any page)"
+    return None
 
 
 def _path_or_none(value: str) -> Path | None:
@@ -76,6 +94,11 @@ class Settings:
     health_requires_key: bool = field(default=False, metadata={
         "help": "with API keys, a model's gRPC health (Health.Check service=NAME) needs a key too; the pod's own "
                 "health (service \"\") stays open for probes"})
+    allowed_origins: list[str] = field(default_factory=list, metadata={
+        "help": "web pages allowed to call this pod from a browser (CORS and /ws), as origins "
+                "(https://app.example.com; repeat, or comma-separate), or * for any page; by default only "
+                "pages this pod serves itself (the live page). Clients that are not browsers are not affected",
+        "nargs": "*", "type": str, "metavar": "ORIGIN"})
     tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate (PEM), for gRPC and HTTP", "type": _path_or_none})
     tls_key: Path | None = field(default=None, metadata={"help": "TLS private key (PEM)", "type": _path_or_none})
     max_message_mb: int = field(default=64, metadata={
@@ -97,6 +120,7 @@ class Settings:
             value = getattr(self, name)
             setattr(self, name, Path(value) if value else None)
         self.preload = _names(self.preload)
+        self.allowed_origins = _names(self.allowed_origins)
         self.log_level = self.log_level.upper()
 
     # ---------------------------------------------------------------------------------------- derived
@@ -130,6 +154,8 @@ class Settings:
             problems.append(f"--template-storage must be one of {', '.join(TEMPLATE_STORAGES)}")
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        problems += [f"--allowed-origins {origin!r}: {problem}" for origin in self.allowed_origins
+                     if (problem := origin_problem(origin))]
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("--tls-cert and --tls-key go together")
         if problems:
@@ -188,8 +214,8 @@ class Settings:
     def from_args(cls, args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
         flags = {f.name: getattr(args, _DEST_PREFIX + f.name) for f in dataclasses.fields(cls)
                  if hasattr(args, _DEST_PREFIX + f.name)}
-        if "preload" in flags:
-            flags["preload"] = _names(flags["preload"])
+        for name in LIST_FIELDS & flags.keys():
+            flags[name] = _names(flags[name])
         return cls.from_env(env, **flags)
 
 
@@ -223,7 +249,7 @@ def _converter(f: dataclasses.Field):
 
 
 def _convert(f: dataclasses.Field, raw: str):
-    if f.name == "preload":
+    if f.name in LIST_FIELDS:
         return _names(raw)
     convert = f.metadata.get("type") or _converter(f)
     try:

@@ -31,6 +31,7 @@ from serving_support import (
     free_port,
     models_dir_with,
     package,
+    small_filesystem,
     speech_pcm16,
     wav_bytes,
 )
@@ -302,6 +303,10 @@ BAD_FRAME_REQUESTS = [
     ({"model_name": "demo", "frame_id": 0, "jpeg_quality": 101}, 400, "quality"),
 ]
 CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND"}
+INT64_MAX = 2**63 - 1
+NOT_INTEGERS = [(1.5, "must be an integer, got a number"), (True, "must be an integer, got a boolean"),
+                ("2", "must be an integer, got a string"), (1e19, f"must be at most {INT64_MAX}"),
+                (2.0**63, f"must be at most {INT64_MAX}"), (10**30, f"must be at most {INT64_MAX}")]
 
 
 def _body(body) -> dict:
@@ -314,6 +319,58 @@ async def test_bad_frame_requests_get_a_clear_json_error(pod, spec, body, status
     assert (got, reply["code"]) == (status, CODES[status]), reply
     assert match in reply["error"]
     conforms(spec, "Error", reply)
+
+
+async def test_an_integer_may_be_written_with_a_zero_fraction(pod, spec):
+    """JSON Schema counts 3.0 as an integer (schemathesis sends such numbers), and so does the pod; 1.5,
+    booleans and frame ids past gRPC's int64 stay refused."""
+    reply = await pod.frame(model_name="demo", frame_id=3.0, jpeg_quality=80.0)
+    assert reply["frame_id"] == 3 and type(reply["frame_id"]) is int
+    conforms(spec, "Frame", reply)
+    status, reply = await pod.call("POST", "/generate/batch", json={"requests": [
+        {"model_name": "demo", "frame_id": 4.0}, {"model_name": "demo", "frame_id": 79143932915410.0}]})
+    assert status == 200 and reply["results"]["demo_4"]["success"], reply
+    assert "outside the track" in reply["results"]["demo_79143932915410"]["error"]  # an integer, then too far
+    async with pod.http.ws_connect(pod.ws_url) as ws:
+        await ws.send_json({"type": "frame", "model_name": "demo", "frame_id": 5.0, "request_id": 7.0})
+        [reply] = await ws_replies(ws, count=1)
+        assert (reply["type"], reply["frame_id"], reply["request_id"]) == ("frame", 5, 7)
+        await ws.send_json({"type": "stream", "model_name": "demo", "first": 1.0, "last": 2.0})
+        assert [m["frame_id"] for m in await ws_replies(ws) if m["type"] == "frame"] == [1, 2]
+    for value, match in NOT_INTEGERS:
+        status, reply = await pod.call("POST", "/generate/frame", json={"model_name": "demo", "frame_id": value})
+        assert (status, reply["code"]) == (400, "INVALID_ARGUMENT") and match in reply["error"], (value, reply)
+        status, reply = await pod.call("POST", "/generate/batch", json={"requests": [
+            {"model_name": "demo", "frame_id": value}]})
+        assert status == 400 and f"requests[0]: 'frame_id' {match}" in reply["error"], (value, reply)
+
+
+DEEP = [30_000, 100_000]  # parsed on the event loop, and in the CPU pool (bodies over 64 KiB)
+
+
+@pytest.mark.parametrize("depth", DEEP)
+@pytest.mark.parametrize("path, template", [
+    ("/generate/frame", b"%s"), ("/generate/frame", b'{"model_name": "demo", "frame_id": %s}'),
+    ("/generate/batch", b'{"requests": %s}'), ("/generate/batch", b'{"requests": [{"model_name": %s}]}')])
+async def test_deeply_nested_json_is_bad_input(pod, path, template, depth):
+    nested = b"[" * depth + b"]" * depth
+    status, reply = await pod.call("POST", path, data=template % nested, headers={"Content-Type": "application/json"})
+    assert (status, reply["code"]) == (400, "INVALID_ARGUMENT") and "nested too deeply" in reply["error"], reply
+    assert pod.server.data_plane.state() == "healthy"
+
+
+async def test_deeply_nested_ws_messages_are_an_error_message(pod, spec):
+    async with pod.http.ws_connect(pod.ws_url) as ws:
+        for depth in DEEP:
+            for text in ("[" * depth + "]" * depth, '{"type": "frame", "model_name": ' + "{\"a\": " * depth + "1"
+                         + "}" * depth + "}"):
+                await ws.send_str(text)
+                [reply] = await ws_replies(ws, count=1)
+                assert (reply["type"], reply["code"]) == ("error", "INVALID_ARGUMENT"), reply
+                assert "nested too deeply" in reply["message"]
+                conforms(spec, "WsError", reply)
+        await ws.send_json({"type": "ping", "request_id": "still open"})
+        assert await ws.receive_json() == {"type": "pong", "request_id": "still open"}
 
 
 async def test_oversized_bodies_are_refused(pod):
@@ -341,15 +398,66 @@ async def test_unknown_routes_and_methods_are_json_errors(pod):
     assert (status, reply["code"]) == (400, "INVALID_ARGUMENT") and "WebSocket" in reply["error"]
 
 
-async def test_browsers_may_call_from_another_origin(pod):
-    async with pod.anon.options(pod.url + "/generate/frame", headers={
-            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "content-type, x-api-key"}) as response:
-        assert response.status == 204
-        assert response.headers["Access-Control-Allow-Origin"] == "*"
-        assert "X-API-Key" in response.headers["Access-Control-Allow-Headers"]
-    async with pod.http.get(pod.url + "/models", headers={"Origin": "https://app.example"}) as response:
-        assert response.headers["Access-Control-Allow-Origin"] == "*"
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type, x-api-key"}
+
+
+async def cors_of(pod, origin: str | None, preflight: bool = False) -> tuple[int, dict[str, str]]:
+    """(status, CORS headers) of /models, or of a preflight of /generate/frame, for a page at ``origin``."""
+    headers = {"Origin": origin} if origin else {}
+    method, path = ("OPTIONS", "/generate/frame") if preflight else ("GET", "/models")
+    async with pod.http.request(method, pod.url + path, headers={**headers, **(PREFLIGHT if preflight else {})}) \
+            as response:
+        return response.status, {k: v for k, v in response.headers.items()
+                                 if k.startswith("Access-Control-") or k == "Vary"}
+
+
+async def ws_opens(pod, origin: str | None) -> int:
+    """101 if a WebSocket handshake from a page at ``origin`` opens (and answers a ping), else its status."""
+    try:
+        async with pod.http.ws_connect(pod.ws_url, headers={"Origin": origin} if origin else {}) as ws:
+            await ws.send_json({"type": "ping"})
+            assert (await ws.receive_json())["type"] == "pong"
+            return 101
+    except aiohttp.WSServerHandshakeError as exc:
+        return exc.status
+
+
+async def test_browsers_may_call_only_from_the_pods_own_pages_by_default(pod):
+    """Without API keys any site a user visits could drive a pod on their machine: by default only the pod's
+    own pages (the live page) get CORS headers and WebSockets; clients without an Origin are unaffected."""
+    for preflight in (False, True):
+        status, cors = await cors_of(pod, "https://app.example", preflight)
+        assert status in (200, 204) and "Access-Control-Allow-Origin" not in cors, cors  # the browser refuses
+    assert await ws_opens(pod, "https://app.example") == 403
+    assert await ws_opens(pod, "null") == 403  # sandboxed frames and file:// pages
+    own = pod.url  # the live page's origin
+    status, cors = await cors_of(pod, own)
+    assert status == 200 and cors["Access-Control-Allow-Origin"] == own and cors["Vary"] == "Origin"
+    assert await ws_opens(pod, own) == 101
+    status, cors = await cors_of(pod, None)  # curl, the CLI, other servers
+    assert status == 200 and cors == {}
+    assert await ws_opens(pod, None) == 101
+    status, reply = await pod.call("GET", "/ws", headers={"Origin": "https://app.example", "Upgrade": "websocket",
+                                                         "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                                                         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert (status, reply["code"]) == (403, "PERMISSION_DENIED") and "--allowed-origins" in reply["error"]
+
+
+async def test_allowed_origins_are_a_setting(tmp_path):
+    (tmp_path / "models").mkdir()
+    async with running(settings_for(tmp_path / "models", allowed_origins=["https://app.example"])) as pod:
+        for preflight in (False, True):
+            status, cors = await cors_of(pod, "https://app.example", preflight)
+            assert cors["Access-Control-Allow-Origin"] == "https://app.example" and cors["Vary"] == "Origin"
+        assert "X-API-Key" in cors["Access-Control-Allow-Headers"]
+        assert await ws_opens(pod, "https://app.example") == 101
+        assert await ws_opens(pod, "https://other.example") == 403
+        assert "Access-Control-Allow-Origin" not in (await cors_of(pod, "https://other.example"))[1]
+    async with running(settings_for(tmp_path / "models", allowed_origins=["*"])) as pod:
+        for origin in ("https://other.example", None):
+            assert (await cors_of(pod, origin))[1]["Access-Control-Allow-Origin"] == "*"
+            assert (await cors_of(pod, origin, preflight=True))[1]["Access-Control-Allow-Origin"] == "*"
+            assert await ws_opens(pod, origin) == 101
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -523,6 +631,24 @@ async def test_openapi_documents_every_route(pod, spec):
     open_paths = {path for path, item in spec["paths"].items() if item.get("get", {}).get("security") == []}
     assert open_paths == {"/health", "/metrics", "/openapi.json", "/", "/web/{name}"}
     assert spec["security"] and "401" in spec["paths"]["/models"]["get"]["responses"]
+
+
+async def test_openapi_declares_health_per_model_and_the_websocket_handshake(pod, spec):
+    health = spec["paths"]["/health"]["get"]
+    [service] = health["parameters"]
+    assert (service["name"], service["in"], service["required"]) == ("service", "query", False)
+    assert {"200", "400", "404", "503"} <= set(health["responses"]) and "401" not in health["responses"]
+    status, reply = await pod.call("GET", "/health?service=nobody", pod.anon)
+    assert (status, reply["code"]) == (404, "NOT_FOUND")
+    conforms(spec, "Error", reply)
+    keyed = openapi_document("0", 8, keys_required=True, health_requires_key=True)
+    assert "401" in keyed["paths"]["/health"]["get"]["responses"]
+    # A plain GET of /ws lacks the handshake the document requires: its 400 answers an invalid request.
+    ws = spec["paths"]["/ws"]["get"]
+    required = {p["name"] for p in ws["parameters"] if p["in"] == "header" and p["required"]}
+    assert required == {"Upgrade", "Connection", "Sec-WebSocket-Version", "Sec-WebSocket-Key"}
+    assert {"101", "400", "403"} <= set(ws["responses"])
+    assert spec["components"]["schemas"]["FrameRequest"]["properties"]["frame_id"]["maximum"] == INT64_MAX
 
 
 async def test_openapi_names_are_the_validators_pattern():
@@ -722,6 +848,18 @@ async def expect_grpc(code: grpc.StatusCode, call, match: str = "") -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call
     assert info.value.code() == code and match in info.value.details(), info.value.details()
+
+
+async def test_a_full_disk_is_resource_exhausted_on_both_doors(tmp_path):
+    """A store on a real 2 MiB filesystem cannot hold the package: 507 / RESOURCE_EXHAUSTED saying what to do."""
+    with small_filesystem(tmp_path / "small") as disk:
+        models = models_dir_with(tmp_path / "models", "demo-1")
+        async with running(settings_for(models, store_dir=disk)) as pod:
+            status, reply = await pod.call("POST", "/generate/frame", json={"model_name": "demo", "frame_id": 0})
+            assert (status, reply["code"]) == (507, "RESOURCE_EXHAUSTED"), reply
+            assert "no space left on device" in reply["error"] and "--store-dir" in reply["error"]
+            await expect_grpc(grpc.StatusCode.RESOURCE_EXHAUSTED, pod.stub.GenerateFrame(
+                pb.GenerateFrameRequest(model="demo", frame_id=0), metadata=GRPC_KEY), "no space left on device")
 
 
 async def test_unreachable_registry_is_unavailable(tmp_path):

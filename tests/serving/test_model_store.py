@@ -9,10 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
-from serving_support import StaticRegistry, free_port, models_dir_with, package
+from serving_support import (
+    StaticRegistry,
+    free_port,
+    grow_filesystem,
+    models_dir_with,
+    package,
+    small_filesystem,
+)
 
 from inference_pod.core.engine import Engine
-from inference_pod.errors import InvalidInput, ModelNotFound, Unavailable
+from inference_pod.errors import InvalidInput, ModelNotFound, StorageFull, Unavailable
 from inference_pod.serving.batcher import Batcher
 from inference_pod.serving.metrics import Metrics
 from inference_pod.serving.model_store import ModelStore
@@ -40,7 +47,8 @@ class Counting:
 
 
 def make_store(models_dir: Path, metrics: Metrics, registry_url: str | None = None, budget: int = 0,
-               factory=None, events: list | None = None) -> ModelStore:
+               factory=None, events: list | None = None, extract_dir: Path | None = None,
+               retries: int = 1) -> ModelStore:
     async def loaded(model):
         if events is not None:
             events.append(("loaded", model.name, model.version))
@@ -49,8 +57,8 @@ def make_store(models_dir: Path, metrics: Metrics, registry_url: str | None = No
         if events is not None:
             events.append(("unloaded", name))
 
-    registry = RegistryClient(registry_url, retries=1, backoff_s=0.01) if registry_url else None
-    return ModelStore(models_dir=models_dir, extract_dir=models_dir / ".store", metrics=metrics,
+    registry = RegistryClient(registry_url, retries=retries, backoff_s=0.01) if registry_url else None
+    return ModelStore(models_dir=models_dir, extract_dir=extract_dir or models_dir / ".store", metrics=metrics,
                       engine_factory=factory or Counting(),
                       batcher_factory=lambda name, engine: Batcher(name, engine, metrics, max_batch=4),
                       registry=registry, memory_budget_bytes=budget, on_loaded=loaded, on_unloaded=unloaded)
@@ -378,3 +386,86 @@ async def test_a_zip_damaged_after_extraction_is_reported_while_its_checked_copy
         assert (await store.load("demo"))[1] == "store"
     assert not [r for r in caplog.records if "is damaged" in r.getMessage()]
     await store.close()
+
+
+# ------------------------------------------------------------------------------------------ package files that mislead
+
+
+async def test_a_package_file_named_for_another_model_is_said_so(tmp_path, caplog):
+    """alice.zip holding demo serves as demo (the manifest names a model); the log says so once, and a request
+    for alice hears why it is not there instead of a bare NOT_FOUND."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    shutil.copy(package("demo-1"), models_dir / "alice.zip")
+    store = make_store(models_dir, Metrics())
+    with caplog.at_level("WARNING", logger="inference_pod.serving.model_store"):
+        for _ in range(2):
+            with pytest.raises(ModelNotFound) as info:
+                await store.get("alice")
+            assert "alice.zip was not taken as 'alice': it holds model 'demo' (version 1)" in str(info.value)
+    warnings = [r.getMessage() for r in caplog.records if "alice.zip" in r.getMessage()]
+    assert len(warnings) == 1 and "holds model 'demo'" in warnings[0], warnings
+    assert (await store.get("demo")).name == "demo"
+    with pytest.raises(ModelNotFound) as info:
+        await store.get("nobody")
+    assert "alice.zip" not in str(info.value)  # only files named for the model asked about are mentioned
+    await store.close()
+
+
+@pytest.mark.parametrize("file_name", ["demo-1.zip", "demo.zip"])
+async def test_a_damaged_package_file_is_named_in_the_not_found(tmp_path, caplog, file_name):
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    (models_dir / file_name).write_bytes(b"PK\x03\x04 but not really a zip")
+    store = make_store(models_dir, Metrics())
+    with caplog.at_level("WARNING", logger="inference_pod.serving.model_store"):
+        for _ in range(3):
+            with pytest.raises(ModelNotFound) as info:
+                await store.get("demo")
+            message = str(info.value)
+            assert f"{file_name} was skipped: it is damaged (not a zip file" in message and "replace it" in message
+    assert len([r for r in caplog.records if file_name in r.getMessage()]) == 1  # once per package file
+    await store.close()
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+
+
+async def test_a_full_disk_during_extraction_is_a_clear_error_until_space_is_freed(models_dir, tmp_path, caplog):
+    """The store on a real 2 MiB filesystem, the package about 11 MB: RESOURCE_EXHAUSTED naming the disk and
+    the flag, one warning line per attempt and no traceback, nothing half-extracted left; once the disk has
+    room the next request loads (a full disk is not remembered as a broken package)."""
+    with small_filesystem(tmp_path / "small") as disk:
+        metrics = Metrics()
+        store = make_store(models_dir, metrics, extract_dir=disk / "store")
+        with caplog.at_level("WARNING"):
+            for _ in range(2):
+                with pytest.raises(StorageFull) as info:
+                    await store.get("demo")
+                message = str(info.value)
+                assert "no space left on device extracting demo-1.zip into" in message and "--store-dir" in message
+                assert info.value.grpc_status == "RESOURCE_EXHAUSTED"
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        assert len([r for r in caplog.records if "no space left" in r.getMessage()]) == 2
+        assert [p.name for p in disk.rglob("*")] == ["store"], "something half-extracted was left"
+        assert loads(metrics, "demo", "zip", "error") == 2
+        grow_filesystem(disk, "64m")
+        assert (await store.get("demo")).name == "demo"
+        await store.close()
+
+
+async def test_a_full_disk_during_download_is_not_retried(models_dir, registry_dir, tmp_path):
+    registry = StaticRegistry(registry_dir)
+    try:
+        with small_filesystem(tmp_path / "small") as disk:
+            store = make_store(disk / "models", Metrics(), registry.url, extract_dir=models_dir / ".store",
+                               retries=3)
+            with pytest.raises(StorageFull) as info:
+                await store.get("other")
+            message = str(info.value)
+            assert "no space left on device downloading other 1" in message and "--models-dir" in message
+            assert len([path for path in registry.requests if path.endswith(".zip")]) == 1  # not retried
+            assert list((disk / "models").iterdir()) == []  # no partial download left
+            await store.close()
+    finally:
+        registry.close()

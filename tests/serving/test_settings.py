@@ -27,6 +27,8 @@ ENV_VALUES = {
     "tls_key": ("/k.pem", Path("/k.pem")), "max_message_mb": ("8", 8), "max_audio_seconds": ("30", 30.0),
     "encode_threads": ("3", 3), "shutdown_grace_s": ("4", 4.0), "log_level": ("debug", "DEBUG"),
     "benchmark_identity_network": ("true", True),
+    "allowed_origins": ("https://app.example.com,http://localhost:3000",
+                        ["https://app.example.com", "http://localhost:3000"]),
 }
 
 
@@ -108,3 +110,15 @@ def test_a_boolean_setting_is_a_switch():
     assert parse(["--health-requires-key"], {}).health_requires_key is True
     assert parse(["--health-requires-key", "false"], {"LIPSYNC_HEALTH_REQUIRES_KEY": "1"}).health_requires_key is False
     assert parse([], {"LIPSYNC_HEALTH_REQUIRES_KEY": "true"}).health_requires_key is True
+
+
+def test_allowed_origins_are_origins_or_a_star():
+    assert Settings().allowed_origins == []  # the pod's own pages only
+    assert parse(["--allowed-origins", "*"], {}).allowed_origins == ["*"]
+    assert parse(["--allowed-origins", "https://a.example", "https://b.example:8443"], {}).allowed_origins == \
+        ["https://a.example", "https://b.example:8443"]
+    for bad in ("app.example.com", "https://app.example.com/", "https://app.example.com/page", "ftp://x",
+                "https://x:port"):
+        with pytest.raises(InvalidInput, match="--allowed-origins") as info:
+            Settings(allowed_origins=[bad]).validate()
+        assert bad in str(info.value)

@@ -56,12 +56,12 @@ WS_HEARTBEAT_S = 30.0  # pings find dead peers (a closed laptop) that never send
 WS_CLOSE_TIMEOUT_S = 5.0  # how long a close waits for the peer's reply
 SHUTDOWN_TIMEOUT_S = 2.0  # after the server's own grace period: what is still running gets cancelled
 # Codes for the errors aiohttp raises itself (no route, wrong method, body too large).
-HTTP_ERROR_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "UNIMPLEMENTED",
+HTTP_ERROR_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                    405: "UNIMPLEMENTED",
                     413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT"}
-# API keys travel in headers, never cookies, so any origin may call: browsers need these to allow it.
-CORS_HEADERS = {"Access-Control-Allow-Origin": "*",
-                "Access-Control-Allow-Headers": "Content-Type, X-API-Key, Authorization",
-                "Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600"}
+# A preflight's answer for an allowed origin (the data plane decides which: --allowed-origins).
+CORS_PREFLIGHT = {"Access-Control-Allow-Headers": "Content-Type, X-API-Key, Authorization",
+                  "Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600"}
 MISSING_KEY = "an API key is required: send an X-API-Key header or Authorization: Bearer <key>"
 
 
@@ -142,7 +142,8 @@ class HttpGateway:
         self._runner: web.AppRunner | None = None
         # The document describes the pod as it runs: API-key security only when keys are configured.
         self._openapi = openapi_document(__version__, data_plane.max_batch_items,
-                                         keys_required=data_plane.api_keys.enabled)
+                                         keys_required=data_plane.api_keys.enabled,
+                                         health_requires_key=data_plane.health_requires_key)
         self.app = web.Application(client_max_size=self.max_body_bytes,
                                    middlewares=[self._cors_middleware, self._error_middleware])
         self.app.add_routes([
@@ -172,7 +173,10 @@ class HttpGateway:
             except (OSError, ssl.SSLError) as exc:
                 raise InvalidInput(f"cannot read the TLS certificate or key: {exc}") from None
         # No access log: a line per frame at 25 fps per stream would drown the pod's log (gRPC logs none).
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        # Handlers are cancelled when their client disconnects (aiohttp's default is to let them run on):
+        # a 4,096-item batch whose client gave up would otherwise keep the device busy for nobody.
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                                     handler_cancellation=True)
         await self._runner.setup()
         try:
             await web.TCPSite(self._runner, s.host, s.http_port, ssl_context=ssl_context).start()
@@ -242,11 +246,16 @@ class HttpGateway:
 
     @web.middleware
     async def _cors_middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        allow = self.data_plane.cors_origin(request.headers.get("Origin"), request.host)
+        cors = {} if allow is None else {"Access-Control-Allow-Origin": allow}
+        if allow not in (None, "*"):
+            cors["Vary"] = "Origin"  # the answer differs by origin: caches must not share it
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            return web.Response(status=204, headers=CORS_HEADERS)  # a browser's preflight
+            # A browser's preflight. Refused by leaving the CORS headers out: the browser then says why.
+            return web.Response(status=204, headers={**cors, **CORS_PREFLIGHT} if cors else None)
         response = await handler(request)
         if not response.prepared:  # a WebSocket has sent its headers already
-            response.headers["Access-Control-Allow-Origin"] = "*"
+            response.headers.update(cors)
         return response
 
     # -------------------------------------------------------------------------------------- open routes
@@ -356,6 +365,7 @@ class HttpGateway:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         """Authenticated at the handshake (header, or ?api_key= from browsers); each message's operation runs
         in the request scope like an HTTP call (see gateway_ws)."""
+        self.data_plane.check_origin(request.headers.get("Origin"), request.host)
         key = request_api_key(request, allow_query=True)
         self.authenticate(key, "WebSocket")
         self.data_plane.admit()

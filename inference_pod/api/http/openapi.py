@@ -9,28 +9,46 @@ from __future__ import annotations
 
 from typing import Any
 
+from inference_pod.api.http.shapes import MAX_FRAME_ID
 from inference_pod.core.encoding import FORMATS, REGIONS
 from inference_pod.registry_index import IDENTIFIER
 
-ERROR_CODES = ["INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
+ERROR_CODES = ["INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED",
                "UNAVAILABLE", "UNIMPLEMENTED", "INTERNAL"]
 # Model names and versions: the validator's own pattern (package.IDENTIFIER), so the schema accepts exactly
 # what the server does. ECMA-262's ``$`` matches only at the very end, as ``fullmatch`` does.
 NAME = {"type": "string", "pattern": f"^{IDENTIFIER.pattern}$", "minLength": 1, "maxLength": 63}
+# A health check's service: a model name, or empty for the pod itself (as gRPC Health's service "").
+SERVICE = {"type": "string", "pattern": f"^({IDENTIFIER.pattern})?$", "maxLength": 63}
 # Standard base64, or a data: URL of it; never empty (leave the field out instead). The server also accepts
 # line breaks inside (what MIME encoders write); the schema states the canonical form.
 BASE64_TEXT = r"^(data:[^,]*;base64,)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 ERROR_STATUSES = {
     "400": "Bad input: JSON, field types, model name, frame id, audio, output options (code INVALID_ARGUMENT)",
     "401": "No valid API key (code UNAUTHENTICATED)",
+    "403": "A WebSocket handshake from a web page whose origin this pod does not allow (--allowed-origins)",
     "404": "Unknown model (code NOT_FOUND)",
     "409": "The server is not set up for this: no model registry is configured (code FAILED_PRECONDITION)",
     "413": "Body over --max-message-mb (code RESOURCE_EXHAUSTED)",
     "429": "The model's queue is full: back off and retry (code RESOURCE_EXHAUSTED)",
     "500": "A bug (code INTERNAL)",
+    "507": "The pod's disk is full: a model could not be downloaded or extracted (code RESOURCE_EXHAUSTED)",
     "503": "Draining, or the registry cannot be reached (code UNAVAILABLE)",
 }
 OPEN: list = []  # security requirement of the routes that need no key
+# A WebSocket opening handshake (RFC 6455): what makes GET /ws a valid request. Without it the route answers
+# 400, as for any invalid request; WebSocket clients send these headers themselves.
+WEBSOCKET_HANDSHAKE = [
+    {"name": "Upgrade", "in": "header", "required": True, "schema": {"type": "string", "enum": ["websocket"]}},
+    {"name": "Connection", "in": "header", "required": True, "schema": {"type": "string", "enum": ["Upgrade"]}},
+    {"name": "Sec-WebSocket-Version", "in": "header", "required": True, "schema": {"type": "string", "enum": ["13"]}},
+    {"name": "Sec-WebSocket-Key", "in": "header", "required": True, "description": "16 random bytes, base64",
+     "schema": {"type": "string", "pattern": "^[A-Za-z0-9+/]{21}[AQgw]==$"}},
+    {"name": "Origin", "in": "header", "required": False,
+     "description": "sent by browsers: the page's origin, which must be this pod's own or one of --allowed-origins "
+                    "(403 otherwise); clients that are not browsers leave it out",
+     "schema": {"type": "string"}},
+]
 
 
 def ref(name: str) -> dict:
@@ -78,7 +96,7 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
                                                "data: URL; omitted or null: the model's default track"}
     frame_request_fields = {
         "model_name": {**NAME, "description": "character model"},
-        "frame_id": _int("frame of the audio track (25 fps), from 0", minimum=0),
+        "frame_id": _int("frame of the audio track (25 fps), from 0", minimum=0, maximum=MAX_FRAME_ID),
         "audio_override": {"anyOf": [audio_override, {"type": "null"}]},
         **output_fields,
     }
@@ -115,6 +133,9 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
     return {
         "Error": error,
         "Health": obj({"status": {"type": "string", "enum": ["healthy", "starting", "draining"]}}),
+        "ModelHealth": obj({"service": _str("the model asked about"),
+                            "status": {"type": "string", "enum": ["serving", "not_serving"],
+                                       "description": "serving: resident and taking requests"}}),
         "Status": obj({
             "success": BOOL, "status": {"type": "string", "enum": ["healthy", "starting", "draining"]},
             "server_version": _str(), "uptime_seconds": _num(), "draining": BOOL, "device": _str(),
@@ -170,8 +191,9 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
                               ["type", "model_name", "frame_id"], closed=True),
         "WsStreamRequest": obj({
             "type": {"const": "stream"}, **ws_common, "model_name": frame_request_fields["model_name"],
-            "first": _int("first frame", minimum=0, default=0, type=["integer", "null"]),
-            "last": {"type": ["integer", "null"], "minimum": 0, "description": "last frame, inclusive; null: end of track"},
+            "first": _int("first frame", minimum=0, maximum=MAX_FRAME_ID, default=0, type=["integer", "null"]),
+            "last": {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_FRAME_ID,
+                     "description": "last frame, inclusive; null: end of track"},
             "realtime": {"type": ["boolean", "null"], "default": False, "description": "pace frames at fps"},
             "fps": {"type": ["number", "null"], "minimum": 0, "default": 0, "description": "0: the model's fps"},
             "audio_override": frame_request_fields["audio_override"], **output_fields},
@@ -200,6 +222,12 @@ def _json(schema_name: str, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": ref(schema_name)}}}
 
 
+def _health(description: str) -> dict:
+    """The pod's health, or one model's (``?service=NAME``)."""
+    return {"description": description, "content": {"application/json": {"schema": {
+        "oneOf": [ref("Health"), ref("ModelHealth")]}}}}
+
+
 def _errors(*statuses: str) -> dict:
     return {status: {"$ref": f"#/components/responses/E{status}"} for status in statuses}
 
@@ -213,12 +241,14 @@ def _operation(operation_id: str, summary: str, ok: dict, errors: tuple[str, ...
     return op
 
 
-def openapi_document(version: str, max_batch_items: int, *, keys_required: bool) -> dict[str, Any]:
+def openapi_document(version: str, max_batch_items: int, *, keys_required: bool,
+                     health_requires_key: bool = False) -> dict[str, Any]:
     """The document of a pod as it runs: with ``keys_required`` (--api-keys-file), every route but /health,
-    /metrics and /openapi.json declares API-key security and a 401; without, none does."""
+    /metrics and /openapi.json declares API-key security and a 401; without, none does. With
+    ``health_requires_key``, /health?service=NAME declares its 401 too."""
     authed = ("401",) if keys_required else ()
     scoped = (*authed, "503")  # refused while draining
-    frame_errors = ("400", *authed, "404", "413", "429", "500", "503")
+    frame_errors = ("400", *authed, "404", "413", "429", "500", "503", "507")  # 507: loading the model
     registry_errors = (*scoped, "409")
     document: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -232,9 +262,18 @@ def openapi_document(version: str, max_batch_items: int, *, keys_required: bool)
         "servers": [{"url": "/"}],
         "paths": {
             "/health": {"get": {
-                "operationId": "health", "summary": "200 while serving, 503 while starting (preloading) or draining",
-                "security": OPEN, "responses": {"200": _json("Health", "serving"),
-                                                "503": _json("Health", "starting or draining")}}},
+                "operationId": "health",
+                "summary": "200 while serving, 503 while starting (preloading) or draining; with service=NAME, "
+                           "that model's health as gRPC Health.Check answers it",
+                "security": OPEN,
+                "parameters": [{"name": "service", "in": "query", "required": False, "schema": SERVICE,
+                                "description": "a model: 200 serving (resident), 503 not serving, 404 unknown; "
+                                               "empty, as left out: the pod itself (gRPC's service \"\")"
+                                               + (" (needs a key: --health-requires-key)"
+                                                  if health_requires_key else "")}],
+                "responses": {
+                    "200": _health("serving"), "503": _health("starting, draining, or the model is not resident"),
+                    **_errors("400", *(("401",) if health_requires_key else ()), "404")}}},
             "/metrics": {"get": _operation(
                 "metrics", "Prometheus text exposition (the metrics port's registry)",
                 {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}, (),
@@ -264,7 +303,7 @@ def openapi_document(version: str, max_batch_items: int, *, keys_required: bool)
                 registry_errors)},
             "/models/download": {"post": _operation(
                 "downloadModel", "make the registry's newest (or the given) version of a model resident",
-                _json("Download", "loaded"), ("400", "404", *registry_errors),
+                _json("Download", "loaded"), ("400", "404", *registry_errors, "507"),
                 parameters=[
                     {"name": "model_name", "in": "query", "required": True, "schema": NAME},
                     {"name": "version", "in": "query", "required": False, "schema": NAME,
@@ -282,8 +321,11 @@ def openapi_document(version: str, max_batch_items: int, *, keys_required: bool)
                 "description": "JSON text messages; binary messages are 16-bit little-endian PCM of the open "
                                "audio session. Each operation answers frame messages and, for streams and "
                                "audio, an end message; a failed operation answers an error message and the "
-                               "socket stays open. A message over --max-message-mb closes the socket (1009).",
-                "responses": {"101": {"description": "switching protocols"}, **_errors("400", *authed, "503")},
+                               "socket stays open. A message over --max-message-mb closes the socket (1009). A "
+                               "plain GET without the handshake headers answers 400.",
+                "parameters": WEBSOCKET_HANDSHAKE,
+                "responses": {"101": {"description": "switching protocols"},
+                              **_errors("400", *authed, "403", "503")},
                 "x-websocket-messages": {
                     "client": [ref(n) for n in ("WsFrameRequest", "WsStreamRequest", "WsAudioStart", "WsAudioEnd",
                                                 "WsPing")],

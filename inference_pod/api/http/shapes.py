@@ -24,6 +24,8 @@ from inference_pod.serving.pipeline import AudioInput, FrameRequest, FrameResult
 OUTPUT_FIELDS = frozenset({"format", "region", "jpeg_quality"})
 FRAME_FIELDS = frozenset({"model_name", "frame_id", "audio_override"}) | OUTPUT_FIELDS
 _REQUIRED = object()
+# The largest frame id: gRPC's frame_id is an int64, and both doors accept the same ids.
+MAX_FRAME_ID = 2**63 - 1
 _DATA_URL = re.compile(r"^data:[^,]*;base64,", re.IGNORECASE)
 
 
@@ -33,6 +35,8 @@ def parse_json(data: bytes | str, what: str = "request body") -> dict[str, Any]:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:  # the parser recurses per level: arrays in arrays 100,000 deep end here
+        raise InvalidInput(f"{what} is nested too deeply: no request nests more than a few levels") from None
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object, got {_json_type(value)}")
     return value
@@ -46,13 +50,16 @@ def _json_type(value: Any) -> str:
 
 def field(obj: dict, name: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
     """``obj[name]`` checked against ``kind`` (JSON null counts as absent). Booleans are not numbers here:
-    ``"frame_id": true`` is a client bug, not frame 1."""
+    ``"frame_id": true`` is a client bug, not frame 1. An integer may be written with a zero fraction
+    (``12.0``), as JSON Schema counts it an integer and some encoders write every number so; ``12.5`` is not."""
     value = obj.get(name)
     if value is None:
         if default is _REQUIRED:
             raise InvalidInput(f"{name!r} is required")
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, float) and int in kinds and float not in kinds and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) and bool not in kinds:
         ok = False
     else:
@@ -103,6 +110,12 @@ def frame_id(obj: dict, name: str = "frame_id", default: Any = _REQUIRED) -> Any
     value = field(obj, name, int, default)
     if value is not None and value < 0:
         raise InvalidInput(f"{name!r} must be 0 or more (a frame id), got {value}")
+    return at_most_max_frame_id(name, value)
+
+
+def at_most_max_frame_id(name: str, value: Any) -> Any:
+    if value is not None and value > MAX_FRAME_ID:
+        raise InvalidInput(f"{name!r} must be at most {MAX_FRAME_ID} (a frame id), got a larger number")
     return value
 
 
@@ -110,7 +123,7 @@ def frame_request(obj: dict, extra: frozenset[str] = frozenset(), what: str = "a
     """POST /generate/frame's body, one /generate/batch item, or a WebSocket "frame" message: everything
     its schema says is checked here, so a request the schema refuses is refused (400) before any work."""
     reject_unknown(obj, FRAME_FIELDS | extra, what)
-    return FrameRequest(model=field(obj, "model_name", str), frame_id=field(obj, "frame_id", int),
+    return FrameRequest(model=field(obj, "model_name", str), frame_id=at_most_max_frame_id("frame_id", field(obj, "frame_id", int)),
                         audio=audio_override(obj), output=output_spec(obj))
 
 
