@@ -15,12 +15,14 @@ import base64
 import contextlib
 import json
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import grpc
+import jsonschema
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -259,6 +261,20 @@ def ws_url(server) -> str:
     return f"ws://{LOOPBACK}:{server.data_plane.settings.http_port}/ws"
 
 
+WS_SCHEMAS = {"session_started": "WsSessionStarted", "session_frame": "WsSessionFrame", "cleared": "WsCleared",
+              "playback_finished": "WsPlaybackFinished", "session_ended": "WsSessionEnded", "error": "WsError"}
+
+
+async def conform_to_the_pods_openapi(server, messages: list[dict]) -> None:
+    """Every message is valid against the pod's own OpenAPI document (its /ws schemas)."""
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"http://{LOOPBACK}:{server.data_plane.settings.http_port}/openapi.json") as response:
+        spec = await response.json()
+    for message in messages:
+        schema = {"$ref": f"#/components/schemas/{WS_SCHEMAS[message['type']]}", "components": spec["components"]}
+        jsonschema.Draft202012Validator(schema).validate(message)
+
+
 async def ws_session(server, start: dict, script) -> list[dict]:
     """A WebSocket session: ``script(ws, messages)`` sends; every message received is returned."""
     received: list[dict] = []
@@ -303,6 +319,7 @@ async def test_past_max_sessions_a_session_is_refused_at_once_and_the_running_on
     [error] = await ws_session(server, {}, refused_on_the_websocket)
     assert (error["code"], error["http_status"]) == ("RESOURCE_EXHAUSTED", 429)
     assert error["message"] == refused.value.details()  # the same words on both doors
+    await conform_to_the_pods_openapi(server, [error])
 
     await running_one.until(running_one.frame_at_least(40))
     recording = await running_one.end()
@@ -388,6 +405,7 @@ async def test_the_websocket_session_is_the_grpc_session(small_pod):
 
     await no_session_running(server)
     received = await ws_session(server, {"format": "png"}, script)
+    await conform_to_the_pods_openapi(server, received)
     ws_frames = [m for m in received if m["type"] == "session_frame"]
     ws_events = [m["type"] for m in received if m["type"] != "session_frame"]
     grpc_events = [e.WhichOneof("message") for e in grpc_recording.events]
@@ -414,3 +432,33 @@ async def test_the_websocket_session_is_the_grpc_session(small_pod):
             other = ws_frames[f.tick + shift] if 0 <= f.tick + shift < len(ws_frames) else None
             if other is not None and other["template_id"] == f.frame.template_id:
                 assert base64.b64decode(other["frame"]) == f.frame.image
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is not installed (make setup)")
+async def test_lipsync_client_session_writes_an_mp4_of_what_came_back(small_pod, tmp_path, capsys):
+    """``lipsync client session``: idle, the file's speech, idle, muxed with the audio the session returned."""
+    from inference_pod.cli import main
+    from inference_pod.tools.synctalk_dataset import encode_wav_pcm16
+
+    server, _ = small_pod
+    await no_session_running(server)
+    speech = tmp_path / "speech.wav"
+    speech.write_bytes(encode_wav_pcm16(np.frombuffer(speech_pcm16(1.0), "<i2") / 32768.0))
+    out = tmp_path / "session.mp4"
+    argv = ["client", "--target", f"{LOOPBACK}:{server.port}", "session", "demo", str(speech), "--out", str(out),
+            "--unpaced", "--idle-before", "0.4", "--idle-after", "0.4"]
+    assert await asyncio.to_thread(main, argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    frames = summary["frames"]
+    assert summary["ticks"] == summary["frames_received"] == sum(frames.values())
+    assert frames["speaking"] > 25 and frames["idle_cached"] + frames["idle_computed"] > 20
+    assert frames["repeated"] == summary["dropped"] == 0
+    probe = await asyncio.to_thread(
+        subprocess.run, ["ffprobe", "-v", "error", "-show_entries", "stream=codec_type,nb_frames", "-of", "csv=p=0",
+                         str(out)], capture_output=True, text=True, check=True)
+    streams = {kind: count for kind, count in (line.split(",")[:2] for line in probe.stdout.split())}
+    assert int(streams["video"]) == summary["ticks"] and "audio" in streams
+
+    missing = ["client", "--target", f"{LOOPBACK}:{server.port}", "session", "demo", str(tmp_path / "nope.wav")]
+    assert await asyncio.to_thread(main, missing) != 0
+    assert "nope.wav" in capsys.readouterr().err

@@ -199,7 +199,8 @@ class WebSocketSession:
         elif kind == "stream":
             await self._spawn(functools.partial(self._stream, message, request_id), kind, request_id)
         elif kind == "session_start":
-            if self._session is not None and not self._session.done or self._audio is not None:
+            session_open = self._session is not None and not self._session.done
+            if session_open or (self._audio is not None and not self._audio.failed):
                 await self._send_error("INVALID_ARGUMENT", "a session or an audio stream is already open on this "
                                        "socket: one at a time (session_end / audio_end first)", request_id)
                 return
