@@ -188,16 +188,18 @@ class IdleFrames:
             self._silence[key] = silence_feature(model.engine)
         return self._silence[key]
 
-    async def render(self, key: tuple, render: Coroutine[Any, Any, FrameResult]) -> FrameResult:
-        """The idle frame ``key`` rendered by ``render``, once however many sessions want it at once; the
-        render goes on (and fills the cache) when the session that asked stops waiting for it."""
+    async def render(self, key: tuple, render: Coroutine[Any, Any, FrameResult]) -> tuple[FrameResult, bool]:
+        """The idle frame ``key`` rendered by ``render``, once however many ticks or sessions want it at once
+        (the second item: whether this call is the one that rendered it, i.e. made the network call). The render
+        goes on, and fills the cache, when the caller stops waiting for it."""
         job = self._rendering.get(key)
+        rendered_here = job is None
         if job is None:
             job = self._rendering[key] = asyncio.get_running_loop().create_task(render)
             job.add_done_callback(functools.partial(self._rendered, key))
         else:
             render.close()
-        return await asyncio.shield(job)
+        return await asyncio.shield(job), rendered_here
 
     def _rendered(self, key: tuple, job: asyncio.Task[FrameResult]) -> None:
         self._rendering.pop(key, None)
@@ -528,8 +530,9 @@ class Session:
         if cached is None:
             render = self.pipeline.render(self.model, tick, LIVE_TRACK, self.config.output,
                                           window=self.timeline.silence_window(), in_stream=True)
-            computed = await self.idle_frames.render(key, render)
-            return dataclasses.replace(computed, frame_id=tick), IDLE
+            computed, rendered_here = await self.idle_frames.render(key, render)
+            # A tick that waited for another tick's render of the same template made no network call.
+            return dataclasses.replace(computed, frame_id=tick, cached=not rendered_here), IDLE
         self.metrics.frames_generated.labels(model=self.model.name, source="cache").inc()
         return dataclasses.replace(cached, frame_id=tick, cached=True), IDLE
 

@@ -235,6 +235,8 @@ async def test_a_session_idles_speaks_in_sync_and_stops_at_a_clear(trained_pod):
     open_level = np.median(measured[span][truth[span] > 0.5])
     scale = (measured[idle] - closed_level) / (open_level - closed_level)
     assert scale.mean() < 0.2 and scale.max() < 0.5, (closed_level, open_level, scale.mean(), scale.max())
+    print(f"session: r={r0:.3f} at offset 0 (peak {peak:+d}) over {span.stop - span.start} ticks; idle mouths at "
+          f"{scale.mean():.2f} (max {scale.max():.2f}) of closed..open")
 
     # The idle cache: each template's idle frame computed at most once; the rest cost no network call.
     ended = recording.event("ended")[0]
@@ -242,6 +244,8 @@ async def test_a_session_idles_speaks_in_sync_and_stops_at_a_clear(trained_pod):
     assert ended.speaking_frames == kinds.count("speaking")
     assert ended.idle_cached_frames + ended.idle_computed_frames == kinds.count("idle")
     assert ended.idle_computed_frames <= 50 and ended.idle_cached_frames > 0
+    print(f"session: {len(frames)} ticks: {ended.speaking_frames} speaking, {ended.idle_cached_frames} idle from the "
+          f"cache, {ended.idle_computed_frames} idle computed")
     assert metrics.sample("lipsync_session_barge_ins_total", {"model": "demo"}) == barge_ins_before + 1
     assert metrics.sample("lipsync_session_frames_total", {"model": "demo", "kind": "speaking"}) >= \
         ended.speaking_frames
