@@ -66,7 +66,8 @@ OUTBOX_FRAMES = 50  # frames (2 s at 25 fps) waiting for a slow reader before it
 # An utterance starting from idle is placed this much further ahead (paced sessions), so chunks sent at
 # real time that arrive a little late do not leave gaps of silence in it.
 JITTER_S = 0.08
-UNPACED_LEAD_FRAMES = 2  # unpaced: frames emitted ahead of the reader (its reading is the clock)
+UNPACED_LEAD_FRAMES = 2
+MAX_LATE_FRAMES = 2  # speaking frames that missed their tick, still finished (see Session._finish_late)  # unpaced: frames emitted ahead of the reader (its reading is the clock)
 OUTBOX_EVENTS = 1000
 IDLE_CACHE_BYTES = 256 << 20
 
@@ -325,6 +326,7 @@ class Session:
         self.timeline = SessionTimeline(self.engine, idle_frames.silence(model))
         self.emitted = -1  # the last tick emitted
         self._renders: dict[int, asyncio.Task[tuple[FrameResult, str]]] = {}
+        self._late: set[asyncio.Task] = set()  # speaking frames that missed their tick, finishing for the repeats
         self._next_render = 0
         self._features_lock = asyncio.Lock()
         self._epoch = 0  # bumped by clear: work started before it is stale
@@ -374,7 +376,7 @@ class Session:
                     return
         finally:
             self.metrics.sessions_active.labels(model=self.model.name).dec()
-            tasks = [reader, clock, *self._renders.values()]
+            tasks = [reader, clock, *self._renders.values(), *self._late]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -471,7 +473,7 @@ class Session:
             task = self._renders[tick]
             if self.config.paced and self._previous is not None and not task.done():
                 del self._renders[tick]
-                task.cancel()  # an idle frame's shared render goes on (IdleFrames.render) and fills the cache
+                self._finish_late(tick, task)
                 return dataclasses.replace(self._previous, frame_id=tick, cached=False, timings=Timings()), REPEATED
             # Done, or worth the wait (unpaced; the very first frame, with nothing to repeat yet). A clear
             # while waiting replaces it (the frame after a clear is idle): wait for the new one then.
@@ -479,6 +481,26 @@ class Session:
             if self._renders.get(tick) is task:
                 del self._renders[tick]
                 return task.result()
+
+    def _finish_late(self, tick: int, task: asyncio.Task[tuple[FrameResult, str]]) -> None:
+        """A frame missed its tick. An idle one is cancelled (its shared render goes on and fills the cache).
+        A speaking one, up to MAX_LATE_FRAMES at a time, is finished and becomes the image the next repeats
+        show: an overloaded session shows fewer distinct frames instead of freezing. Its audio stays its tick's."""
+        if self.timeline.is_silent(tick) or len(self._late) >= MAX_LATE_FRAMES:
+            task.cancel()
+            return
+        epoch = self._epoch
+        self._late.add(task)
+
+        def done(finished: asyncio.Task[tuple[FrameResult, str]]) -> None:
+            self._late.discard(finished)
+            if finished.cancelled() or finished.exception() is not None or epoch != self._epoch:
+                return
+            result = finished.result()[0]
+            if self._previous is None or result.frame_id > self._previous.frame_id:
+                self._previous = result
+
+        task.add_done_callback(done)
 
     def _emit(self, tick: int, rendered: tuple[FrameResult, str]) -> None:
         result, kind = rendered

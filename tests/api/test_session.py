@@ -466,3 +466,30 @@ async def test_lipsync_client_session_writes_an_mp4_of_what_came_back(small_pod,
     missing = ["client", "--target", f"{LOOPBACK}:{server.port}", "session", "demo", str(tmp_path / "nope.wav")]
     assert await asyncio.to_thread(main, missing) != 0
     assert "nope.wav" in capsys.readouterr().err
+
+
+async def test_a_paced_session_keeps_the_timeline_whatever_the_cpu_manages(small_pod):
+    """Real time: every tick has its frame and its audio, the speech plays as sent, and every frame is
+    counted as speaking, idle or repeated (how many of each depends on the machine, so is not asserted)."""
+    server, client = small_pod
+    await no_session_running(server)
+    speech = np.frombuffer(speech_pcm16(1.0), "<i2")
+    drive = Driver(client.session("demo"))
+    started = (await drive.until(is_("started"))).started
+    assert 0.45 < started.lookahead_s < 1.0
+    await drive.until(drive.frame_at_least(10))
+    await drive.send(speech.tobytes())
+    await drive.session.flush()
+    finished = (await drive.until(is_("playback_finished"))).playback_finished
+    await drive.until(drive.frame_at_least(finished.tick + 5))
+    recording = await drive.end()
+    ended = recording.event("ended")[0]
+    ticks = [f.tick for f in recording.frames]
+    assert ticks == sorted(set(ticks)) and len(ticks) + ended.dropped_frames == ended.ticks
+    assert ended.speaking_frames + ended.idle_cached_frames + ended.idle_computed_frames + \
+        ended.repeated_frames == ended.ticks
+    if not ended.dropped_frames:
+        timeline = recording.audio
+        at = placed_at(timeline, speech)
+        np.testing.assert_array_equal(timeline[at : at + len(speech)], speech)
+    assert all(f.pts == pytest.approx(f.tick / 25) for f in recording.frames)
