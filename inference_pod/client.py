@@ -7,10 +7,20 @@
 
 Audio is a file's bytes, a path to a file, or ``Pcm16(data, sample_rate, channels)`` for raw PCM.
 Errors are ``grpc.RpcError`` with the server's status code and message.
+
+A live session (``Session`` RPC) is an object to write to and read from at once:
+
+    with client.session("demo") as session:    # the avatar idles from here on, one frame per tick
+        session.send_audio(pcm16)              # 16 kHz mono PCM16 as it is produced (e.g. by TTS)
+        session.flush()                        # end of the utterance: playback_finished follows
+        for response in session:               # SessionResponse: started, frame, cleared, playback_finished, ended
+            ...                                # session.clear() barges in; session.end() ends it
 """
 
 from __future__ import annotations
 
+import asyncio
+import queue
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +98,93 @@ def stream_audio_config(model: str, sample_rate: int = 16000, channels: int = 1,
                         region: str = "full", jpeg_quality: int = 0) -> pb.StreamAudioRequest:
     return pb.StreamAudioRequest(config=pb.StreamAudioConfig(
         model=model, sample_rate=sample_rate, channels=channels, output=output_options(format, region, jpeg_quality)))
+
+
+def session_config(model: str, *, unpaced: bool = False, format: str = "jpeg", region: str = "full",
+                   jpeg_quality: int = 0) -> pb.SessionRequest:
+    return pb.SessionRequest(config=pb.SessionConfig(model=model, sample_rate=16000, channels=1, unpaced=unpaced,
+                                                     output=output_options(format, region, jpeg_quality)))
+
+
+CLEAR = pb.SessionRequest(clear=pb.SessionClear())
+FLUSH = pb.SessionRequest(flush=pb.SessionFlush())
+
+
+class LiveSession:
+    """A running ``Session`` call (blocking client): send from any thread, iterate the responses."""
+
+    def __init__(self, stub: pb_grpc.LipSyncStub, config: pb.SessionRequest, metadata):
+        self._outgoing: queue.Queue[pb.SessionRequest | None] = queue.Queue()
+        self._call = stub.Session(self._requests(config), metadata=metadata)
+
+    def _requests(self, config: pb.SessionRequest) -> Iterator[pb.SessionRequest]:
+        yield config
+        while (message := self._outgoing.get()) is not None:
+            yield message
+
+    def send_audio(self, pcm16: bytes) -> None:
+        """16 kHz mono 16-bit little-endian samples; queued behind what was sent before."""
+        self._outgoing.put(pb.SessionRequest(pcm16=bytes(pcm16)))
+
+    def flush(self) -> None:
+        self._outgoing.put(FLUSH)
+
+    def clear(self) -> None:
+        self._outgoing.put(CLEAR)
+
+    def end(self) -> None:
+        """Half-close: the server ends the session (SessionEnded, then the stream's end)."""
+        self._outgoing.put(None)
+
+    def cancel(self) -> None:
+        self._outgoing.put(None)
+        self._call.cancel()
+
+    def __iter__(self) -> Iterator[pb.SessionResponse]:
+        return iter(self._call)
+
+    def __enter__(self) -> LiveSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+
+class AsyncLiveSession:
+    """A running ``Session`` call (asyncio client): ``await send_audio(...)``, ``async for`` the responses."""
+
+    def __init__(self, stub: pb_grpc.LipSyncStub, config: pb.SessionRequest, metadata):
+        self._outgoing: asyncio.Queue[pb.SessionRequest | None] = asyncio.Queue()
+        self._call = stub.Session(self._requests(config), metadata=metadata)
+
+    async def _requests(self, config: pb.SessionRequest) -> AsyncIterator[pb.SessionRequest]:
+        yield config
+        while (message := await self._outgoing.get()) is not None:
+            yield message
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        await self._outgoing.put(pb.SessionRequest(pcm16=bytes(pcm16)))
+
+    async def flush(self) -> None:
+        await self._outgoing.put(FLUSH)
+
+    async def clear(self) -> None:
+        await self._outgoing.put(CLEAR)
+
+    async def end(self) -> None:
+        await self._outgoing.put(None)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def __aiter__(self) -> AsyncIterator[pb.SessionResponse]:
+        return self._call.__aiter__()
+
+    async def __aenter__(self) -> AsyncLiveSession:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.cancel()
 
 
 def decode_frame(frame: pb.Frame):
@@ -188,6 +285,10 @@ class LipSyncClient(_Common):
 
         return self.stub.StreamAudio(requests(), metadata=self._metadata)
 
+    def session(self, model: str, *, unpaced: bool = False, **output) -> LiveSession:
+        """A live avatar session (see the module's docstring)."""
+        return LiveSession(self.stub, session_config(model, unpaced=unpaced, **output), self._metadata)
+
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)
 
@@ -261,6 +362,10 @@ class AsyncLipSyncClient(_Common):
 
         async for frame in self.stub.StreamAudio(requests(), metadata=self._metadata):
             yield frame
+
+    def session(self, model: str, *, unpaced: bool = False, **output) -> AsyncLiveSession:
+        """A live avatar session: ``async with client.session("demo") as s: ... async for r in s: ...``."""
+        return AsyncLiveSession(self.stub, session_config(model, unpaced=unpaced, **output), self._metadata)
 
     async def list_models(self) -> list[pb.ModelInfo]:
         return list((await self._call(self.stub.ListModels, pb.ListModelsRequest())).models)

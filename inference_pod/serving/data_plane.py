@@ -45,6 +45,14 @@ from inference_pod.serving.origins import OriginPolicy
 from inference_pod.serving.pipeline import AudioInput, FramePipeline, FrameRequest, FrameResult
 from inference_pod.serving.protocols import InferenceEngine
 from inference_pod.serving.registry import RegistryClient
+from inference_pod.serving.session import (
+    Admission,
+    IdleFrames,
+    Session,
+    SessionConfig,
+    SessionInput,
+    SessionOutput,
+)
 from inference_pod.serving.settings import Settings
 from inference_pod.serving.views import (
     AVAILABLE,
@@ -108,6 +116,8 @@ class DataPlane:
             on_unloaded=self._model_unloaded)
         self.pipeline = FramePipeline(self.store, self.cache, self.metrics, self.cpu_pool,
                                       max_audio_seconds=settings.max_audio_seconds)
+        self.idle_frames = IdleFrames()
+        self.admission = Admission(settings.max_sessions, self.metrics)
 
     # -------------------------------------------------------------------------------------- wiring
 
@@ -130,6 +140,7 @@ class DataPlane:
         await self.cache.model_loaded(model.name, model.version)
 
     async def _model_unloaded(self, name: str) -> None:
+        self.idle_frames.forget(name)
         await self.health.set_model(name, False)
 
     def _watch_device_memory(self) -> None:
@@ -312,6 +323,20 @@ class DataPlane:
         auto_loaded = not self.is_resident(model)
         async for result in self.pipeline.live(model, sample_rate, channels, chunks, output):
             yield dataclasses.replace(result, auto_loaded=auto_loaded)
+
+    async def session(self, config: SessionConfig, inputs: AsyncIterator[SessionInput]) -> AsyncIterator[SessionOutput]:
+        """A live session (``serving.session``): refused at once past --max-sessions (Overloaded), then its
+        model (loaded if need be) held for as long as the session runs."""
+        with self.admission.slot():
+            async with self.store.use(config.model) as model:
+                session = Session(model, config, self.pipeline, self.metrics, self.idle_frames, self.cpu_pool,
+                                  render_ahead_s=self.settings.session_render_ahead_ms / 1000)
+                async for output in session.run(inputs):
+                    yield output
+
+    @property
+    def sessions_active(self) -> int:
+        return self.admission.active
 
     # -------------------------------------------------------------------------------------- models
 

@@ -28,6 +28,7 @@ disable_created_metrics()  # the *_created series double the exposition and no d
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+SPEECH_LATENCY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -75,6 +76,27 @@ class Metrics:
         self.benchmark_identity_network = Gauge(
             "lipsync_benchmark_identity_network", "1: a benchmark-only identity network replaces every model's "
             "U-Net (frames are the templates' own regions, not lip-sync)", registry=r)
+        # Live sessions (serving.session). Active over max is a pod's session load (autoscaling, placement).
+        self.sessions_active = Gauge(
+            "lipsync_sessions_active", "Live sessions running now, by model", ["model"], registry=r)
+        self.sessions_max = Gauge(
+            "lipsync_sessions_max", "Live sessions this pod admits at once (--max-sessions; 0: no limit)",
+            registry=r)
+        self.sessions_refused = Counter(
+            "lipsync_sessions_refused", "Sessions refused because the pod ran --max-sessions already", registry=r)
+        self.session_frames = Counter(
+            "lipsync_session_frames", "Frames sessions emitted, by kind: speaking, idle_cached (no network call), "
+            "idle_computed, repeated (not ready at its tick: the previous image again)", ["model", "kind"],
+            registry=r)
+        self.session_frames_dropped = Counter(
+            "lipsync_session_frames_dropped", "Session frames a slow reader never got (its outbox was full)",
+            ["model"], registry=r)
+        self.session_speech_latency = Histogram(
+            "lipsync_session_speech_latency_seconds", "From audio arriving at an idle session to the tick that "
+            "plays it (look-ahead + render-ahead + at most a tick)", ["model"], buckets=SPEECH_LATENCY_BUCKETS,
+            registry=r)
+        self.session_barge_ins = Counter(
+            "lipsync_session_barge_ins", "Clears (barge-ins) sessions received", ["model"], registry=r)
         # Labels are created up front so dashboards see zeros rather than absent series.
         for kind in ("frame", "features"):
             for result in ("hit", "miss", "error"):

@@ -103,6 +103,15 @@ class Settings:
     tls_key: Path | None = field(default=None, metadata={"help": "TLS private key (PEM)", "type": _path_or_none})
     max_message_mb: int = field(default=64, metadata={
         "help": "largest gRPC message, HTTP body or WebSocket message (audio uploads)"})
+    max_sessions: int = field(default=4, metadata={
+        "help": "live sessions (Session RPC, WebSocket session_start) run at once; the next is refused with "
+                "RESOURCE_EXHAUSTED / 429 so it can try another pod (0: no limit). Size it as the frames/s the "
+                "pod sustains divided by fps x the share of time sessions speak (idle frames are cached): see "
+                "docs/API.md"})
+    session_render_ahead_ms: float = field(default=120.0, metadata={
+        "help": "how far ahead of its tick a session frame is rendered: a frame not ready at its tick is repeated, "
+                "and speech plays this much later (on top of the 0.45 s audio look-ahead); raise it when "
+                "lipsync_session_frames_total{kind=\"repeated\"} grows"})
     max_audio_seconds: float = field(default=600.0, metadata={"help": "longest audio accepted in one request"})
     encode_threads: int = field(default=0, metadata={
         "help": "threads for decoding, compositing and image encoding (0: number of CPUs)"})
@@ -142,7 +151,7 @@ class Settings:
         for name in ("max_batch", "max_queue", "max_message_mb"):
             if getattr(self, name) < 1:
                 problems.append(f"--{_flag(name)} must be >= 1")
-        for name in ("max_batch_delay_ms", "frame_cache_ttl", "feature_cache_ttl", "memory_budget_mb",
+        for name in ("max_sessions", "session_render_ahead_ms", "max_batch_delay_ms", "frame_cache_ttl", "feature_cache_ttl", "memory_budget_mb",
                      "memory_cache_mb", "encode_threads", "shutdown_grace_s", "max_audio_seconds"):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} must be >= 0")

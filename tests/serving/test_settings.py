@@ -25,6 +25,7 @@ ENV_VALUES = {
     "feature_cache_ttl": ("120", 120.0), "memory_cache_mb": ("16", 16), "preload": ("a, b,c", ["a", "b", "c"]),
     "api_keys_file": ("/keys", Path("/keys")), "health_requires_key": ("true", True), "tls_cert": ("/c.pem", Path("/c.pem")),
     "tls_key": ("/k.pem", Path("/k.pem")), "max_message_mb": ("8", 8), "max_audio_seconds": ("30", 30.0),
+    "max_sessions": ("7", 7), "session_render_ahead_ms": ("200", 200.0),
     "encode_threads": ("3", 3), "shutdown_grace_s": ("4", 4.0), "log_level": ("debug", "DEBUG"),
     "benchmark_identity_network": ("true", True),
     "allowed_origins": ("https://app.example.com,http://localhost:3000",

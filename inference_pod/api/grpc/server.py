@@ -29,6 +29,21 @@ from inference_pod.serving.auth import ApiKeyInterceptor, key_from_metadata
 from inference_pod.serving.data_plane import DataPlane
 from inference_pod.serving.health import POD
 from inference_pod.serving.pipeline import AudioInput, FrameRequest, FrameResult
+from inference_pod.serving.session import (
+    CONFIG_FIRST,
+    CONFIG_ONCE,
+    AudioChunk,
+    Clear,
+    Cleared,
+    Ended,
+    Flush,
+    PlaybackFinished,
+    SessionConfig,
+    SessionFrame,
+    SessionInput,
+    SessionOutput,
+    Started,
+)
 from inference_pod.serving.views import AVAILABLE, LOADED, LoadResult, ModelView, RegistryListing, StatsView
 from lipsync.v1 import lipsync_pb2 as pb
 
@@ -46,6 +61,7 @@ FORMAT_ENUMS = {"jpeg": pb.IMAGE_FORMAT_JPEG, "png": pb.IMAGE_FORMAT_PNG, "raw":
 REGIONS = {pb.OUTPUT_REGION_UNSPECIFIED: "full", pb.OUTPUT_REGION_FULL_FRAME: "full",
            pb.OUTPUT_REGION_PREDICTION: "prediction"}
 REGION_ENUMS = {"full": pb.OUTPUT_REGION_FULL_FRAME, "prediction": pb.OUTPUT_REGION_PREDICTION}
+FRAME_KINDS = {"idle": pb.FRAME_KIND_IDLE, "speaking": pb.FRAME_KIND_SPEAKING, "repeated": pb.FRAME_KIND_REPEATED}
 MODEL_STATES = {LOADED: pb.MODEL_STATE_LOADED, AVAILABLE: pb.MODEL_STATE_AVAILABLE}
 
 
@@ -203,6 +219,31 @@ def stats_response(stats: StatsView) -> pb.GetStatsResponse:
                                   "cache": pb.CacheStats(**vars(stats.cache))})
 
 
+def session_config(config: pb.SessionConfig) -> SessionConfig:
+    return SessionConfig(config.model, output_spec(config.output), config.sample_rate or audio.SAMPLE_RATE,
+                         config.channels or 1, paced=not config.unpaced)
+
+
+def session_response(output: SessionOutput) -> pb.SessionResponse:
+    if isinstance(output, SessionFrame):
+        return pb.SessionResponse(frame=pb.SessionFrame(tick=output.tick, pts=output.pts, kind=FRAME_KINDS[output.kind],
+                                                        frame=frame_message(output.result), audio=output.audio))
+    if isinstance(output, Started):
+        return pb.SessionResponse(started=pb.SessionStarted(
+            session_id=output.session_id, model=output.model, model_version=output.version, fps=output.fps,
+            sample_rate=output.sample_rate, samples_per_tick=output.samples_per_tick, lookahead_s=output.lookahead_s))
+    if isinstance(output, Cleared):
+        return pb.SessionResponse(cleared=pb.SessionCleared(**vars(output)))
+    if isinstance(output, PlaybackFinished):
+        return pb.SessionResponse(playback_finished=pb.PlaybackFinished(**vars(output)))
+    assert isinstance(output, Ended)
+    frames = output.frames
+    return pb.SessionResponse(ended=pb.SessionEnded(
+        ticks=output.ticks, speaking_frames=frames["speaking"], idle_cached_frames=frames["idle_cached"],
+        idle_computed_frames=frames["idle_computed"], repeated_frames=frames["repeated"],
+        dropped_frames=output.dropped))
+
+
 def parse(message_type: type[Message], data: bytes, method: str) -> Message:
     """The method's request message, or INVALID_ARGUMENT: bytes that do not parse are the client's error."""
     try:
@@ -310,6 +351,44 @@ class LipSyncServicer:
         async for result in self.data_plane.live(config.model, config.sample_rate or audio.SAMPLE_RATE,
                                                config.channels or 1, chunks(), output):
             yield frame_message(result)
+
+    async def Session(self, request_iterator: AsyncIterator[bytes], context):
+        """Bidirectional: the config, then audio, clears and flushes as they come, each parsed as it arrives."""
+        try:
+            async with self.data_plane.request_scope("Session"):
+                async for output in self._session(request_iterator):
+                    await context.write(session_response(output))
+        except Exception as exc:
+            await _abort("Session", exc, context)
+
+    async def _session(self, request_iterator: AsyncIterator[bytes]):
+        async def messages():
+            async for data in request_iterator:
+                yield parse(pb.SessionRequest, data, "Session")
+
+        requests = messages().__aiter__()
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("message") != "config":
+            raise InvalidInput(CONFIG_FIRST)
+        config = session_config(first.config)
+
+        async def inputs() -> AsyncIterator[SessionInput]:
+            async for message in requests:
+                kind = message.WhichOneof("message")
+                if kind == "pcm16":
+                    yield AudioChunk(message.pcm16)
+                elif kind == "clear":
+                    yield Clear()
+                elif kind == "flush":
+                    yield Flush()
+                elif kind == "config":
+                    raise InvalidInput(CONFIG_ONCE)
+                else:
+                    raise InvalidInput("a Session message after the config must carry pcm16, clear or flush; this "
+                                       "one is empty")
+
+        async for output in self.data_plane.session(config, inputs()):
+            yield output
 
     @_unary
     async def ListModels(self, request, context) -> pb.ListModelsResponse:

@@ -209,12 +209,54 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
             description="then binary messages of 16-bit little-endian PCM, then audio_end"),
         "WsAudioEnd": obj({"type": {"const": "audio_end"}, **ws_common}, ["type"], closed=True),
         "WsPing": obj({"type": {"const": "ping"}, **ws_common}, ["type"], closed=True),
+        "WsSessionStart": obj({
+            "type": {"const": "session_start"}, **ws_common, "model_name": frame_request_fields["model_name"],
+            "sample_rate": _int("16000: a session's audio is 16 kHz mono PCM16, in and out", type=["integer", "null"],
+                                default=16000),
+            "channels": _int("1", type=["integer", "null"], default=1),
+            "unpaced": {"type": ["boolean", "null"], "default": False,
+                        "description": "ticks as fast as frames are made and read (offline rendering, tests)"},
+            **output_fields},
+            ["type", "model_name"], closed=True,
+            description="a live session; then binary PCM16 messages (its audio), clear, flush, session_end"),
+        "WsClear": obj({"type": {"const": "clear"}, **ws_common}, ["type"], closed=True,
+                       description="barge-in: queued audio and frames not yet emitted are dropped"),
+        "WsFlush": obj({"type": {"const": "flush"}, **ws_common}, ["type"], closed=True,
+                       description="end of an utterance: playback_finished follows once it has played"),
+        "WsSessionEnd": obj({"type": {"const": "session_end"}, **ws_common}, ["type"], closed=True),
         # /ws, server -> client
         "WsFrame": {"allOf": [obj({"type": {"const": "frame"}, **ws_common}, ["type"]), ref("Frame")]},
         "WsEnd": obj({"type": {"const": "end"}, "frames": _int("frames sent"), **ws_common}, ["type", "frames"]),
         "WsError": obj({"type": {"const": "error"}, "code": {"type": "string", "enum": ERROR_CODES},
-                        "message": _str(), **ws_common}, ["type", "code", "message"]),
+                        "message": _str(), **ws_common,
+                        "http_status": _int("429 on a session refused past --max-sessions (the socket then closes "
+                                            "with 1013: try another pod)")}, ["type", "code", "message"]),
         "WsPong": obj({"type": {"const": "pong"}, **ws_common}, ["type"]),
+        "WsSessionStarted": obj({
+            "type": {"const": "session_started"}, **ws_common, "session_id": _str(), "model": _str(),
+            "model_version": _str(), "fps": _int(), "sample_rate": _int(), "samples_per_tick": _int(),
+            "lookahead_s": _num("audio arriving while idle plays this much later (plus at most one tick)")},
+            ["type", "session_id", "fps", "sample_rate", "samples_per_tick", "lookahead_s"]),
+        "WsSessionFrame": {"allOf": [obj({
+            "type": {"const": "session_frame"}, **ws_common, "tick": _int("0, 1, 2, ... one per 1/fps"),
+            "pts": _num("presentation time in seconds: tick / fps"),
+            "kind": {"type": "string", "enum": ["idle", "speaking", "repeated"]},
+            "audio": _str("base64 PCM16, 16 kHz mono: the audio that plays with this frame")},
+            ["type", "tick", "pts", "kind", "audio"]), ref("Frame")]},
+        "WsCleared": obj({
+            "type": {"const": "cleared"}, **ws_common, "tick": _int("the last tick emitted before the clear"),
+            "pts": _num(), "played_samples": _int("of the audio cleared, samples that had played"),
+            "dropped_samples": _int("samples that will never play")},
+            ["type", "tick", "pts", "played_samples", "dropped_samples"]),
+        "WsPlaybackFinished": obj({
+            "type": {"const": "playback_finished"}, **ws_common, "utterance": _int("1, 2, ...: between flushes"),
+            "tick": _int("the tick that played its last sample"), "pts": _num(), "samples": _int()},
+            ["type", "utterance", "tick", "pts", "samples"]),
+        "WsSessionEnded": obj({
+            "type": {"const": "session_ended"}, **ws_common, "ticks": _int(),
+            "frames": obj({kind: _int() for kind in ("speaking", "idle_cached", "idle_computed", "repeated")}),
+            "dropped": _int("frames this (slow) reader never got")},
+            ["type", "ticks", "frames", "dropped"]),
     }
 
 
@@ -328,8 +370,10 @@ def openapi_document(version: str, max_batch_items: int, *, keys_required: bool,
                               **_errors("400", *authed, "403", "503")},
                 "x-websocket-messages": {
                     "client": [ref(n) for n in ("WsFrameRequest", "WsStreamRequest", "WsAudioStart", "WsAudioEnd",
-                                                "WsPing")],
-                    "server": [ref(n) for n in ("WsFrame", "WsEnd", "WsError", "WsPong")]},
+                                                "WsSessionStart", "WsClear", "WsFlush", "WsSessionEnd", "WsPing")],
+                    "server": [ref(n) for n in ("WsFrame", "WsEnd", "WsError", "WsPong", "WsSessionStarted",
+                                                "WsSessionFrame", "WsCleared", "WsPlaybackFinished",
+                                                "WsSessionEnded")]},
             }},
         },
         "components": {

@@ -9,6 +9,14 @@ Client -> server (every message may carry a ``request_id``, string or integer, e
 - ``{"type": "audio_start", "model_name", "sample_rate"?, "channels"?, output fields}``, then binary
   messages of 16-bit little-endian PCM, then ``{"type": "audio_end"}`` -> frame messages as soon as each
   frame's audio window is complete (``pipeline.live``), then ``{"type": "end", "frames": n}``;
+- ``{"type": "session_start", "model_name", "sample_rate"?, "channels"?, "unpaced"?, output fields}`` opens
+  the socket's live session (``serving.session``): ``{"type": "session_started", ...}``, then one
+  ``{"type": "session_frame", "tick", "pts", "kind", "audio" (base64 PCM16), frame fields}`` per tick until
+  it ends; binary messages are its audio, ``{"type": "clear"}`` is answered by ``{"type": "cleared", ...}``,
+  ``{"type": "flush"}`` by ``{"type": "playback_finished", ...}`` once its audio has played, and
+  ``{"type": "session_end"}`` by ``{"type": "session_ended", ...}``. A session past the pod's
+  --max-sessions is an error message (RESOURCE_EXHAUSTED, ``"http_status": 429``) and the socket closes
+  (1013, try again later), so the client can try another pod;
 - ``{"type": "ping"}`` -> ``{"type": "pong"}`` (browsers cannot send WebSocket pings).
 
 Each operation runs as its own task in the server's request scope (GenerateFrame, StreamFrames,
@@ -21,13 +29,16 @@ message over the size limit closes it (1009), as the WebSocket protocol requires
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from inference_pod.api.http.shapes import (
     FRAME_FIELDS,
@@ -42,8 +53,23 @@ from inference_pod.api.http.shapes import (
     reject_unknown,
 )
 from inference_pod.core.live_features import pcm_slices
-from inference_pod.errors import InvalidInput, echo, reply_for
+from inference_pod.errors import InvalidInput, Overloaded, echo, reply_for
 from inference_pod.serving.data_plane import DataPlane
+from inference_pod.serving.session import (
+    CONFIG_FIRST,
+    AudioChunk,
+    Clear,
+    Cleared,
+    End,
+    Ended,
+    Flush,
+    PlaybackFinished,
+    SessionConfig,
+    SessionFrame,
+    SessionInput,
+    SessionOutput,
+    Started,
+)
 
 
 class Authenticator(Protocol):
@@ -60,7 +86,9 @@ AUDIO_QUEUE_SLICES = 32
 COMMON_FIELDS = frozenset({"type", "request_id"})
 STREAM_FIELDS = COMMON_FIELDS | FRAME_FIELDS - {"frame_id"} | {"first", "last", "realtime", "fps"}
 AUDIO_START_FIELDS = COMMON_FIELDS | OUTPUT_FIELDS | {"model_name", "sample_rate", "channels"}
-METHODS = {"frame": "GenerateFrame", "stream": "StreamFrames", "audio_start": "StreamAudio"}
+SESSION_START_FIELDS = AUDIO_START_FIELDS | {"unpaced"}
+METHODS = {"frame": "GenerateFrame", "stream": "StreamFrames", "audio_start": "StreamAudio",
+           "session_start": "Session"}
 
 
 class LiveAudio:
@@ -81,6 +109,44 @@ class LiveAudio:
             self.queue.get_nowait()
 
 
+class LiveSession:
+    """The socket's open avatar session: its inputs, in order, handed from the reader to the session's task."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[SessionInput] = asyncio.Queue(AUDIO_QUEUE_SLICES)
+        self.done = False
+
+    async def inputs(self):
+        while not isinstance(message := await self.queue.get(), End):
+            yield message
+
+    def stop(self) -> None:
+        """The session is over: drop what is queued (unblocking the reader) and whatever comes next."""
+        self.done = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+    async def put(self, message: SessionInput) -> None:
+        if not self.done:
+            await self.queue.put(message)
+
+
+def session_output_json(output: SessionOutput) -> dict[str, Any]:
+    if isinstance(output, SessionFrame):
+        return {"type": "session_frame", "tick": output.tick, "pts": output.pts, "kind": output.kind,
+                "audio": base64.b64encode(output.audio).decode("ascii"), **frame_json(output.result)}
+    if isinstance(output, Started):
+        fields = dataclasses.asdict(output)
+        fields["model_version"] = fields.pop("version")
+        return {"type": "session_started", **fields}
+    if isinstance(output, Cleared):
+        return {"type": "cleared", **dataclasses.asdict(output)}
+    if isinstance(output, PlaybackFinished):
+        return {"type": "playback_finished", **dataclasses.asdict(output)}
+    assert isinstance(output, Ended)
+    return {"type": "session_ended", "ticks": output.ticks, "frames": output.frames, "dropped": output.dropped}
+
+
 class WebSocketSession:
     def __init__(self, data_plane: DataPlane, authenticate: Authenticator, ws: web.WebSocketResponse,
                  api_key: str | None):
@@ -92,6 +158,7 @@ class WebSocketSession:
         self._slots = asyncio.Semaphore(MAX_OPERATIONS)
         self._tasks: set[asyncio.Task] = set()
         self._audio: LiveAudio | None = None
+        self._session: LiveSession | None = None
 
     async def run(self) -> None:
         try:
@@ -107,6 +174,8 @@ class WebSocketSession:
         finally:  # the client is gone: nobody is left to read what its operations would send
             if self._audio is not None:
                 self._audio.fail()
+            if self._session is not None:
+                self._session.stop()
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
@@ -129,7 +198,29 @@ class WebSocketSession:
             await self._spawn(functools.partial(self._frame, message, request_id), kind, request_id)
         elif kind == "stream":
             await self._spawn(functools.partial(self._stream, message, request_id), kind, request_id)
+        elif kind == "session_start":
+            session_open = self._session is not None and not self._session.done
+            if session_open or (self._audio is not None and not self._audio.failed):
+                await self._send_error("INVALID_ARGUMENT", "a session or an audio stream is already open on this "
+                                       "socket: one at a time (session_end / audio_end first)", request_id)
+                return
+            session = self._session = LiveSession()
+            await self._spawn(functools.partial(self._live_session, message, session, request_id), kind,
+                              request_id, on_error=session.stop)
+        elif kind in ("clear", "flush", "session_end"):
+            open_session = self._session
+            if open_session is None or open_session.done:
+                await self._send_error("INVALID_ARGUMENT", CONFIG_FIRST, request_id)
+                return
+            if kind == "session_end":
+                self._session = None
+            control: dict[str, SessionInput] = {"clear": Clear(), "flush": Flush(), "session_end": End()}
+            await open_session.put(control[kind])
         elif kind == "audio_start":
+            if self._session is not None and not self._session.done:
+                await self._send_error("INVALID_ARGUMENT", "a session is open on this socket: session_end before "
+                                       "audio_start", request_id)
+                return
             if self._audio is not None and not self._audio.failed:
                 await self._send_error("INVALID_ARGUMENT", "an audio session is already open: send audio_end "
                                        "before starting another", request_id)
@@ -145,9 +236,13 @@ class WebSocketSession:
                 await live.queue.put(None)
         else:
             await self._send_error("INVALID_ARGUMENT", f"unknown message type {echo(kind)}: expected frame, stream, "
-                                   "audio_start, audio_end or ping", request_id)
+                                   "audio_start, audio_end, session_start, clear, flush, session_end or ping", request_id)
 
     async def _on_binary(self, data: bytes) -> None:
+        session = self._session
+        if session is not None and not session.done:
+            await session.put(AudioChunk(data))  # the session works it in slices
+            return
         live = self._audio
         if live is None:
             await self._send_error("INVALID_ARGUMENT", "binary messages are PCM16 audio and need an open audio "
@@ -170,7 +265,8 @@ class WebSocketSession:
 
     async def _guarded(self, operation: Callable[[], Awaitable[None]], method: str, request_id,
                        on_error: Callable[[], None] | None) -> None:
-        """One operation, in the request scope; its failure is an error message, never the socket's end."""
+        """One operation, in the request scope; its failure is an error message, never the socket's end
+        (except a session refused for capacity: the client should try another pod, so the socket closes)."""
         try:
             self.authenticate(self.api_key, method)  # a key revoked while the socket stays open
             async with self.data_plane.request_scope(method):
@@ -183,6 +279,12 @@ class WebSocketSession:
             if on_error is not None:
                 on_error()
             reply = reply_for(exc, f"WebSocket {method}")
+            if method == "Session" and isinstance(exc, Overloaded):
+                with contextlib.suppress(ConnectionError):
+                    await self._send({"type": "error", "code": reply.code, "http_status": reply.http_status,
+                                      "message": reply.message}, request_id)
+                await self.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too many sessions")
+                return
             await self._send_error(reply.code, reply.message, request_id)
 
     # -------------------------------------------------------------------------------------- operations
@@ -214,6 +316,17 @@ class WebSocketSession:
             await self._send(frame_json(result), request_id, "frame")
             frames += 1
         await self._send({"type": "end", "frames": frames}, request_id)
+
+    async def _live_session(self, message: dict, session: LiveSession, request_id) -> None:
+        reject_unknown(message, SESSION_START_FIELDS, "a session_start message")
+        config = SessionConfig(field(message, "model_name", str), output_spec(message),
+                               field(message, "sample_rate", int, 16000), field(message, "channels", int, 1),
+                               paced=not field(message, "unpaced", bool, False))
+        try:
+            async for output in self.data_plane.session(config, session.inputs()):
+                await self._send(session_output_json(output), request_id)
+        finally:
+            session.stop()
 
     # -------------------------------------------------------------------------------------- outgoing
 
