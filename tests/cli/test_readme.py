@@ -154,7 +154,7 @@ class Readme:
                                     env=dict(os.environ, OMP_NUM_THREADS="1"))
         with LipSyncClient(f"{LOOPBACK}:{self.grpc_port}", timeout=5) as client:
             try:
-                wait_serving(client, self.pod, 120)
+                wait_serving(client, self.pod)
             except AssertionError:
                 raise AssertionError(f"the README's serve line did not start a pod: {serve}\n"
                                      f"{(self.root / 'pod.log').read_text()}") from None
