@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from lsm_harness import (
     DEPLOYMENTS,
+    LSM,
     NAMESPACE,
     PDBS,
     SERVICES,
     apply_model,
+    condition,
     create_object,
     delete_object,
     eventually,
@@ -67,8 +69,9 @@ async def test_the_deletion_step_fails_when_there_were_no_children(cluster, regi
     """The model exists but its package is unknown: the operator creates nothing, so the old check (no
     children left afterwards) passed; now the step says there was nothing to see go."""
     await apply_model(cluster, run_e2e.MODEL, {"package": {"name": "nobody"}})
-    await asyncio.sleep(1)
-    assert cluster.get(DEPLOYMENTS, run_e2e.MODEL) is None
+    await eventually(lambda: (c := condition(cluster.get(LSM, run_e2e.MODEL), "PackageAvailable"))
+                     and c["status"] == "False", what="the operator to report the package unavailable")
+    assert cluster.get(DEPLOYMENTS, run_e2e.MODEL) is None  # reconciled, and nothing created
     with pytest.raises(run_e2e.StepFailed, match="owns no deployments or services"):
         await step(e2e_runner(run_e2e))
 

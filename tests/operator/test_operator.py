@@ -245,7 +245,9 @@ async def test_deletion_removes_the_children_through_owner_references(cluster, r
     assert cluster.get(LSM, "alice") is None
     for resource in (DEPLOYMENTS, SERVICES, PDBS):
         await eventually(lambda r=resource: cluster.get(r, "alice") is None, what=f"{resource.plural} to go")
-    await asyncio.sleep(0.5)   # the operator must not bring them back
+    # A quiet period, not a synchronisation: that the operator does not bring them back can only be watched
+    # for a while (a re-creation would be there within it: it recreates a deleted child at once, see below).
+    await asyncio.sleep(0.5)
     for resource in (DEPLOYMENTS, SERVICES, PDBS):
         assert cluster.get(resource, "alice") is None
         assert cluster.creations(resource, "alice") == 1
