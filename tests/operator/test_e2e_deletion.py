@@ -89,7 +89,7 @@ async def test_the_deletion_step_fails_when_a_child_stays(cluster, registry, ope
 
     async def replace_the_service():
         """Something recreates the Service under the same name once the garbage collector took it."""
-        await eventually(lambda: cluster.get(SERVICES, run_e2e.MODEL) is None, timeout=15, what="the Service gone")
+        await eventually(lambda: cluster.get(SERVICES, run_e2e.MODEL) is None, timeout=45, what="the Service gone")
         await create_object(cluster, SERVICES, {"apiVersion": "v1", "kind": "Service",
                                                 "metadata": {"name": run_e2e.MODEL},
                                                 "spec": {"ports": [{"port": 80}]}})
