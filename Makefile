@@ -56,9 +56,9 @@ test: setup browser-deps lint
 	$(PYTHON) -m pytest -q -n auto --dist loadfile
 
 # The same suite in a random order (pytest-randomly: files, and tests within a file, shuffled; module-scoped
-# servers still shared): every test must pass whatever ran before it. The seed is printed in the header;
+# servers still shared): every test must pass whatever ran before it. The seed is printed first;
 # `make test-random SEED=1234` reruns that order.
-SEED ?= $(shell $(PYTHON) -c "import random; print(random.randrange(1 << 31))")
 test-random: setup browser-deps
-	@echo "random order, seed $(SEED)"
-	$(PYTHON) -m pytest -q -n auto --dist loadfile -p randomly --randomly-seed=$(SEED)
+	@seed=$(or $(SEED),$$($(PYTHON) -c "import random; print(random.randrange(1 << 31))")); \
+	  echo "random order, seed $$seed (make test-random SEED=$$seed replays it)"; \
+	  $(PYTHON) -m pytest -q -n auto --dist loadfile -p randomly --randomly-seed=$$seed
