@@ -739,7 +739,9 @@ async def test_draining(tmp_path):
     every check however slow the machine is; then the client finishes it."""
     models = models_dir_with(tmp_path / "models", "demo-1")
     pcm = speech_pcm16(1.0, seed=5)
-    async with running(settings_for(models, preload=["demo"])) as pod:
+    # The grace is longer than the checks below can take on a busy machine: the session ends when the client
+    # ends it, not when the grace runs out (that cut-off would close it).
+    async with running(settings_for(models, preload=["demo"], shutdown_grace_s=240)) as pod:
         async with pod.http.ws_connect(pod.ws_url) as ws, pod.http.ws_connect(pod.ws_url) as idle:
             await ws.send_json({"type": "audio_start", "model_name": "demo"})
             await ws.send_bytes(pcm[: len(pcm) // 2])

@@ -522,7 +522,9 @@ async def test_graceful_shutdown(tmp_path):
     is a live audio stream that the client holds open (it has not sent all its audio), so it is still in
     flight at every check below however slow the machine is; then the client finishes it."""
     models = models_dir_with(tmp_path / "models", "demo-1")
-    server = await Pod(settings_for(models, preload=["demo"])).start()
+    # The grace is longer than the checks below can take on a busy machine: the call ends when the client
+    # ends it, not when the grace runs out (that cut-off would cancel it).
+    server = await Pod(settings_for(models, preload=["demo"], shutdown_grace_s=240)).start()
     channel = grpc.aio.insecure_channel(f"{LOOPBACK}:{server.port}")
     stub, health = pb_grpc.LipSyncStub(channel), health_pb2_grpc.HealthStub(channel)
     pcm = speech_pcm16(1.0, seed=5)
