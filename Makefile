@@ -6,7 +6,7 @@ DEMO_TRAIN_STEPS ?= 500
 # The interpreter's scripts folder first on PATH, so `lipsync` is found in an unactivated venv too.
 export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))"):$(PATH)
 
-.PHONY: setup system-deps browser-deps python-deps demo demo-weights test lint images test-images
+.PHONY: setup system-deps browser-deps python-deps demo demo-weights test test-random lint images test-images
 
 # nodejs runs the docs' JavaScript examples in tests/cli/test_readme.py; espeak-ng is the demo character's
 # voice (training speech, default track, the lip-sync quality gate); redis-server is for the tests (and for
@@ -60,11 +60,18 @@ lint:
 	lint-imports
 
 # One worker per core; --dist loadfile keeps a file's tests (and its module-scoped servers) on one worker.
-# Tests marked `alone` keep pace with a wall clock (a browser speaking in real time), so they run afterwards,
-# without a second worker taking half the CPU. Either phase collecting nothing fails (pytest exits 5).
+# No test keeps pace with a wall clock, so one phase runs them all, in file order. Collecting nothing fails
+# it (pytest exits 5, and make stops on any non-zero status).
 test: setup browser-deps lint
-	$(PYTHON) -m pytest -q -n auto --dist loadfile -m "not alone"
-	$(PYTHON) -m pytest -q -m alone
+	$(PYTHON) -m pytest -q -n auto --dist loadfile
+
+# The same suite in a random order (pytest-randomly: files, and tests within a file, shuffled; module-scoped
+# servers still shared): every test must pass whatever ran before it. The seed is printed first;
+# `make test-random SEED=1234` reruns that order.
+test-random: setup browser-deps
+	@seed=$(or $(SEED),$$($(PYTHON) -c "import random; print(random.randrange(1 << 31))")); \
+	  echo "random order, seed $$seed (make test-random SEED=$$seed replays it)"; \
+	  $(PYTHON) -m pytest -q -n auto --dist loadfile -p randomly --randomly-seed=$$seed
 
 # Both images (docs/KUBERNETES.md), with docker where its daemon answers, else podman. BASE_IMAGE picks the
 # inference image's torch base (empty: the Dockerfile's CUDA default; a CPU torch image for kind and CPU

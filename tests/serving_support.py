@@ -14,7 +14,6 @@ import struct
 import subprocess
 import tempfile
 import threading
-import time
 import wave
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import soundfile
+from conditions import wait_until
 
 from inference_pod.tools.demo_character import build_demo_package, speech_like_audio
 
@@ -107,17 +107,22 @@ def silent_flac(path: Path, seconds: int, rate: int = 8000) -> bytes:
     return path.read_bytes()
 
 
-def wait_serving(client, proc: subprocess.Popen, timeout_s: float) -> None:
+# A new pod process imports torch and loads its preload list first: seconds on a quiet machine, minutes on a
+# busy one. The deadline only matters when the pod is broken.
+POD_START_TIMEOUT_S = 180.0
+
+
+def wait_serving(client, proc: subprocess.Popen, timeout_s: float = POD_START_TIMEOUT_S) -> None:
     """Until the pod started as ``proc`` reports SERVING (after its preload list); fails if it exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def serving() -> bool:
+        assert proc.poll() is None, f"the pod exited with status {proc.returncode}"
         try:
-            if client.health() == "SERVING":
-                return
+            return client.health() == "SERVING"
         except grpc.RpcError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, "pod did not come up"
-        time.sleep(0.2)
+            return False
+
+    wait_until(serving, what="the pod to report SERVING", timeout=timeout_s, poll=0.2)
 
 
 class RedisServer:
@@ -139,16 +144,16 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection((LOOPBACK, self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        wait_until(self.answers, what=f"redis-server to answer PING on port {self.port}", timeout=60)
+        return self
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.proc is not None:

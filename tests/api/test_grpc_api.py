@@ -1,6 +1,6 @@
 """Property-based tests of the gRPC front door (hypothesis): any request message, or any bytes at all, through
 the real pipeline of a running pod gets OK or a client-error status, never INTERNAL or UNKNOWN, and the pod
-stays SERVING. The method-by-method behaviour is in test_server.py."""
+stays SERVING. The method-by-method behaviour is in test_grpc_service.py."""
 
 from __future__ import annotations
 

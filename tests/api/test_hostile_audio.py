@@ -51,7 +51,7 @@ def pod(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with LipSyncClient(f"{LOOPBACK}:{port}", timeout=60) as client:
-            wait_serving(client, proc, 90)
+            wait_serving(client, proc)
             yield proc, client, f"http://{LOOPBACK}:{http_port}"
     finally:
         proc.kill()

@@ -92,22 +92,10 @@ def _mouth_darkness(frame: np.ndarray) -> float:
     return float((mouth < 0.6 * np.median(mouth)).mean())
 
 
-def _frames_per_second(package_path: Path, cache: Path) -> float:
-    """What this machine computes right now: the demo's frames per second, offline, one thread."""
-    from inference_pod.core.engine import Engine
-    from inference_pod.package import open_package
-
-    engine = Engine.from_package(open_package(package_path, cache_dir=cache))
-    features = engine.default_features
-    ids = list(range(min(25, len(features))))
-    engine.predict([engine.template_index(0)], engine.windows(features, [0]))  # the first call pays one-off set-up
-    start = time.monotonic()
-    for i in ids:
-        engine.composite(engine.template_index(i), engine.predict([engine.template_index(i)], engine.windows(features, [i]))[0])
-    return len(ids) / (time.monotonic() - start)
+WATCHED_FRAMES = 40  # 1.6 s of voice: a few syllables, so the mouth both opens and closes
 
 
-@pytest.mark.alone
+@pytest.mark.timeout(600)  # Chromium, a trained demo and 5 s of voice at whatever pace a busy CPU allows
 @pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
 def test_speaking_into_the_page_animates_the_trained_demo(tmp_path, keys_file):
     from selenium import webdriver
@@ -124,7 +112,6 @@ def test_speaking_into_the_page_animates_the_trained_demo(tmp_path, keys_file):
     voice = tmp_path / "voice.wav"  # the fake microphone plays this in a loop
     voice.write_bytes(encode_wav_pcm16(held_out_speech()))
 
-    capacity = _frames_per_second(models / "demo-1.zip", tmp_path / "store")
     pod = ServerThread(_settings(models, keys_file))
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
@@ -138,29 +125,38 @@ def test_speaking_into_the_page_animates_the_trained_demo(tmp_path, keys_file):
         driver.get(f"http://{LOOPBACK}:{pod.server.gateway.port}/")
         driver.find_element(By.ID, "api-key").send_keys(KEY)
         driver.find_element(By.ID, "refresh").click()
-        WebDriverWait(driver, 30).until(lambda d: "demo" in [o.text for o in Select(d.find_element(By.ID, "model")).options])
+        WebDriverWait(driver, 120).until(lambda d: "demo" in [o.text for o in Select(d.find_element(By.ID, "model")).options])
         Select(driver.find_element(By.ID, "model")).select_by_visible_text("demo")
         driver.find_element(By.ID, "mic").click()
         spoke = time.monotonic()
 
-        last = lambda d: int(d.execute_script("return Number(document.body.dataset.lastFrame || -1);"))  # noqa: E731
-        WebDriverWait(driver, 60).until(lambda d: last(d) >= 25)  # the first second of voice has come back
-        # Pace: over the next 4 s of voice, frames keep coming at the audio's 25 per second.
-        start_frame, start = last(driver), time.monotonic()
-        darkness = []
-        while time.monotonic() - start < 4.0:
-            frame = _canvas(driver)
-            darkness.append(_mouth_darkness(frame))
-            time.sleep(0.3)
-        elapsed, frames = time.monotonic() - start, last(driver) - start_frame
-        print(f"pod capacity {capacity:.1f} frames/s; {frames} frames in {elapsed:.1f} s ({frames / elapsed:.1f}/s); mouth darkness "
-              f"{min(darkness):.3f}..{max(darkness):.3f}; shown: {driver.find_element(By.ID, 'fps').text} frames/s, "
+        def shown(d) -> tuple[int, int]:
+            """(frames drawn, id of the last one drawn), read together."""
+            drawn, last = d.execute_script("return [Number(document.getElementById('frames').textContent) || 0, "
+                                           "Number(document.body.dataset.lastFrame || -1)];")
+            return int(drawn), int(last)
+
+        # The first second of voice comes back (however long a busy machine takes to compute it).
+        WebDriverWait(driver, 180).until(lambda d: shown(d)[1] >= 25)
+        # Then watch the next WATCHED_FRAMES frames, by frame id rather than by the clock: every observation
+        # sees frames in order with none missing (frame n is the n+1-th drawn), and the mouth moving.
+        seen, darkness = [shown(driver)], []
+        start = time.monotonic()
+        while seen[-1][1] < seen[0][1] + WATCHED_FRAMES:
+            status = driver.find_element(By.ID, "status").text
+            assert time.monotonic() - start < 300, f"frames stopped coming: {seen[-3:]}; page status {status!r}"
+            darkness.append(_mouth_darkness(_canvas(driver)))
+            seen.append(shown(driver))
+        elapsed = time.monotonic() - start
+        # Reported, not asserted: the pace is the benchmarks' subject, and a busy CPU may be slower than the voice.
+        print(f"{seen[-1][1] - seen[0][1]} frames in {elapsed:.1f} s; mouth darkness {min(darkness):.3f}.."
+              f"{max(darkness):.3f}; shown: {driver.find_element(By.ID, 'fps').text} frames/s, "
               f"delay {driver.find_element(By.ID, 'delay').text}")
-        # Never ahead of the voice (a frame needs its audio), and as fast as the voice where this machine's
-        # CPU can compute that (measured just before; a slow CI core may not). The browser shares the CPU.
-        assert last(driver) <= 25 * (time.monotonic() - spoke) + 1
-        pace = min(25.0, capacity)
-        assert frames / elapsed > 0.5 * pace, f"{frames} frames in {elapsed:.1f} s, the pod computes {capacity:.1f}/s"
+        last_ids = [last for _, last in seen]
+        assert last_ids == sorted(last_ids), last_ids  # in order
+        assert all(drawn >= last + 1 for drawn, last in seen), seen  # none missing before the one shown
+        # Never ahead of the voice: a frame needs its audio (25 frames per second of it).
+        assert shown(driver)[1] <= 25 * (time.monotonic() - spoke) + 1
         assert max(darkness) > 1.5 * min(darkness) + 0.01, darkness  # the mouth opens and closes
         assert driver.find_element(By.ID, "status").get_attribute("class") != "error"
         deadline = time.monotonic() + 5

@@ -23,7 +23,7 @@ def test_serve_from_environment_and_sigterm(tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with LipSyncClient(f"{LOOPBACK}:{port}", timeout=5) as client:
-            wait_serving(client, proc, 60)  # SERVING once the preload is done
+            wait_serving(client, proc)  # SERVING once the preload is done
             assert client.health("demo") == "SERVING"  # preloaded from LIPSYNC_PRELOAD
             stats = client.get_stats()
             assert stats.max_batch == 4

@@ -9,12 +9,12 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import redis
 from chart_support import NAMESPACE, RELEASE, container_env, expand, find, render
+from conditions import wait_until
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -58,16 +58,19 @@ def chart_redis(docs, tmp_path_factory):
     proc = subprocess.Popen(args + ["--port", str(port)],   # every interface, as in the pod
                             cwd=tmp_path_factory.mktemp("redis"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
+    def listening() -> bool:
+        assert proc.poll() is None, f"redis-server {args[1:]} exited"
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
         except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError(f"redis-server {args[1:]} did not start") from None
-            time.sleep(0.05)
+            return False
+
+    try:
+        wait_until(listening, what=f"redis-server {args[1:]} to listen", timeout=60)
+    except AssertionError:
+        proc.kill()
+        raise
     yield port
     proc.terminate()
     proc.wait(timeout=10)
@@ -153,11 +156,9 @@ def test_helm_test_fails_against_a_redis_open_to_anyone(docs, tmp_path):
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--protected-mode", "no"], cwd=tmp_path, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip() \
-                != "PONG":
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
+        wait_until(lambda: subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
+                                          text=True).stdout.strip() == "PONG", what="redis-server to answer PING",
+                   timeout=60)
         (pod,) = find(docs, "Pod")
         (ping,) = [c for c in pod["spec"]["containers"] if c["name"] == "redis-ping"]
         env = {**container_env(ping, docs), "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(port)}

@@ -167,7 +167,7 @@ class Scratch:
                                     stdout=self._pod_log, stderr=subprocess.STDOUT, env=self.env)
         with LipSyncClient(f"{LOOPBACK}:{self.grpc_port}", timeout=5) as client:
             try:
-                wait_serving(client, self.pod, 120)
+                wait_serving(client, self.pod)
             except AssertionError:
                 raise AssertionError(f"the serve line did not start a pod: {serve}\n"
                                      f"{(self.root / 'pod.log').read_text()}") from None

@@ -50,6 +50,7 @@ import kubernetes
 import pytest
 import yaml
 from api_validation import check_writes
+from conditions import DEFAULT_TIMEOUT_S
 
 import lipsync_operator.handlers  # noqa: F401  (registers the handlers in kopf's default registry)
 
@@ -305,7 +306,7 @@ async def garbage_collector(cluster: Cluster, interval: float = 0.05) -> None:
             if refs and not any(ref.get("uid") in live for ref in refs):
                 async with cluster.delete(api_path(resource, namespace, name)):
                     pass
-        await asyncio.sleep(interval)
+        await asyncio.sleep(interval)  # the emulated controller's own period: it polls, as the real one resyncs
 
 
 def declare_resources(cluster: Cluster, *, monitoring: bool = False) -> None:
@@ -619,7 +620,7 @@ async def roll_out(cluster: Cluster, name: str, *, available: int | None = None,
         assert resp.status == 200, await resp.text()
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+async def eventually(check: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT_S, what: str = "condition") -> Any:
     """Poll ``check`` (giving the event loop, hence the emulator, time to serve) until it returns truthy."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None

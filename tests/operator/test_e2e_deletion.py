@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from lsm_harness import (
     DEPLOYMENTS,
+    LSM,
     NAMESPACE,
     PDBS,
     SERVICES,
     apply_model,
+    condition,
     create_object,
     delete_object,
     eventually,
@@ -67,8 +69,9 @@ async def test_the_deletion_step_fails_when_there_were_no_children(cluster, regi
     """The model exists but its package is unknown: the operator creates nothing, so the old check (no
     children left afterwards) passed; now the step says there was nothing to see go."""
     await apply_model(cluster, run_e2e.MODEL, {"package": {"name": "nobody"}})
-    await asyncio.sleep(1)
-    assert cluster.get(DEPLOYMENTS, run_e2e.MODEL) is None
+    await eventually(lambda: (c := condition(cluster.get(LSM, run_e2e.MODEL), "PackageAvailable"))
+                     and c["status"] == "False", what="the operator to report the package unavailable")
+    assert cluster.get(DEPLOYMENTS, run_e2e.MODEL) is None  # reconciled, and nothing created
     with pytest.raises(run_e2e.StepFailed, match="owns no deployments or services"):
         await step(e2e_runner(run_e2e))
 
@@ -86,7 +89,7 @@ async def test_the_deletion_step_fails_when_a_child_stays(cluster, registry, ope
 
     async def replace_the_service():
         """Something recreates the Service under the same name once the garbage collector took it."""
-        await eventually(lambda: cluster.get(SERVICES, run_e2e.MODEL) is None, timeout=15, what="the Service gone")
+        await eventually(lambda: cluster.get(SERVICES, run_e2e.MODEL) is None, timeout=45, what="the Service gone")
         await create_object(cluster, SERVICES, {"apiVersion": "v1", "kind": "Service",
                                                 "metadata": {"name": run_e2e.MODEL},
                                                 "spec": {"ports": [{"port": 80}]}})

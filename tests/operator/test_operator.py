@@ -245,7 +245,9 @@ async def test_deletion_removes_the_children_through_owner_references(cluster, r
     assert cluster.get(LSM, "alice") is None
     for resource in (DEPLOYMENTS, SERVICES, PDBS):
         await eventually(lambda r=resource: cluster.get(r, "alice") is None, what=f"{resource.plural} to go")
-    await asyncio.sleep(0.5)   # the operator must not bring them back
+    # A quiet period, not a synchronisation: that the operator does not bring them back can only be watched
+    # for a while (a re-creation would be there within it: it recreates a deleted child at once, see below).
+    await asyncio.sleep(0.5)
     for resource in (DEPLOYMENTS, SERVICES, PDBS):
         assert cluster.get(resource, "alice") is None
         assert cluster.creations(resource, "alice") == 1
@@ -291,7 +293,7 @@ async def test_an_unreachable_registry_shows_in_the_status_and_is_retried(cluste
     late.add("dora", "2")
     late.start(port)
     try:
-        await eventually(lambda: has_condition(cluster, "dora", "PackageAvailable", "True"), timeout=10,
+        await eventually(lambda: has_condition(cluster, "dora", "PackageAvailable", "True"),
                          what="the retry to succeed")
         await eventually(lambda: cluster.get(DEPLOYMENTS, "dora"), what="the Deployment")
         assert has_condition(cluster, "dora", "Degraded", "False")
@@ -303,7 +305,7 @@ async def test_registry_errors_are_retried_with_exponential_backoff(cluster, reg
     registry.fail_index = 3
     await apply_model(cluster, "alice", {"package": {"name": "alice"}})
     await eventually(lambda: has_condition(cluster, "alice", "PackageAvailable", "False", "RegistryError"))
-    await eventually(lambda: cluster.get(DEPLOYMENTS, "alice"), timeout=10, what="success after the retries")
+    await eventually(lambda: cluster.get(DEPLOYMENTS, "alice"), what="success after the retries")
     times = [t for t, method, path in registry.requests if method == "GET" and path.endswith("/index.json")]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     # Base 0.2 s doubling (capped at 1 s): the waits are 0.2, 0.4, 0.8.
@@ -411,7 +413,7 @@ async def test_the_operator_restarts_at_any_moment_without_duplicates(cluster, r
     first = OperatorProcess(operator_env, tmp_path / "operator.log")
     await first.start()
     await apply_model(cluster, "alice", {"package": {"name": "alice"}, "replicas": 1})
-    await eventually(lambda: cluster.get(DEPLOYMENTS, "alice"), timeout=20, what="the first operator's work")
+    await eventually(lambda: cluster.get(DEPLOYMENTS, "alice"), timeout=60, what="the first operator's work")
     await first.kill()   # wherever it was
 
     # Changed while no operator runs: the next one must notice.
@@ -419,9 +421,9 @@ async def test_the_operator_restarts_at_any_moment_without_duplicates(cluster, r
     second = OperatorProcess(operator_env, tmp_path / "operator.log")
     await second.start()
     try:
-        await eventually(lambda: cluster.get(DEPLOYMENTS, "alice")["spec"]["replicas"] == 3, timeout=20,
+        await eventually(lambda: cluster.get(DEPLOYMENTS, "alice")["spec"]["replicas"] == 3, timeout=60,
                          what="the change made while the operator was down")
-        await eventually(lambda: status_of(cluster, "alice").get("observedGeneration") == 2, timeout=10)
+        await eventually(lambda: status_of(cluster, "alice").get("observedGeneration") == 2)
         await roll_out(cluster, "alice")
         await eventually(lambda: has_condition(cluster, "alice", "Ready", "True"))
     finally:

@@ -234,7 +234,7 @@ async def test_a_pool_places_routes_heals_scales_and_survives_a_restart(cluster,
             try:
                 busy_pod.stub.GenerateBatch(pb.GenerateBatchRequest(items=items), timeout=30)
             except grpc.RpcError:
-                time.sleep(0.05)
+                time.sleep(0.05)  # a load driver's back-off (the pod may be busy moving models): its pace, not a wait
 
     driver = threading.Thread(target=drive, daemon=True)
     driver.start()
@@ -288,7 +288,7 @@ async def test_a_pool_places_routes_heals_scales_and_survives_a_restart(cluster,
     before = (await loaded_on([a, c]), labelled(cluster))
     await operator.stop()
     await start_operator()
-    for _ in range(5):
+    for _ in range(5):  # quiet periods, not synchronisation: nothing may change over several rounds
         await asyncio.sleep(ROUND_S * 3)
         assert (await loaded_on([a, c]), labelled(cluster)) == before
 

@@ -78,7 +78,7 @@ async def scenario(cluster, registry) -> None:
     registry.fail_index = 1   # one failed check: kopf reports it as a Kubernetes event
     await apply_model(cluster, "alice", {"package": {"name": "alice", "pullSecret": {"name": "reg"}},
                                          "autoscaling": {"maxReplicas": 3}})
-    await eventually(lambda: cluster.get(HPAS, "alice") and cluster.get(PODMONITORS, "alice"), timeout=20,
+    await eventually(lambda: cluster.get(HPAS, "alice") and cluster.get(PODMONITORS, "alice"), timeout=60,
                      what="children")
     await patch_model(cluster, "alice", {"spec": {"autoscaling": None, "replicas": 2,
                                                   "monitoring": {"enabled": False}}})

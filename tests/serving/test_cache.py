@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -11,6 +10,7 @@ import socket
 import numpy as np
 import pytest
 import redis
+from conditions import wait_until_async
 from serving_support import RedisServer
 
 from inference_pod.serving.cache import Cache, CachedFrame, MemoryStore
@@ -140,9 +140,12 @@ async def test_redis_outage_is_bypassed_counted_and_recovered(redis_server):
     assert await cache.model_loaded("demo", "9") == 0
 
     redis_server.start()  # back on the same port, empty
-    await asyncio.sleep(0.25)  # the cool-down after the failure
-    await cache.put_frame(key, frame(4))
-    assert await cache.get_frame(key) == frame(4)
+
+    async def used_again() -> bool:  # skipped until the cool-down after the failure is over
+        await cache.put_frame(key, frame(4))
+        return await cache.get_frame(key) == frame(4)
+
+    await wait_until_async(used_again, what="the cache to use Redis again after its cool-down")
     await cache.close()
 
 
@@ -157,8 +160,11 @@ async def test_a_hung_redis_times_out_into_a_bypass(redis_server):
         assert lookups(metrics, "frame", "error") == 1
     finally:
         os.kill(redis_server.proc.pid, signal.SIGCONT)
-    await asyncio.sleep(0.15)
-    assert await cache.get_frame(key) == frame(1)
+
+    async def answered() -> bool:  # skipped until the cool-down is over; the frame was never lost
+        return await cache.get_frame(key) == frame(1)
+
+    await wait_until_async(answered, what="the resumed Redis to answer after the cool-down")
     await cache.close()
 
 

@@ -19,6 +19,8 @@ CONTRACT = {
     "lipsync_model_load_duration_seconds": "histogram",
     "lipsync_models_resident": "gauge",
     "lipsync_device_memory_bytes": "gauge",
+    "lipsync_full_frame_jpegs_total": "counter",
+    "lipsync_benchmark_identity_network": "gauge",
 }
 
 
@@ -35,6 +37,8 @@ def touch_all(m: Metrics) -> None:
     m.model_load_duration.observe(0.5)
     m.models_resident.set(1)
     m.watch_device_memory("models", lambda: 1234)
+    m.full_frame_jpegs.labels(model="demo", path="spliced").inc(2)
+    m.benchmark_identity_network.set(0)
 
 
 def exposition_types(text: str) -> dict[str, str]:
@@ -50,10 +54,10 @@ def test_contract_names_and_types():
     m = Metrics()
     touch_all(m)
     text = m.exposition().decode()
-    types = exposition_types(text)
-    for name, kind in CONTRACT.items():
-        assert types.get(name) == kind, name
+    assert exposition_types(text) == CONTRACT  # every metric is in the contract, and nothing else is exposed
     assert 'lipsync_frames_generated_total{model="demo",source="model"} 3.0' in text
+    assert 'lipsync_full_frame_jpegs_total{model="demo",path="spliced"} 2.0' in text
+    assert "lipsync_benchmark_identity_network 0.0" in text
     assert 'lipsync_device_memory_bytes{kind="models"} 1234.0' in text
     assert m.sample("lipsync_batch_size_count", {"model": "demo"}) == 1
     # Cache series exist before the first lookup, so dashboards show zero rather than nothing.

@@ -8,8 +8,10 @@ per-frame loop reading JPEGs and landmark files from disk.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import zipfile
 
 import cv2
 import librosa
@@ -98,9 +100,18 @@ def test_render_video_has_frames_and_audio(converted, synctalk_dataset_dir, tmp_
     assert int(streams["video"]["nb_frames"]) == len(list((tmp_path / "f").glob("*.png")))
 
 
-def test_render_default_track_without_audio(converted, tmp_path):
+def test_render_default_track_without_audio(converted, synctalk_dataset_dir, tmp_path):
+    """Without --audio, the package's default track: the dataset's aud_ave.npy (packaged as
+    audio/default_features.npy) padded with its first and last row, as SyncTalk_2D's inference pads it
+    (``synctalk_features`` above), so one frame per row plus two, numbered from 0."""
     assert main(["render", str(converted), "--out", str(tmp_path / "f"), "--no-progress"]) == 0
-    assert len(list((tmp_path / "f").glob("frame_*.png"))) > 0
+    with zipfile.ZipFile(converted) as zf:
+        packaged = np.load(io.BytesIO(zf.read("audio/default_features.npy")))
+    rows = len(np.load(synctalk_dataset_dir / "aud_ave.npy"))
+    assert len(packaged) == rows
+    track_frames = 1 + rows + 1
+    rendered = sorted(p.name for p in (tmp_path / "f").glob("*.png"))
+    assert rendered == sorted(f"frame_{i:06d}.png" for i in range(track_frames))
 
 
 def test_render_rejects_unreadable_audio(converted, tmp_path, capsys):
