@@ -13,12 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference_pod.core.precision import PRECISION_NAMES
 from inference_pod.core.templates import TEMPLATE_STORAGES
 from inference_pod.errors import InvalidInput
 
 ENV_PREFIX = "LIPSYNC_"
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = PRECISION_NAMES
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Where a model's template crops live (see inference_pod.core.engine): on the device, in host memory with a copy
 # per batch, or PNG-compressed in host memory with a decode per batch.

@@ -24,12 +24,14 @@ from inference_pod.core.model import (
     build_strict,
     build_unet,
 )
+from inference_pod.core.precision import PRECISION_NAMES
 from inference_pod.errors import AudioError
 
 log = logging.getLogger(__name__)
 
 MASK_RECT = (5, 5, 310, 305)  # OpenCV (x, y, w, h) of the mouth mask drawn on the 320 region
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+assert tuple(PRECISIONS) == PRECISION_NAMES
 ENCODER_BATCH = 256
 
 # regions (B, 3, 320, 320) uint8 on the device from what a batch gathered (template indices or crops)
