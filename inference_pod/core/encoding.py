@@ -29,7 +29,7 @@ class OutputSpec:
     region: str = "full"
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise InvalidInput(f"image format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.region not in REGIONS:

@@ -59,7 +59,7 @@ class LoadedModel:
     users: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._idle.set()
 
     def memory(self) -> MemoryUse:

@@ -44,7 +44,7 @@ class AudioInput:
     sample_rate: int = 0
     channels: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kind not in ("file", "pcm16"):
             raise InvalidInput(f"audio kind must be 'file' or 'pcm16', got {self.kind!r}")
         if not self.data:
@@ -80,7 +80,7 @@ class FrameRequest:
     audio: AudioInput | None
     output: OutputSpec
 
-    def __post_init__(self):  # what any request can be told without loading anything
+    def __post_init__(self) -> None:  # what any request can be told without loading anything
         check_model_name(self.model)
         if self.frame_id < 0:
             raise InvalidInput(f"frame id {self.frame_id} is negative: frame ids count from 0")
@@ -167,7 +167,7 @@ class FramePipeline:
                 raise InvalidInput(f"last frame {last} is before first frame {first}")
             period = 1.0 / (fps or model.engine.fps) if realtime else 0.0
 
-            async def frames():
+            async def frames() -> AsyncIterator[tuple[int, Track, np.ndarray | None]]:
                 for frame_id in range(first, last + 1):
                     yield frame_id, track, None
 
@@ -181,7 +181,7 @@ class FramePipeline:
             live = LiveTrack(model.engine, sample_rate, channels)
             loop = asyncio.get_running_loop()
 
-            async def ready_frames():
+            async def ready_frames() -> AsyncIterator[tuple[int, Track, np.ndarray | None]]:
                 async for chunk in chunks:
                     for piece in pcm_slices(chunk):  # a huge message: short steps, each a point to stop at
                         for frame_id, window in await loop.run_in_executor(self.cpu_pool, live.push, piece):
