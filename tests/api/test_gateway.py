@@ -36,13 +36,13 @@ from serving_support import (
 )
 
 from inference_pod.api.http.openapi import openapi_document
-from inference_pod.serving.data_plane import MAX_BATCH_ITEMS
 from inference_pod.app import Pod as InferencePod
 from inference_pod.core import audio
 from inference_pod.core.encoding import decode_image
 from inference_pod.core.engine import Engine
 from inference_pod.errors import Unavailable
 from inference_pod.package import IDENTIFIER, open_package
+from inference_pod.serving.data_plane import MAX_BATCH_ITEMS
 from inference_pod.serving.registry import publish
 from inference_pod.serving.settings import Settings
 from lipsync.v1 import lipsync_pb2 as pb
