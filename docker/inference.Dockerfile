@@ -30,9 +30,10 @@ ENV PYTHONUNBUFFERED=1 \
 COPY --from=build /wheels /wheels
 COPY --from=build /tmp/constraints.txt /tmp/constraints.txt
 # The base image's torch satisfies the project's torch requirement, so pip keeps it (and its CUDA build).
-RUN pip install --constraint /tmp/constraints.txt /wheels/*.whl \
+# The pod extra: the base install is only the client (see pyproject.toml).
+RUN pip install --constraint /tmp/constraints.txt "$(ls /wheels/*.whl)[pod]" \
  && rm -rf /wheels /tmp/constraints.txt \
- && python -c "import torch, inference_pod, lipsync.v1.lipsync_pb2_grpc" \
+ && python -c "import torch, inference_pod.app, lipsync.v1.lipsync_pb2_grpc" \
  && lipsync --help >/dev/null \
  && mkdir -p /models && chown 10001:10001 /models
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from inference_pod.bench import SERVICE_SCENARIOS
 from inference_pod.bench import scenarios as sc
 from inference_pod.bench.bench_server import BenchServer, build_demo_models, demo_model_names
 from inference_pod.bench.inprocess import measure_engine
@@ -35,8 +36,7 @@ REFERENCE: dict[str, dict[str, float] | list[float]] = {
     "stress": {"success_rate": 1.0},  # "100 % success over 1,000 frames"
     "overhead_pct": [5.0, 6.0],  # "5-6 % network overhead"
 }
-SCENARIOS = ("sequential", "batch5", "batch50", "engine", "concurrent", "multi-sequential", "multi-concurrent",
-             "multi-mixed", "stress", "cache", "outputs", "live")
+SCENARIOS = SERVICE_SCENARIOS
 WARMUP_BATCH = 8
 TRACK_MARGIN_FRAMES = 25  # demo tracks get this many frames more than the run asks for
 

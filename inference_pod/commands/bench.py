@@ -7,9 +7,9 @@ import os
 import shlex
 from pathlib import Path
 
-from inference_pod.bench.service_bench import SCENARIOS as SERVICE_SCENARIOS
+from inference_pod.bench import SERVICE_SCENARIOS
 from inference_pod.commands import positive_float, positive_int
-from inference_pod.core.engine import PRECISIONS
+from inference_pod.core.precision import PRECISION_NAMES as PRECISIONS
 from inference_pod.core.templates import TEMPLATE_STORAGES
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from inference_pod.commands import positive_int
-from inference_pod.core.engine import PRECISIONS
+from inference_pod.core.precision import PRECISION_NAMES as PRECISIONS
 
 CACHE_DIR_ENV = "LIPSYNC_CACHE_DIR"
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from inference_pod.commands.render import add_cache_dir_flag
-from inference_pod.core.engine import PRECISIONS
+from inference_pod.core.precision import PRECISION_NAMES as PRECISIONS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -15,12 +15,17 @@ import math
 import shutil
 import subprocess
 import threading
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from inference_pod.errors import AudioError
+
+if TYPE_CHECKING:
+    import soundfile
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +143,7 @@ def load_audio(path: str, max_seconds: float | None = None) -> np.ndarray:
     return decode_audio(data, max_seconds=max_seconds, source=str(path))
 
 
-def _decode_soundfile(sound, max_seconds: float | None, source: str) -> np.ndarray:
+def _decode_soundfile(sound: soundfile.SoundFile, max_seconds: float | None, source: str) -> np.ndarray:
     rate, channels = int(sound.samplerate), int(sound.channels)
     check_format(rate, channels, source)
     declared = int(sound.frames)  # from the header; formats that do not know say so with a huge number
@@ -230,7 +235,7 @@ def _decode_with_ffmpeg(data: bytes, max_seconds: float | None, source: str) -> 
     return samples.copy()
 
 
-def _feed(pipe, data: bytes) -> None:
+def _feed(pipe: IO[bytes], data: bytes) -> None:
     try:
         pipe.write(data)
     except (BrokenPipeError, ValueError, OSError):
@@ -355,7 +360,7 @@ def _check_feature_size(features: np.ndarray, shape: tuple[int, ...]) -> tuple[i
     return n, dim
 
 
-def feature_windows(features: np.ndarray, indices, shape: tuple[int, ...]) -> np.ndarray:
+def feature_windows(features: np.ndarray, indices: Sequence[int] | np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """For each output frame i: features i-8 ... i+7 (zeros outside the track), reshaped to the network's
     audio input: (len(indices), *shape) float32. Touches only the rows asked for: a frame of a long
     track costs what a frame of a short one does."""

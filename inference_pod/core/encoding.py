@@ -1,6 +1,7 @@
-"""Output images: what a client asked for (JPEG, PNG or raw BGR; prediction region or full frame).
+"""The pod's image codecs: output images as a client asked for them (JPEG, PNG or raw BGR; prediction
+region or full frame), their inverse for clients, and the PNG/JPEG decoding of template frames and crops.
 
-Runs in the shared CPU pool, concurrently with the next device batch (OpenCV releases the GIL).
+Encoding runs in the data plane's CPU pool, concurrently with the next device batch (OpenCV releases the GIL).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class OutputSpec:
     region: str = "full"
     jpeg_quality: int = DEFAULT_JPEG_QUALITY
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise InvalidInput(f"image format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.region not in REGIONS:
@@ -52,10 +53,21 @@ def encode_image(bgr: np.ndarray, spec: OutputSpec) -> bytes:
         return np.ascontiguousarray(bgr).tobytes()
     if spec.format == "jpeg":
         return encode_jpeg(bgr, jpeg_settings(bgr.shape[1], bgr.shape[0], spec.jpeg_quality))
-    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    return encode_png(bgr, PNG_COMPRESSION)
+
+
+def encode_png(bgr: np.ndarray, compression: int) -> bytes:
+    """Lossless PNG at zlib ``compression`` 0..9 (decoding costs about the same at every level)."""
+    ok, buf = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, compression])
     if not ok:
-        raise RuntimeError(f"OpenCV could not encode a {bgr.shape} image as {spec.format}")
+        raise RuntimeError(f"OpenCV could not encode a {bgr.shape} image as png")
     return buf.tobytes()
+
+
+def decode_bgr(data: bytes) -> np.ndarray | None:
+    """A JPEG or PNG as (H, W, 3) uint8 BGR, like cv2.imread; None when it does not decode."""
+    image: np.ndarray | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    return image
 
 
 def decode_image(data: bytes, fmt: str, width: int = 0, height: int = 0) -> np.ndarray:
@@ -64,7 +76,7 @@ def decode_image(data: bytes, fmt: str, width: int = 0, height: int = 0) -> np.n
         if width <= 0 or height <= 0 or len(data) != width * height * 3:
             raise InvalidInput(f"raw image of {len(data)} bytes does not match {width}x{height}x3")
         return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    image = decode_bgr(data)
     if image is None:
         raise InvalidInput(f"cannot decode {fmt} image of {len(data)} bytes")
     return image

@@ -24,7 +24,8 @@ and features older than the windows still needed are dropped, so a stream can ru
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -42,14 +43,20 @@ def pcm_slices(data: bytes, size: int = SLICE_BYTES) -> Iterator[bytes]:
         yield data[start : start + size]
 
 
+class FeatureEncoder(Protocol):
+    """What a live track needs of an engine: its audio encoder, and the windows a frame reads."""
+
+    def require_audio_encoder(self) -> None: ...
+    def encode_windows(self, windows: np.ndarray) -> np.ndarray: ...
+    def windows(self, features: np.ndarray, frame_ids: Sequence[int]) -> np.ndarray: ...
+
+
 class LiveTrack:
     """Incremental features for one live stream. Not thread-safe: push/finish one at a time."""
 
-    def __init__(self, engine, sample_rate: int, channels: int = 1):
+    def __init__(self, engine: FeatureEncoder, sample_rate: int, channels: int = 1):
         audio.check_format(sample_rate, channels, "PCM16 audio")
-        if getattr(engine, "encoder", None) is None:
-            raise AudioError(f"model {engine.name!r} uses {engine.mode} features, which cannot be computed "
-                             "from live audio")
+        engine.require_audio_encoder()
         self.engine = engine
         self.sample_rate = sample_rate
         self.channels = channels

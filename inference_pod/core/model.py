@@ -12,8 +12,9 @@ tests and demos. The audio input channels are fixed by the feature shape, whatev
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +206,7 @@ class LipSyncUNet(nn.Module):
 class _AveConvBlock(nn.Module):
     """Conv + BatchNorm (+ residual) + ReLU: the unit of the AVE audio encoder."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int, stride, padding: int, residual: bool = False):
+    def __init__(self, cin: int, cout: int, kernel_size: int, stride: int | tuple[int, int], padding: int, residual: bool = False):
         super().__init__()
         self.conv_block = nn.Sequential(nn.Conv2d(cin, cout, kernel_size, stride, padding), nn.BatchNorm2d(cout))
         self.act = nn.ReLU()
@@ -219,9 +220,9 @@ class _AveConvBlock(nn.Module):
 class AveAudioEncoder(nn.Sequential):
     """SyncTalk_2D's AVE audio encoder: one (1, 80, 16) mel window -> one 512-d embedding."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         # (cin, cout, kernel, stride, padding, residual)
-        spec = [
+        spec: list[tuple[int, int, int, int | tuple[int, int], int, bool]] = [
             (1, 32, 3, 1, 1, False), (32, 32, 3, 1, 1, True), (32, 32, 3, 1, 1, True),
             (32, 64, 3, (3, 1), 1, False), (64, 64, 3, 1, 1, True), (64, 64, 3, 1, 1, True),
             (64, 128, 3, 3, 1, False), (128, 128, 3, 1, 1, True), (128, 128, 3, 1, 1, True),
@@ -234,7 +235,7 @@ class AveAudioEncoder(nn.Sequential):
         return super().forward(mel).flatten(1)
 
 
-def load_tensors(path, what: str, rule: str = "packages may hold only tensors") -> object:
+def load_tensors(path: str | os.PathLike[str] | IO[bytes], what: str, rule: str = "packages may hold only tensors") -> object:
     """``torch.load(weights_only=True)``: no code from the file runs. A refusal says what was refused, never
     torch's advice to load with weights_only=False, which would run the file's code."""
     import pickle
@@ -255,7 +256,7 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def normalize_state_dict(state: Mapping[str, torch.Tensor], strip_prefixes=("module.",)) -> dict[str, torch.Tensor]:
+def normalize_state_dict(state: Mapping[str, torch.Tensor], strip_prefixes: tuple[str, ...] = ("module.",)) -> dict[str, torch.Tensor]:
     """Accept a raw state_dict, a ``{"state_dict": ...}`` wrapper, or DataParallel's ``module.`` keys."""
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]

@@ -19,9 +19,13 @@ dropped (``trim``), and the caller limits how far ahead audio may be queued.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import numpy as np
 
 from inference_pod.core import audio
+from inference_pod.core.live_features import FeatureEncoder as LiveEncoder
 from inference_pod.errors import AudioError
 
 SAMPLES_PER_TICK = audio.SAMPLE_RATE // audio.VIDEO_FPS  # 640: one 25 fps frame of 16 kHz audio
@@ -58,7 +62,13 @@ def tick_samples(k: int) -> tuple[int, int]:
     return k * SAMPLES_PER_TICK, (k + 1) * SAMPLES_PER_TICK
 
 
-def silence_feature(engine) -> np.ndarray:
+
+class FeatureEncoder(LiveEncoder, Protocol):
+    """What a session's timeline needs of an engine: a live track's calls and the shape of one audio window."""
+
+    audio_shape: tuple[int, ...]
+
+def silence_feature(engine: FeatureEncoder) -> np.ndarray:
     """The AVE encoding of silence (a window of the mel spectrogram of digital zeros), (512,) float32."""
     mel = audio.melspectrogram(np.zeros(audio.HOP * (audio.MEL_WINDOW + 2 * MEL_MARGIN), np.float32))
     window = mel[:, MEL_MARGIN : MEL_MARGIN + audio.MEL_WINDOW][None, None].astype(np.float32)
@@ -70,7 +80,7 @@ class SessionTimeline:
     them, and the raw features computed for frames that hear client audio. Not thread-safe: mutate it on
     one thread; ``feature_job`` hands a copy of the samples to another."""
 
-    def __init__(self, engine, silence: np.ndarray):
+    def __init__(self, engine: FeatureEncoder, silence: np.ndarray) -> None:
         self._encode = engine.encode_windows
         self.audio_shape = tuple(engine.audio_shape)
         self.silence = silence
@@ -160,7 +170,7 @@ class SessionTimeline:
         return [j for j in frame_features(i) if j >= 0 and j not in self._features
                 and self._hears_speech(*feature_support(j))]
 
-    def feature_job(self, i: int):
+    def feature_job(self, i: int) -> Callable[[], dict[int, np.ndarray]] | None:
         """A function (for a worker thread) that encodes the missing features of frame ``i`` and of the frames
         after it whose audio is committed (up to MAX_FEATURES_PER_STEP), from a copy of the samples, and
         returns {j: feature}; store its result with ``add_features``. None when nothing is missing."""

@@ -6,9 +6,7 @@ import os
 import struct
 from typing import BinaryIO
 
-import cv2
-import numpy as np
-
+from inference_pod.core.encoding import decode_bgr
 from inference_pod.errors import PackageError
 from inference_pod.package.manifest import MAX_IMAGE_SIDE
 
@@ -71,7 +69,7 @@ def check_decodes(data: bytes, member: str, image_size: tuple[int, int]) -> None
         # decoders fill a truncated image with grey rather than fail, so look for the end marker
         if data.startswith(magic) and not data.rstrip(b"\x00").endswith(end):
             raise PackageError(f"{member} is truncated (no end-of-image marker)")
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    image = decode_bgr(data)
     if image is None:
         raise PackageError(f"{member} does not decode as an image")
     if (image.shape[1], image.shape[0]) != tuple(image_size):

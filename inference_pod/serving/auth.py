@@ -17,8 +17,9 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -128,10 +129,10 @@ def key_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str
 def _rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
 
-    async def abort(request_or_iterator, context):
+    async def abort(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    async def abort_stream(request_or_iterator, context):
+    async def abort_stream(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # makes this an async generator, as streaming handlers are
 
@@ -154,7 +155,9 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self.keys = keys
         self._authenticate = authenticate
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+            self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+            handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or not self.keys.enabled or method.startswith(OPEN_PREFIXES):

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -63,11 +63,22 @@ class _Item:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+class Predictor(Protocol):
+    """What a batcher needs of its engine: the item checks and the batched device call
+    (``protocols.InferenceEngine`` is one)."""
+
+    @property
+    def num_templates(self) -> int: ...
+    @property
+    def audio_shape(self) -> tuple[int, ...]: ...
+    def predict(self, template_ids: Sequence[int], audio_windows: np.ndarray) -> np.ndarray: ...
+
+
 class Batcher:
     """``finisher`` runs the items' finish work (``finish_workers`` threads of it are used at once); without
     one it runs in the model's worker thread, after the batch's prediction."""
 
-    def __init__(self, model: str, engine, metrics: Metrics, *, max_batch: int = 32, max_delay_s: float = 0.005,
+    def __init__(self, model: str, engine: Predictor, metrics: Metrics, *, max_batch: int = 32, max_delay_s: float = 0.005,
                  max_queue: int = 256, finisher: Executor | None = None, finish_workers: int = 1):
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise InvalidInput("max_batch and max_queue must be >= 1 and max_delay_s >= 0")

@@ -35,12 +35,14 @@ from inference_pod.errors import (
     Unavailable,
     reply_for,
 )
+from inference_pod.package import CharacterPackage
 from inference_pod.serving.auth import ApiKeys
 from inference_pod.serving.batcher import Batcher
 from inference_pod.serving.cache import Cache
+from inference_pod.serving.catalog import check_model_name
 from inference_pod.serving.health import Health
 from inference_pod.serving.metrics import Metrics
-from inference_pod.serving.model_store import LoadedModel, ModelStore, check_model_name
+from inference_pod.serving.model_store import LoadedModel, ModelStore
 from inference_pod.serving.origins import OriginPolicy
 from inference_pod.serving.pipeline import AudioInput, FramePipeline, FrameRequest, FrameResult
 from inference_pod.serving.protocols import InferenceEngine
@@ -121,13 +123,13 @@ class DataPlane:
 
     # -------------------------------------------------------------------------------------- wiring
 
-    def _default_engine_factory(self, package) -> InferenceEngine:
+    def _default_engine_factory(self, package: CharacterPackage) -> InferenceEngine:
         from inference_pod.core.engine import Engine  # torch: only once a model loads
 
         s = self.settings
         return Engine.from_package(package, device=s.device, precision=s.precision, max_batch=s.max_batch,
                                    identity_network=s.benchmark_identity_network,
-                                   template_storage=s.template_storage)
+                                   template_storage=s.template_storage, cpu_pool=self.cpu_pool)
 
     def _make_batcher(self, name: str, engine: InferenceEngine) -> Batcher:
         s = self.settings
@@ -163,7 +165,7 @@ class DataPlane:
             self.metrics.benchmark_identity_network.set(1)
             log.warning("BENCHMARK IDENTITY NETWORK: no U-Net runs; every frame is its template's own mouth "
                         "region. For measuring the serving layer only, never for real traffic.")
-        for name in await self.store.catalog():
+        for name in await self.store.catalog.scan():
             if self.health.model(name) is None:
                 await self.health.set_model(name, False)
         await self.preload()
@@ -343,7 +345,7 @@ class DataPlane:
     async def models(self) -> list[ModelView]:
         """Resident models (state loaded) and, for the others, the newest local package (state available).
         The models directory is scanned in a thread: a slow disk must not stall other requests."""
-        catalog = await self.store.catalog()
+        catalog = await self.store.catalog.scan()
         resident = {m.name: m for m in self.store.resident}
         views = [loaded_view(m) for m in resident.values()]
         for name, versions in catalog.items():

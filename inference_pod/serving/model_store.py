@@ -1,4 +1,5 @@
-"""Which models are resident, and getting the others there: memory -> extracted store -> local zip -> registry.
+"""Which models are resident, and getting the others there: memory -> extracted store -> local zip -> registry
+(what is on local disk is the catalog's: catalog.py).
 
 Every request goes through ``use(name)``: a resident model is returned at once; otherwise one load runs per
 model however many requests wait for it. After a load, least-recently-used models are unloaded until the
@@ -15,83 +16,32 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
-from inference_pod.errors import (
-    InvalidInput,
-    LipSyncError,
-    ModelNotFound,
-    PackageError,
-    StorageFull,
-    Unavailable,
-    echo,
-)
+from inference_pod.core.memory import MemoryUse
+from inference_pod.errors import LipSyncError, ModelNotFound, PackageError, StorageFull, Unavailable
 from inference_pod.package import (
     AUDIO_ENCODER,
-    IDENTIFIER,
-    MANIFEST,
+    CharacterPackage,
     Manifest,
     check_extracted_source,
     extract_package,
     open_package,
     read_manifest,
 )
+from inference_pod.serving.catalog import (
+    Catalog,
+    PackageIdentity,
+    check_model_name,
+    package_identity,
+)
 from inference_pod.serving.metrics import Metrics
 from inference_pod.serving.protocols import FrameBatcher, InferenceEngine
-from inference_pod.serving.registry import RegistryClient, version_key
+from inference_pod.serving.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 
 
-# A package file as it is now: a failed load is remembered under it, and a changed file is tried again.
-PackageIdentity = tuple[str, int, int, int]  # path, inode, size, mtime_ns
 MAX_REMEMBERED_FAILURES = 256
-
-
-def package_identity(path: Path) -> PackageIdentity | None:
-    """A zip's identity, or an extracted directory's (by its manifest: re-extraction writes a new one)."""
-    target = path / MANIFEST if path.is_dir() else path
-    try:
-        st = target.stat()
-    except OSError:
-        return None
-    return str(path), st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def package_label(path: Path) -> str:
-    """The name a package file goes by: its file name without ``.zip``."""
-    return path.name.removesuffix(".zip")
-
-
-def named_for(path: Path, name: str) -> bool:
-    """Whether a package file's name says it holds model ``name``: ``name.zip``, ``name-1.zip``,
-    ``name-anything`` (a version or a note after a dash, as ``lipsync package`` and downloads name them)."""
-    label = package_label(path)
-    return label == name or label.startswith(name + "-")
-
-
-def check_model_name(name: str, what: str = "model name") -> str:
-    """Names reach file paths and cache keys: only package identifiers are accepted."""
-    if not isinstance(name, str) or not IDENTIFIER.fullmatch(name):
-        raise InvalidInput(f"{what} {echo(name)} is not valid: 1-63 characters of a-z, 0-9, '.', '_', '-'")
-    return name
-
-
-@dataclass
-class LocalPackage:
-    """A package on local disk: extracted (``store``) or a zip (``zip``)."""
-
-    manifest: Manifest
-    path: Path
-    tier: str
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
 
 
 @dataclass(eq=False)
@@ -109,12 +59,12 @@ class LoadedModel:
     users: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self._idle.set()
 
-    def memory(self) -> ModelMemory:
+    def memory(self) -> MemoryUse:
         """Bytes the engine holds now: its template encodings and decoded frames grow after load, up to caps."""
-        return _engine_bytes(self.engine)
+        return self.engine.memory_use()
 
     @property
     def encoder_id(self) -> str | None:
@@ -136,9 +86,8 @@ class LoadedModel:
         await self._idle.wait()
 
 
-EngineFactory = Callable[[Any], InferenceEngine]  # CharacterPackage -> Engine (blocking; runs in a thread)
+EngineFactory = Callable[[CharacterPackage], InferenceEngine]  # package -> engine (blocking; runs in a thread)
 BatcherFactory = Callable[[str, InferenceEngine], FrameBatcher]  # (model name, engine) -> Batcher (event loop)
-
 
 
 def store_copy(store_dir: Path, manifest: Manifest) -> Path:
@@ -146,14 +95,16 @@ def store_copy(store_dir: Path, manifest: Manifest) -> Path:
     too, so a pod serving the demo's output reuses it instead of extracting a second one)."""
     return Path(store_dir) / f"{manifest.name}-{manifest.version}"
 
+
 class ModelStore:
     def __init__(self, *, models_dir: Path, extract_dir: Path, metrics: Metrics, engine_factory: EngineFactory,
                  batcher_factory: BatcherFactory, registry: RegistryClient | None = None,
                  memory_budget_bytes: int = 0,
                  on_loaded: Callable[[LoadedModel], Awaitable[None]] | None = None,
                  on_unloaded: Callable[[str], Awaitable[None]] | None = None):
-        self.models_dir = Path(models_dir)
-        self.extract_dir = Path(extract_dir)
+        self.catalog = Catalog(models_dir, extract_dir)
+        self.models_dir = self.catalog.models_dir
+        self.extract_dir = self.catalog.extract_dir
         self.registry = registry
         self.memory_budget_bytes = memory_budget_bytes
         self._metrics = metrics
@@ -163,14 +114,7 @@ class ModelStore:
         self._on_unloaded = on_unloaded
         self._resident: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
         self._loads: dict[str, tuple[asyncio.Task[tuple[LoadedModel, str]], str | None]] = {}  # name -> (load, version asked for)
-        self._retiring: set[asyncio.Task] = set()
-        self._manifests: dict[Path, tuple[tuple[int, int], Manifest | None, str]] = {}  # stamp, manifest, problem
-        # Package files whose name promises a model they do not give (damaged, or holding another model), with
-        # why: a request for that model hears it instead of a bare "not found". Rebuilt by every scan.
-        self._misleading: dict[Path, str] = {}
-        self._catalog: dict[str, list[LocalPackage]] = {}
-        self._zips: dict[tuple[str, str], Path] = {}
-        self._scan_task: asyncio.Task | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         # Packages that failed to load (broken, or weights that do not fit), by file identity: every request
         # would otherwise repeat the same expensive failure. Only PackageErrors: they depend on the file alone.
         self._failed: OrderedDict[PackageIdentity, PackageError] = OrderedDict()
@@ -185,89 +129,6 @@ class ModelStore:
     @property
     def resident_bytes(self) -> int:
         return sum(m.memory().total for m in self._resident.values())
-
-    def local_packages(self, rescan: bool = True) -> dict[str, list[LocalPackage]]:
-        """Local packages by name, newest version first (extracted before zip for the same version).
-
-        Blocking (it lists directories and reads new manifests): in the event loop, use ``catalog()``."""
-        if rescan:
-            self._catalog = self._scan()
-        return self._catalog
-
-    async def catalog(self) -> dict[str, list[LocalPackage]]:
-        """``local_packages()``, rescanned in a worker thread so that a slow disk or a large manifest never
-        stalls other requests; callers that arrive during a scan share it."""
-        task = self._scan_task
-        if task is None or task.done():
-            task = asyncio.get_running_loop().create_task(asyncio.to_thread(self.local_packages))
-            self._scan_task = task
-        return await asyncio.shield(task)
-
-    def _scan(self) -> dict[str, list[LocalPackage]]:
-        found: dict[tuple[str, str], LocalPackage] = {}
-        zips: dict[tuple[str, str], Path] = {}
-        candidates = []
-        for root, tier in ((self.extract_dir, "store"), (self.models_dir, None)):
-            if not root.is_dir():
-                continue
-            for path in sorted(root.iterdir()):
-                if path.name.startswith("."):
-                    continue  # temp files, partial extractions, the default store
-                if path.is_dir() and (path / "manifest.json").is_file():
-                    candidates.append((path, "store"))
-                elif tier is None and path.suffix == ".zip" and path.is_file():
-                    candidates.append((path, "zip"))
-        misleading = {}
-        for path, tier in candidates:
-            manifest = self._manifest(path)
-            if manifest is None:
-                misleading[path] = f"{path} was skipped: it is damaged ({self._manifests[path][2]}); replace it"
-                continue
-            if not named_for(path, manifest.name):
-                misleading[path] = (f"{path} was not taken as {package_label(path)!r}: it holds model "
-                                    f"{manifest.name!r} (version {manifest.version}) and serves under that name; "
-                                    "rename the file or ask for that name")
-            key = (manifest.name, manifest.version)
-            if tier == "zip":
-                zips[key] = path
-            if key not in found or (found[key].tier == "zip" and tier == "store"):
-                found[key] = LocalPackage(manifest, path, tier)
-        self._misleading = misleading
-        self._zips = zips  # an extracted copy's zip, if it is still here, is checked when the copy is used
-        catalog: dict[str, list[LocalPackage]] = {}
-        for pkg in found.values():
-            catalog.setdefault(pkg.name, []).append(pkg)
-        for versions in catalog.values():
-            versions.sort(key=lambda p: version_key(p.version), reverse=True)
-        return catalog
-
-    def _manifest(self, path: Path) -> Manifest | None:
-        """Read a manifest once per (size, mtime); a broken package is logged and skipped, not fatal."""
-        target = path / "manifest.json" if path.is_dir() else path
-        try:
-            st = target.stat()
-        except OSError:
-            return None
-        stamp = (st.st_size, st.st_mtime_ns)
-        cached = self._manifests.get(path)
-        if cached and cached[0] == stamp:
-            return cached[1]
-        manifest, problem = None, ""
-        try:
-            manifest = read_manifest(path)
-        except (PackageError, OSError) as exc:
-            problem = str(exc).removeprefix(f"{path}: ")
-            log.warning("skipping %s: %s", path, problem)
-        if manifest is not None and not named_for(path, manifest.name):
-            log.warning("%s holds model %r (version %s): it serves as %r, not as %r", path, manifest.name,
-                        manifest.version, manifest.name, package_label(path))
-        self._manifests[path] = (stamp, manifest, problem)
-        return manifest
-
-    def _not_found(self, name: str, message: str) -> ModelNotFound:
-        """NOT_FOUND, saying which package files looked like ``name`` and why none of them is it."""
-        reasons = [why for path, why in self._misleading.items() if named_for(path, name)]
-        return ModelNotFound("; ".join([message, *reasons[:3]]))
 
     # -------------------------------------------------------------------------------------- using
 
@@ -360,10 +221,11 @@ class ModelStore:
         await self._enforce_budget(keep=name)
         return model, source
 
-    async def _find_package(self, name: str, version: str | None):
+    async def _find_package(self, name: str, version: str | None
+                            ) -> tuple[CharacterPackage, str, PackageIdentity | None]:
         """(package, tier, its file's identity); each tier falls through to the next on failure."""
         errors: list[LipSyncError] = []
-        catalog = await self.catalog()
+        catalog = await self.catalog.scan()
         local = [p for p in catalog.get(name, []) if not version or p.version == version]
         if local:
             chosen_version = local[0].version
@@ -372,7 +234,7 @@ class ModelStore:
                 try:
                     self._raise_known_failure(identity)
                     if pkg.tier == "store":
-                        source = self._zips.get((pkg.name, pkg.version))
+                        source = self.catalog.zip_of(pkg.name, pkg.version)
                         if source is not None:  # the copy is served; a zip damaged since is reported, not hidden
                             await asyncio.to_thread(check_extracted_source, source, pkg.path)
                         return await asyncio.to_thread(open_package, pkg.path), "store", identity
@@ -427,12 +289,16 @@ class ModelStore:
             self._failed.popitem(last=False)
         return first
 
+    def _not_found(self, name: str, message: str) -> ModelNotFound:
+        """NOT_FOUND, saying which package files looked like ``name`` and why none of them is it."""
+        return ModelNotFound("; ".join([message, *self.catalog.misleading_for(name)[:3]]))
+
     def _storage_full(self, name: str, exc: StorageFull) -> StorageFull:
         """Not remembered as a failure: freeing space fixes it, and the next request tries again."""
         return StorageFull(f"model {name!r} cannot be loaded: {exc}: free space there, or give the pod a larger "
                            "disk (--store-dir for extracted packages, --models-dir for downloads)")
 
-    def _extract(self, zip_path: Path, manifest: Manifest):
+    def _extract(self, zip_path: Path, manifest: Manifest) -> CharacterPackage:
         return extract_package(zip_path, store_copy(self.extract_dir, manifest))
 
     # -------------------------------------------------------------------------------------- unloading
@@ -446,7 +312,7 @@ class ModelStore:
                 await asyncio.shield(running[0])
         model = self._resident.pop(name, None)
         if model is None:
-            if name not in await self.catalog():
+            if name not in await self.catalog.scan():
                 raise ModelNotFound(f"model {name!r} is not loaded and not in {self.models_dir}")
             return False
         self._metrics.models_resident.set(len(self._resident))
@@ -464,9 +330,7 @@ class ModelStore:
             await self._on_unloaded(model.name)
         await model.wait_idle()
         await model.batcher.close()
-        close = getattr(model.engine, "close", None)
-        if close is not None:
-            close()
+        model.engine.close()
         log.info("unloaded %s %s", model.name, model.version)
 
     async def _enforce_budget(self, keep: str) -> None:
@@ -494,19 +358,3 @@ class ModelStore:
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         self._metrics.models_resident.set(0)
-
-
-class ModelMemory(NamedTuple):
-    total: int
-    device: int  # of total: on the accelerator (see engine.MemoryUse); 0 for engines that do not say
-    host: int
-
-
-def _engine_bytes(engine) -> ModelMemory:
-    """What the engine says it holds; engines that only give a total split nothing."""
-    use = getattr(engine, "memory_use", None)
-    if use is not None:
-        split = use()
-        return ModelMemory(split.device + split.host, split.device, split.host)
-    measure = getattr(engine, "memory_bytes", None)
-    return ModelMemory(int(measure()) if measure is not None else 0, 0, 0)

@@ -25,8 +25,10 @@ from inference_pod.core.encoding import OutputSpec, encode_image
 from inference_pod.core.live_features import LiveTrack, pcm_slices
 from inference_pod.errors import AudioError, InvalidInput
 from inference_pod.serving.cache import Cache, CachedFrame
+from inference_pod.serving.catalog import check_model_name
 from inference_pod.serving.metrics import Metrics
-from inference_pod.serving.model_store import LoadedModel, ModelStore, check_model_name
+from inference_pod.serving.model_store import LoadedModel, ModelStore
+from inference_pod.serving.protocols import InferenceEngine
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ class AudioInput:
     sample_rate: int = 0
     channels: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.kind not in ("file", "pcm16"):
             raise InvalidInput(f"audio kind must be 'file' or 'pcm16', got {self.kind!r}")
         if not self.data:
@@ -78,7 +80,7 @@ class FrameRequest:
     audio: AudioInput | None
     output: OutputSpec
 
-    def __post_init__(self):  # what any request can be told without loading anything
+    def __post_init__(self) -> None:  # what any request can be told without loading anything
         check_model_name(self.model)
         if self.frame_id < 0:
             raise InvalidInput(f"frame id {self.frame_id} is negative: frame ids count from 0")
@@ -165,7 +167,7 @@ class FramePipeline:
                 raise InvalidInput(f"last frame {last} is before first frame {first}")
             period = 1.0 / (fps or model.engine.fps) if realtime else 0.0
 
-            async def frames():
+            async def frames() -> AsyncIterator[tuple[int, Track, np.ndarray | None]]:
                 for frame_id in range(first, last + 1):
                     yield frame_id, track, None
 
@@ -179,7 +181,7 @@ class FramePipeline:
             live = LiveTrack(model.engine, sample_rate, channels)
             loop = asyncio.get_running_loop()
 
-            async def ready_frames():
+            async def ready_frames() -> AsyncIterator[tuple[int, Track, np.ndarray | None]]:
                 async for chunk in chunks:
                     for piece in pcm_slices(chunk):  # a huge message: short steps, each a point to stop at
                         for frame_id, window in await loop.run_in_executor(self.cpu_pool, live.push, piece):
@@ -201,10 +203,10 @@ class FramePipeline:
         hint = audio_input.seconds_hint()
         if hint is not None and hint > self.max_audio_seconds:
             raise audio.too_long(hint, self.max_audio_seconds)
+        engine.require_audio_encoder()  # the one "no audio encoder" error
         encoder_id = model.encoder_id
-        if encoder_id is None:
-            raise AudioError(f"model {model.name!r} uses {engine.mode} features, which this server cannot "
-                             "compute from audio: omit audio to use its default track")
+        if encoder_id is None:  # an encoder the manifest does not list: features could not be cached by it
+            raise RuntimeError(f"model {model.name!r} has an audio encoder its manifest does not list")
         started = time.perf_counter()
         if len(audio_input.data) > 1 << 20:  # hashing megabytes would stall every other request on the loop
             await asyncio.get_running_loop().run_in_executor(self.cpu_pool, lambda: audio_input.digest)
@@ -220,13 +222,13 @@ class FramePipeline:
             features = await asyncio.shield(job)
         return Track(features, audio_input.digest, time.perf_counter() - started)
 
-    async def _compute_features(self, engine, audio_input: AudioInput, key: str) -> np.ndarray:
+    async def _compute_features(self, engine: InferenceEngine, audio_input: AudioInput, key: str) -> np.ndarray:
         loop = asyncio.get_running_loop()
         features = await loop.run_in_executor(self.cpu_pool, self._features_blocking, engine, audio_input)
         await self.cache.put_features(key, features)
         return features
 
-    def _features_blocking(self, engine, audio_input: AudioInput) -> np.ndarray:
+    def _features_blocking(self, engine: InferenceEngine, audio_input: AudioInput) -> np.ndarray:
         wav = audio_input.decode(self.max_audio_seconds)
         if len(wav) > self.max_audio_seconds * audio.SAMPLE_RATE:
             raise audio.too_long(len(wav) / audio.SAMPLE_RATE, self.max_audio_seconds)
@@ -326,7 +328,7 @@ def check_frame_id(frame_id: int, track: Track) -> None:
         raise InvalidInput(f"frame id {frame_id} is outside the track: valid ids are 0..{track.frames - 1}")
 
 
-def _finish_image(engine, template_id: int, prediction: np.ndarray, *,
+def _finish_image(engine: InferenceEngine, template_id: int, prediction: np.ndarray, *,
                   output: OutputSpec) -> tuple[bytes, int, int, str | None]:
     """CPU pool: paste into the full frame if asked, then encode. Full-frame JPEGs are spliced where they
     can be (the same bytes, for the cost of the mouth region); the last item says how ("spliced", "plain")."""

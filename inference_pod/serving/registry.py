@@ -29,6 +29,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from inference_pod import __version__, registry_index
 from inference_pod.errors import (
@@ -41,6 +42,7 @@ from inference_pod.errors import (
 )
 from inference_pod.registry_index import INDEX_NAME, MAX_INDEX_BYTES, IndexEntry, latest, version_key
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
@@ -94,12 +96,12 @@ class _index_lock:
     def __init__(self, registry_dir: Path):
         self._path = registry_dir / ".index.lock"
 
-    def __enter__(self):
+    def __enter__(self) -> _index_lock:
         self._fh = open(self._path, "a")
         fcntl.flock(self._fh, fcntl.LOCK_EX)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()
 
@@ -290,7 +292,7 @@ class RegistryClient:
             raise Unavailable(f"registry index {self.index_url} is larger than {MAX_INDEX_BYTES} bytes")
         return data
 
-    def _open(self, url: str):
+    def _open(self, url: str) -> http.client.HTTPResponse:
         request = urllib.request.Request(url, headers=self._headers)
         try:
             return urllib.request.urlopen(request, timeout=self.timeout_s)
@@ -310,7 +312,7 @@ class RegistryClient:
         except (OSError, http.client.HTTPException) as exc:  # timeouts, resets, bad status lines
             raise _Retryable(str(exc) or type(exc).__name__) from None
 
-    def _with_retries(self, url: str, attempt: Callable[[], object]):
+    def _with_retries(self, url: str, attempt: Callable[[], T]) -> T:
         delay = self.backoff_s
         for n in range(self.retries + 1):
             try:

@@ -38,9 +38,12 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from inference_pod.core import audio
 from inference_pod.core.encoding import OutputSpec
@@ -53,8 +56,9 @@ from inference_pod.core.session_audio import (
     tick_samples,
 )
 from inference_pod.errors import AudioError, Overloaded
+from inference_pod.serving.catalog import check_model_name
 from inference_pod.serving.metrics import Metrics
-from inference_pod.serving.model_store import LoadedModel, check_model_name
+from inference_pod.serving.model_store import LoadedModel
 from inference_pod.serving.pipeline import LIVE_TRACK, FramePipeline, FrameResult, Timings
 
 log = logging.getLogger(__name__)
@@ -90,7 +94,7 @@ class SessionConfig:
     channels: int = 1
     paced: bool = True  # False: ticks as fast as frames are made and read (offline rendering, tests)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_model_name(self.model)
         if self.sample_rate != SESSION_SAMPLE_RATE or self.channels != 1:
             raise AudioError(f"a session's audio is 16 kHz mono PCM16 (what it returns too): got "
@@ -180,10 +184,10 @@ class IdleFrames:
         self.budget_bytes = budget_bytes
         self._frames: collections.OrderedDict[tuple, FrameResult] = collections.OrderedDict()
         self._bytes = 0
-        self._silence: dict[tuple[str, str], object] = {}
+        self._silence: dict[tuple[str, str], np.ndarray] = {}
         self._rendering: dict[tuple, asyncio.Task[FrameResult]] = {}
 
-    def silence(self, model: LoadedModel):
+    def silence(self, model: LoadedModel) -> np.ndarray:
         key = (model.name, model.version)
         if key not in self._silence:
             self._silence[key] = silence_feature(model.engine)
@@ -242,7 +246,7 @@ class Admission:
         metrics.sessions_max.set(limit)
 
     @contextlib.contextmanager
-    def slot(self):
+    def slot(self) -> Iterator[None]:
         if self.limit and self.active >= self.limit:
             self.metrics.sessions_refused.inc()
             raise Overloaded(f"this pod already runs its maximum of {self.limit} live sessions (--max-sessions); "
@@ -311,7 +315,7 @@ class Session:
     """One running session. Build it with a resident model, then iterate ``run(inputs)``."""
 
     def __init__(self, model: LoadedModel, config: SessionConfig, pipeline: FramePipeline, metrics: Metrics,
-                 idle_frames: IdleFrames, cpu_pool, render_ahead_s: float = RENDER_AHEAD_S):
+                 idle_frames: IdleFrames, cpu_pool: Executor, render_ahead_s: float = RENDER_AHEAD_S) -> None:
         self.model = model
         self.engine = model.engine
         self.config = config

@@ -10,16 +10,18 @@ import argparse
 import dataclasses
 import os
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from inference_pod.core.precision import PRECISION_NAMES
 from inference_pod.core.templates import TEMPLATE_STORAGES
 from inference_pod.errors import InvalidInput
 
 ENV_PREFIX = "LIPSYNC_"
 DEVICES = ("cpu", "cuda")
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = PRECISION_NAMES
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Where a model's template crops live (see inference_pod.core.engine): on the device, in host memory with a copy
 # per batch, or PNG-compressed in host memory with a decode per batch.
@@ -122,7 +124,7 @@ class Settings:
         "help": "BENCHMARKS ONLY: replace every model's U-Net by an identity that returns the template's own "
                 "mouth region, to measure what the serving layer carries without the network"})
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # Accept plain strings from Python callers too, the same way flags and env vars are read.
         self.models_dir = Path(self.models_dir)
         for name in ("store_dir", "api_keys_file", "tls_cert", "tls_key"):
@@ -208,7 +210,7 @@ class Settings:
             parser.add_argument(f"--{_flag(f.name)}", **kwargs)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         env = os.environ if env is None else env
         values = {}
         for f in dataclasses.fields(cls):
@@ -244,7 +246,7 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def _converter(f: dataclasses.Field):
+def _converter(f: dataclasses.Field) -> Callable[[str], Any]:
     default = f.default
     if isinstance(default, bool):
         return lambda s: s.strip().lower() in ("1", "true", "yes", "on")
@@ -257,7 +259,7 @@ def _converter(f: dataclasses.Field):
     return str
 
 
-def _convert(f: dataclasses.Field, raw: str):
+def _convert(f: dataclasses.Field, raw: str) -> Any:
     if f.name in LIST_FIELDS:
         return _names(raw)
     convert = f.metadata.get("type") or _converter(f)

@@ -102,7 +102,7 @@ async def test_registry_tier_downloads_next_to_the_local_packages(models_dir, re
         assert source == "registry" and model.name == "other"
         assert (models_dir / "other-1.zip").is_file()
         assert loads(metrics, "other", "registry") == 1
-        assert sorted(store.local_packages()) == ["demo", "other"]
+        assert sorted(store.catalog.local_packages()) == ["demo", "other"]
         await store.close()
     finally:
         registry.close()
@@ -245,7 +245,7 @@ async def test_registry_checksum_mismatch_is_unavailable_and_counted(models_dir,
 async def test_corrupt_local_zip_is_skipped_in_the_catalog_and_fails_clearly(models_dir):
     (models_dir / "junk.zip").write_bytes(b"not a zip")
     store = make_store(models_dir, Metrics())
-    assert list(store.local_packages()) == ["demo"]
+    assert list(store.catalog.local_packages()) == ["demo"]
     await store.close()
     # A zip whose members are damaged after its manifest was read: extraction fails, the error says why.
     target = models_dir / "demo-1.zip"
@@ -354,9 +354,9 @@ async def test_a_slow_scan_does_not_stall_other_requests(tmp_path):
 
     events: list[str] = []
     handler = _Events(events)
-    logger = logging.getLogger("inference_pod.serving.model_store")
+    logger = logging.getLogger("inference_pod.serving.catalog")
     logger.addHandler(handler)
-    scan = asyncio.ensure_future(store.catalog())
+    scan = asyncio.ensure_future(store.catalog.scan())
     try:
         while not scan.done():
             async with store.use("demo") as model:

@@ -12,8 +12,8 @@ from inference_pod.core.engine import CropBox, Engine
 from inference_pod.package import open_package
 from inference_pod.tools.demo_character import (
     TRAINED,
-    _style,
     build_demo_package,
+    character_style,
     default_speech,
     draw_frame,
     mouth_track,
@@ -48,7 +48,7 @@ def test_pixel_measure_reads_the_drawn_mouth():
     wav = held_out_speech()
     n = audio.frame_count(len(wav))
     mouth = mouth_track(wav, n)
-    style = _style(TRAINED.seed)
+    style = character_style(TRAINED.seed)
     counts = []
     for i in range(n):
         frame, landmarks = draw_frame(i, TRAINED.size, style, float(mouth[i, 0]), float(mouth[i, 1]))

@@ -2,8 +2,8 @@
 
 Shared by the REST routes and the WebSocket protocol, so both read a frame request the same way and report
 a bad field the same way (``InvalidInput`` / ``AudioError``, i.e. HTTP 400). Responses are built from the
-pipeline's ``FrameResult`` and from the gRPC service's own messages (``message_dict``), so /stats and
-/models report exactly what GetStats and ListModels do.
+pipeline's ``FrameResult`` and from the data plane's views (serving/views.py), the very values GetStats and
+ListModels render, so /stats and /models report exactly what they do.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import binascii
 import json
 import re
 from typing import Any
-
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
 from inference_pod.core.encoding import DEFAULT_JPEG_QUALITY, OutputSpec
 from inference_pod.errors import InvalidInput, clip
@@ -157,33 +154,3 @@ def frame_json(result: FrameResult) -> dict[str, Any]:
 def error_json(code: str, message: str, **extra: Any) -> dict[str, Any]:
     """Every error, whole-request or per item: the gRPC status name and the message gRPC would send."""
     return {"success": False, "error": message, "code": code, **extra}
-
-
-def message_dict(message: Message) -> dict[str, Any]:
-    """A protobuf message as plain JSON values, every field present, snake_case names, 64-bit integers as
-    numbers, enums as their short lower-case names (MODEL_STATE_LOADED -> "loaded")."""
-    out: dict[str, Any] = {}
-    for fd in message.DESCRIPTOR.fields:
-        value = getattr(message, fd.name)
-        if _is_repeated(fd):
-            out[fd.name] = [_field_value(fd, v) for v in value]
-        else:
-            out[fd.name] = _field_value(fd, value)
-    return out
-
-
-def _is_repeated(fd: FieldDescriptor) -> bool:
-    flag = getattr(fd, "is_repeated", None)  # protobuf >= 5.29; ``label`` is gone in 7
-    return fd.label == FieldDescriptor.LABEL_REPEATED if flag is None else bool(flag)
-
-
-def _field_value(fd: FieldDescriptor, value: Any) -> Any:
-    if fd.type == FieldDescriptor.TYPE_MESSAGE:
-        return message_dict(value)
-    if fd.type == FieldDescriptor.TYPE_ENUM:
-        enum = fd.enum_type
-        prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
-        return enum.values_by_number[value].name.removeprefix(prefix).lower()
-    if fd.type == FieldDescriptor.TYPE_BYTES:
-        return base64.b64encode(value).decode("ascii")
-    return value

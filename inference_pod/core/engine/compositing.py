@@ -1,0 +1,99 @@
+"""From a prediction to a full frame: the 320x320 prediction pasted into its template's 328 crop, resized
+back into the crop box (bicubic), and the full-frame JPEG, spliced from the template's own encoding where
+the crop box allows (see jpeg_splice)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from inference_pod.core.engine.template_store import INNER, TemplateStore
+from inference_pod.core.jpeg_splice import (
+    ScanSegments,
+    TemplateScans,
+    encode_jpeg,
+    frame_grid,
+    jpeg_settings,
+    splice,
+    thread_scratch,
+)
+from inference_pod.core.model import CROP_SIZE
+
+# Template encodings kept for splicing full-frame JPEGs: about 200 KB per 1080p template and quality.
+DEFAULT_JPEG_CACHE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class FullFrameJpeg:
+    data: bytes
+    width: int
+    height: int
+    path: str  # "spliced" or "plain": see Compositor.full_frame_jpeg
+
+
+class Compositor:
+    """Full frames of one character's templates; keeps the templates' JPEG encodings for splicing."""
+
+    def __init__(self, templates: TemplateStore, jpeg_cache_bytes: int = DEFAULT_JPEG_CACHE_BYTES):
+        self._templates = templates
+        self._scans = TemplateScans(jpeg_cache_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        """The kept template encodings: they grow after load, up to the cache's cap."""
+        return self._scans.nbytes
+
+    def paste(self, template_id: int, prediction: np.ndarray, dst: np.ndarray, frame: np.ndarray | None = None) -> None:
+        """Write the crop box's new pixels into ``dst`` (the box's view of a frame or region): the
+        prediction pasted into its 328 crop, resized back (bicubic) straight into place. ``frame``, the
+        untouched template frame where the caller has it, spares compressed templates a PNG decode."""
+        box = self._templates.boxes[template_id]
+        crop = thread_scratch("crop", (CROP_SIZE, CROP_SIZE, 3))
+        template = self._templates.crop(template_id, frame)
+        top, bottom = INNER.start, INNER.stop  # only the crop's ring is the template's: a frame is memory-bound
+        crop[:top], crop[bottom:] = template[:top], template[bottom:]
+        crop[INNER, :top], crop[INNER, bottom:] = template[INNER, :top], template[INNER, bottom:]
+        crop[INNER, INNER] = prediction
+        out = cv2.resize(crop, (box.x2 - box.x1, box.y2 - box.y1), dst=dst, interpolation=cv2.INTER_CUBIC)
+        if out is not dst:  # a layout OpenCV could not write into: copy
+            dst[...] = out
+
+    def composite(self, template_id: int, prediction: np.ndarray) -> np.ndarray:
+        """The full frame: a copy of the template frame with the prediction pasted into its crop box."""
+        box = self._templates.boxes[template_id]
+        template = self._templates.frames.get(template_id)
+        frame = template.copy()
+        self.paste(template_id, prediction, frame[box.y1 : box.y2, box.x1 : box.x2], template)
+        return frame
+
+    def full_frame_jpeg(self, template_id: int, prediction: np.ndarray, quality: int) -> FullFrameJpeg:
+        """``encode_image(composite(template_id, prediction))`` as JPEG, byte for byte, and how it was made.
+
+        "spliced": only the restart-aligned region around the crop box was composited (from the template's
+        border strips, not its full frame) and encoded; the rest of the bytes are the template's (see
+        jpeg_splice). "plain": the whole frame was, the first time a template is asked for at a quality;
+        that encoding is then kept as the template's, since outside the region the frame is its template.
+        """
+        border = self._templates.borders[template_id]
+        if border is None:  # the crop box is most of the frame
+            frame = self.composite(template_id, prediction)
+            height, width = frame.shape[:2]
+            return FullFrameJpeg(encode_jpeg(frame, jpeg_settings(width, height, quality)), width, height, "plain")
+        width, height = border.frame_size
+        grid = frame_grid(width, height)
+        settings = grid.settings(quality)
+        key = (template_id, quality)
+        template = self._scans.get(key)
+        if template is None:
+            with self._scans.first_encoding(key):
+                template = self._scans.peek(key)  # another thread's, made while this one waited
+                if template is None:
+                    data = encode_jpeg(self.composite(template_id, prediction), settings)
+                    self._scans.put(key, ScanSegments(data, grid.segments))
+                    return FullFrameJpeg(data, width, height, "plain")
+        canvas, box_pixels = border.canvas()
+        self.paste(template_id, prediction, box_pixels)
+        return FullFrameJpeg(splice(template, encode_jpeg(canvas, settings), grid, border.region), width, height,
+                             "spliced")

@@ -1,0 +1,24 @@
+"""How much memory a loaded model holds, and where: the one type the engine reports and the model store's
+budget, the metrics and the model views read. Light on purpose (no torch): the serving layer types against it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    """Bytes an engine holds, by where. ``device``: what the network's device holds for this model (its
+    weights, and its templates when they are device-resident); ``host``: CPU memory (crops or their PNGs,
+    the staging buffer, decoded full frames, template JPEGs). On a CPU engine both are RAM, split the same
+    way so the modes compare. ``templates``: of those, the template store itself (device regions, host
+    crops or PNGs), the part that grows with the template count. The model store's memory budget counts
+    ``total``."""
+
+    device: int
+    host: int
+    templates: int
+
+    @property
+    def total(self) -> int:
+        return self.device + self.host
