@@ -9,6 +9,13 @@ from inference_pod.serving.metrics import Metrics, MetricsHttpServer
 CONTRACT = {
     "lipsync_frames_generated_total": "counter",
     "lipsync_request_duration_seconds": "histogram",
+    "lipsync_sessions_active": "gauge",
+    "lipsync_sessions_max": "gauge",
+    "lipsync_sessions_refused_total": "counter",
+    "lipsync_session_frames_total": "counter",
+    "lipsync_session_frames_dropped_total": "counter",
+    "lipsync_session_speech_latency_seconds": "histogram",
+    "lipsync_session_barge_ins_total": "counter",
     "lipsync_batch_size": "histogram",
     "lipsync_inference_duration_seconds": "histogram",
     "lipsync_queue_depth": "gauge",
