@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests" / "operator"), str(ROOT / "tests" / "chart")]
+sys.path[:0] = [str(ROOT / "tests" / "operator"), str(ROOT / "tests" / "chart"), str(ROOT / "tests")]
 
 from chart_support import CHART, container_env, find, render  # noqa: E402
 from kubelet_standin import PodmanKubelet, grpc_serving  # noqa: E402
