@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable
 
 import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from conditions import wait_until_async
 from serving_support import LOOPBACK, free_port, models_dir_with
 
 from inference_pod.app import Pod
@@ -43,21 +43,15 @@ def generated(pod: Pod) -> float:
     return pod.data_plane.metrics.sample("lipsync_frames_generated_total", {"model": "demo", "source": "model"})
 
 
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.01)
-
-
 async def abandon(pod: Pod, call: asyncio.Future, cancel: Callable[[], object]) -> float:
     """Frames the model rendered for ``call`` once it started, its client gave up, and the pod let it go."""
     before = generated(pod)
-    await until(lambda: generated(pod) >= before + 8, "the batch never started")
+    await wait_until_async(lambda: generated(pod) >= before + 8, what="the batch to start", timeout=120)
     cancel()
     with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
         await call
-    await until(lambda: pod.data_plane.inflight == 0, "the abandoned batch is still being served")
+    await wait_until_async(lambda: pod.data_plane.inflight == 0, what="the abandoned batch to stop",
+                           timeout=120)
     return generated(pod) - before
 
 

@@ -16,7 +16,6 @@ import contextlib
 import json
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import jsonschema
 import numpy as np
 import pytest
 import pytest_asyncio
+from conditions import wait_until_async
 from serving_support import LOOPBACK, free_port, models_dir_with, speech_pcm16
 
 from inference_pod.app import Pod
@@ -139,9 +139,8 @@ def opening(frame: pb.Frame) -> float:
 
 async def no_session_running(server) -> None:
     """Until the previous test's sessions have wound down (a slot frees when its call has ended)."""
-    deadline = time.monotonic() + 30
-    while server.data_plane.sessions_active and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
+    await wait_until_async(lambda: not server.data_plane.sessions_active, what="the previous sessions to end",
+                           timeout=30)
     assert not server.data_plane.sessions_active
 
 
