@@ -254,6 +254,12 @@ def parse(message_type: type[Message], data: bytes, method: str) -> Message:
                            f"{exc}") from None
 
 
+async def parsed(message_type: type[Message], data: AsyncIterator[bytes], method: str) -> AsyncIterator[Message]:
+    """A client stream's messages, each parsed as it arrives (``parse``'s errors on the first bad one)."""
+    async for item in data:
+        yield parse(message_type, item, method)
+
+
 # ------------------------------------------------------------------------------------------ the servicer
 
 
@@ -327,11 +333,7 @@ class LipSyncServicer:
             await _abort("StreamAudio", exc, context)
 
     async def _stream_audio(self, request_iterator: AsyncIterator[bytes]):
-        async def messages():
-            async for data in request_iterator:
-                yield parse(pb.StreamAudioRequest, data, "StreamAudio")
-
-        requests = messages().__aiter__()
+        requests = parsed(pb.StreamAudioRequest, request_iterator, "StreamAudio")
         first = await anext(requests, None)
         if first is None or first.WhichOneof("message") != "config":
             raise InvalidInput("the first StreamAudio message must be a config (model, sample rate, channels)")
@@ -362,11 +364,7 @@ class LipSyncServicer:
             await _abort("Session", exc, context)
 
     async def _session(self, request_iterator: AsyncIterator[bytes]):
-        async def messages():
-            async for data in request_iterator:
-                yield parse(pb.SessionRequest, data, "Session")
-
-        requests = messages().__aiter__()
+        requests = parsed(pb.SessionRequest, request_iterator, "Session")
         first = await anext(requests, None)
         if first is None or first.WhichOneof("message") != "config":
             raise InvalidInput(CONFIG_FIRST)
