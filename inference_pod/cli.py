@@ -155,19 +155,14 @@ def _path_error(parser: argparse.ArgumentParser, args: argparse.Namespace, exc: 
 
 def _given_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[tuple[str, Path]]:
     """(how the user named it, path) for every path argument of the chosen command."""
-    current: argparse.ArgumentParser | None = parser
-    while current is not None:
-        child = None
-        for action in current._actions:
+    for _, chosen in _chosen_parsers(parser, args):
+        for action in chosen._actions:
             if isinstance(action, argparse._SubParsersAction):
-                child = action.choices.get(getattr(args, action.dest, None) or "")
                 continue
             value = getattr(args, action.dest, None)
             for path in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(path, Path):
                     yield (action.option_strings[-1] if action.option_strings else action.dest.upper()), path
-        current = child
-
 
 if __name__ == "__main__":
     sys.exit(main())
