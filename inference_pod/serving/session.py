@@ -70,8 +70,8 @@ OUTBOX_FRAMES = 50  # frames (2 s at 25 fps) waiting for a slow reader before it
 # An utterance starting from idle is placed this much further ahead (paced sessions), so chunks sent at
 # real time that arrive a little late do not leave gaps of silence in it.
 JITTER_S = 0.08
-UNPACED_LEAD_FRAMES = 2
-MAX_LATE_FRAMES = 2  # speaking frames that missed their tick, still finished (see Session._finish_late)  # unpaced: frames emitted ahead of the reader (its reading is the clock)
+UNPACED_LEAD_FRAMES = 2  # unpaced: frames emitted ahead of the reader (its reading is the clock)
+MAX_LATE_FRAMES = 2  # speaking frames that missed their tick, still finished (see Session._finish_late)
 OUTBOX_EVENTS = 1000
 IDLE_CACHE_BYTES = 256 << 20
 
@@ -333,6 +333,7 @@ class Session:
         self._late: set[asyncio.Task] = set()  # speaking frames that missed their tick, finishing for the repeats
         self._next_render = 0
         self._features_lock = asyncio.Lock()
+        self._features_job: asyncio.Future[dict[int, np.ndarray]] | None = None  # the one in flight
         self._epoch = 0  # bumped by clear: work started before it is stale
         self._utterances: collections.deque[_Utterance] = collections.deque([_Utterance(1)])
         self._utterance_starts: collections.deque[tuple[int, float]] = collections.deque(maxlen=64)
@@ -563,13 +564,17 @@ class Session:
         return dataclasses.replace(cached, frame_id=tick, cached=True), IDLE
 
     async def _speaking(self, tick: int, epoch: int) -> tuple[FrameResult, str]:
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         async with self._features_lock:  # one feature job per session at a time, in tick order
-            while epoch == self._epoch and (job := self.timeline.feature_job(tick)) is not None:
-                features = await loop.run_in_executor(self.cpu_pool, job)
-                if epoch == self._epoch:
-                    self.timeline.add_features(features)
+            while epoch == self._epoch:
+                if self._features_job is None:
+                    self._features_job = self._start_features(tick, epoch)
+                    if self._features_job is None:
+                        break
+                # Shielded: a frame that misses its tick is cancelled, but the features it asked for are
+                # the next frames' too, so the job finishes and keeps its result (no work thrown away and
+                # redone by the next tick, which would never catch up on a loaded pod).
+                await asyncio.shield(self._features_job)
         if epoch != self._epoch:
             raise asyncio.CancelledError  # cleared while its features were computed
         features_s = time.perf_counter() - started
@@ -577,6 +582,21 @@ class Session:
                                             window=self.timeline.window(tick), in_stream=True)
         result.timings.features_s = features_s
         return result, SPEAKING
+
+    def _start_features(self, tick: int, epoch: int) -> asyncio.Future[dict[int, np.ndarray]] | None:
+        job = self.timeline.feature_job(tick)
+        if job is None:
+            return None
+        future = asyncio.get_running_loop().run_in_executor(self.cpu_pool, job)
+
+        def done(finished: asyncio.Future[dict[int, np.ndarray]]) -> None:
+            # Runs before any waiter resumes: the features are in the timeline when they look.
+            self._features_job = None
+            if not finished.cancelled() and finished.exception() is None and epoch == self._epoch:
+                self.timeline.add_features(finished.result())
+
+        future.add_done_callback(done)
+        return future
 
 
 __all__ = ["AudioChunk", "Admission", "Clear", "Cleared", "End", "Ended", "Flush", "IdleFrames",
