@@ -122,8 +122,8 @@ def write_sessions_chart(result: dict, path: Path) -> Path:
             ax.plot(x, [v if v is not None else np.nan for v in values], marker=marker, linestyle=dash, color=color,
                     label=f"{name} {pct[:3]}")
     ax.set_ylabel("ms")
-    ax.set_title("Latency as the client sees it: speech (voiced audio sent -> its frame), barge-in (clear -> "
-                 "next frame)", fontsize=9)
+    ax.set_title("Latency at the client: speech (voiced chunk sent -> its frame), barge-in (clear -> next frame)",
+                 fontsize=8)
     ax.legend(fontsize=7, ncol=2)
 
     ax = axes[2]
@@ -135,7 +135,7 @@ def write_sessions_chart(result: dict, path: Path) -> Path:
         bottom += share
     ax.set_ylabel("% of frames")
     ax.set_title("What the frames were", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     for ax in axes:
         ax.set_xticks(x, [str(v) for v in m])
     axes[2].set_xlabel("live sessions at once (25 fps each)")

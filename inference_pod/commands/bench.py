@@ -258,6 +258,8 @@ def _register_sessions(bench: argparse._SubParsersAction) -> None:
                                                                          "(default 40)")
     s.add_argument("--max-repeated-share", type=_share, default=0.01, help="the bar for the largest M (default "
                                                                            "0.01)")
+    s.add_argument("--stop-repeated-share", type=_share, default=0.5, help="a level repeating more than this ends "
+                                                                           "the run (default 0.5; 1: every level)")
     s.add_argument("--seed", type=int, default=0, help="seed of the patterns and characters")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("--out-dir", type=Path, default=Path("bench-results/sessions"),
@@ -277,7 +279,7 @@ def run_sessions(args: argparse.Namespace) -> int:
             templates=args.templates, device=args.device, precision=args.precision, torch_threads=threads,
             server_args=tuple(args.server_args), sessions=args.sessions, duration_s=args.duration_s,
             warm_up_s=args.warm_up_s, gap_s=args.gap_s, barge_in_share=args.barge_in_share, chunk_ms=args.chunk_ms,
-            max_repeated_share=args.max_repeated_share, seed=args.seed, out_dir=args.out_dir,
+            max_repeated_share=args.max_repeated_share, stop_repeated_share=args.stop_repeated_share, seed=args.seed, out_dir=args.out_dir,
             progress=not args.no_progress)
     except ValueError as exc:
         raise InvalidInput(f"bench sessions: {exc}") from None
