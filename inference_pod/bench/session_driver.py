@@ -120,7 +120,7 @@ class _Reader:
         except SessionRefused:
             record.refused = True
         except SessionFailed as exc:
-            record.error = str(exc)
+            record.error = record.error or str(exc)
         finally:
             self.started.set()
             self.changed.set()

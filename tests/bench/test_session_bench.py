@@ -12,7 +12,7 @@ import pytest
 from inference_pod.bench import SESSION_TRANSPORTS
 from inference_pod.bench.session_figures import KINDS
 from inference_pod.bench.session_transport import TRANSPORTS
-from inference_pod.bench.sessions import SessionsBenchConfig, largest_within, run
+from inference_pod.bench.sessions import largest_within
 from inference_pod.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -20,18 +20,20 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
+    """Through the command line, as a user runs it: every level runs whatever it repeats (stop share 1);
+    half the replies are cut by a barge-in."""
     out = tmp_path_factory.mktemp("sessions-bench")
-    # Every level runs whatever it repeats (stop share 1); half the replies are cut by a barge-in.
-    cfg = SessionsBenchConfig(characters=2, templates=8, sessions=(1, 2), duration_s=2.5, warm_up_s=1.5,
-                              gap_s=(0.3, 0.6), barge_in_share=0.5, stop_repeated_share=1.0, out_dir=out,
-                              progress=False)
-    return cfg, run(cfg, log=lambda *_: None)
+    assert main(["bench", "sessions", "--characters", "2", "--templates", "8", "--sessions", "2,1",
+                 "--duration-s", "2.5", "--warm-up-s", "1.5", "--gap-s", "0.3,0.6", "--barge-in-share", "0.5",
+                 "--stop-repeated-share", "1", "--no-progress", "--out-dir", str(out)]) == 0
+    return out, json.loads((out / "sessions.json").read_text())
 
 
 def test_every_level_ran_every_session(short_run):
-    cfg, result = short_run
+    _, result = short_run
     assert [r["sessions"] for r in result["levels"]] == [1, 2] and not result["stopped_early"]
     assert result["transport"] == "grpc" and result["machine"]["cpu_count"] >= 1
+    assert result["config"]["barge_in_share"] == 0.5 and result["config"]["gap_s"] == [0.3, 0.6]
     assert [c["weights"] for c in result["characters"]] == ["trained demo", "random"]
     for row in result["levels"]:
         assert row["sessions_ran"] == row["sessions"] and row["refused"] == 0 and not row["errors"], row
@@ -84,16 +86,13 @@ def test_av_offsets(short_run):
 
 
 def test_files_and_the_largest_m(short_run):
-    cfg, result = short_run
-    files = result["files"]
-    saved = json.loads(open(files["json"]).read())
-    assert saved["levels"] == json.loads(json.dumps(result["levels"]))
-    assert saved["largest_sessions_within"] == largest_within(result["levels"], cfg.max_repeated_share)
-    table = open(files["markdown"]).read()
+    out, result = short_run
+    assert result["largest_sessions_within"] == largest_within(result["levels"], result["max_repeated_share"])
+    assert result["max_repeated_share"] == 0.01
+    table = (out / "sessions.md").read_text()
     assert "lipsync bench sessions" in table and result["machine"]["cpu"] in table
     assert table.count("\n| 1 |") == table.count("\n| 2 |") == 1
-    with open(files["chart"], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "sessions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_largest_m_stops_at_the_first_level_past_the_bar():
