@@ -1,5 +1,5 @@
-"""The PNG of a ``lipsync bench service`` run: throughput beside the replaced service's figures, latency
-percentiles, and the live-stream deadline misses per number of streams."""
+"""The PNGs of ``lipsync bench service`` (throughput beside the replaced service's figures, latency
+percentiles, and the live-stream deadline misses per number of streams) and ``lipsync bench sessions``."""
 
 from __future__ import annotations
 
@@ -88,3 +88,58 @@ def _live(ax, levels: list[dict], summary: dict) -> None:
     lines = ax.get_legend_handles_labels()
     more = p95.get_legend_handles_labels()
     ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
+
+
+# ------------------------------------------------------------------------------------------ bench sessions
+
+KIND_COLORS = (("speaking", "speaking", OURS), ("idle_cached", "idle from the cache (no network call)", "#74c476"),
+               ("idle_computed", "idle computed", "#c7e9c0"), ("repeated", "repeated (not ready at its tick)",
+                                                                   "#d62728"))
+
+
+def write_sessions_chart(result: dict, path: Path) -> Path:
+    """The PNG of a ``lipsync bench sessions`` run: repeated frames against the 1 % bar, latencies, and
+    what the frames were, per number of sessions at once."""
+    levels = result["levels"]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), constrained_layout=True)
+    fig.suptitle(f"lipsync bench sessions: {result['label']}", fontsize=8)
+    m = [r["sessions"] for r in levels]
+    x = np.arange(len(levels))
+    bar = 100 * result["max_repeated_share"]
+
+    ax = axes[0]
+    ax.plot(x, [100 * (r["repeated_share"] or 0) for r in levels], marker="o", color=OURS, label="repeated frames")
+    ax.axhline(bar, color="grey", linestyle=":", linewidth=1, label=f"{bar:g} % bar")
+    ax.set_ylabel("% of frames")
+    ax.set_title(f"Repeated frames; largest M within the bar: {result['largest_sessions_within']}", fontsize=9)
+    ax.legend(fontsize=7)
+
+    ax = axes[1]
+    for key, name, color, style in (("speech_latency", "speech", OURS, "-"), ("barge_in_latency", "barge-in",
+                                                                               THEIRS, "-")):
+        for pct, marker, dash in (("p50_ms", "o", style), ("p99_ms", "s", "--")):
+            values = [r[key].get(pct) for r in levels]
+            ax.plot(x, [v if v is not None else np.nan for v in values], marker=marker, linestyle=dash, color=color,
+                    label=f"{name} {pct[:3]}")
+    ax.set_ylabel("ms")
+    ax.set_title("Latency at the client: speech (voiced chunk sent -> its frame), barge-in (clear -> next frame)",
+                 fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
+
+    ax = axes[2]
+    bottom = np.zeros(len(levels))
+    for key, name, color in KIND_COLORS:
+        total = np.array([max(sum(r[k] for k, _, _ in KIND_COLORS), 1) for r in levels])
+        share = 100 * np.array([r[key] for r in levels]) / total
+        ax.bar(x, share, bottom=bottom, color=color, label=name)
+        bottom += share
+    ax.set_ylabel("% of frames")
+    ax.set_title("What the frames were", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+    for ax in axes:
+        ax.set_xticks(x, [str(v) for v in m])
+    axes[2].set_xlabel("live sessions at once (25 fps each)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=72)
+    plt.close(fig)
+    return path

@@ -1,4 +1,4 @@
-"""``lipsync bench engine``, ``lipsync bench service`` and ``lipsync bench pool``."""
+"""``lipsync bench engine``, ``lipsync bench service``, ``lipsync bench pool`` and ``lipsync bench sessions``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import shlex
 from pathlib import Path
 
-from inference_pod.bench import SERVICE_SCENARIOS
+from inference_pod.bench import SERVICE_SCENARIOS, SESSION_TRANSPORTS
 from inference_pod.commands import positive_float, positive_int
 from inference_pod.core.precision import PRECISION_NAMES as PRECISIONS
 from inference_pod.core.templates import TEMPLATE_STORAGES
@@ -148,6 +148,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/pool"),
                    help="directory for pool.json, pool.md and pool.png")
     p.set_defaults(func=run_pool)
+    _register_sessions(bench)
 
 
 def run_engine(args: argparse.Namespace) -> int:
@@ -194,6 +195,94 @@ def run_pool(args: argparse.Namespace) -> int:
         resolve_inputs(cfg)   # a missing or wrong --engine-json: one line, before any work
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidInput(f"bench pool: {exc}") from None
+    _report(run(cfg))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ bench sessions
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
+def _range(text: str) -> tuple[float, float]:
+    values = _float_list(text)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH seconds, e.g. 0.6,2, got {text!r}")
+    return values[0], values[1]
+
+
+def _register_sessions(bench: argparse._SubParsersAction) -> None:
+    s = bench.add_parser(
+        "sessions", help="M concurrent real-time live sessions on one pod: repeated frames, latency, A/V offset",
+        description="Run M live sessions at once (M stepped upward), each a conversation's pattern of idle gaps, "
+                    "replies streamed at real time and barge-ins, over several characters; report per M the "
+                    "repeated frames, speech and barge-in latency, the A/V offset of the output and the network "
+                    "calls the idle cache saved, and the largest M with at most 1 %% repeated frames. Writes "
+                    "sessions.json, sessions.md and sessions.png.")
+    s.add_argument("--target", help="HOST:PORT of a running pod; default: start one on 127.0.0.1 with demo characters")
+    s.add_argument("--api-key", default=os.environ.get("LIPSYNC_API_KEY"), help="for --target (env LIPSYNC_API_KEY)")
+    s.add_argument("--models", type=lambda t: tuple(v.strip() for v in t.split(",") if v.strip()),
+                   help="with --target: comma-separated characters, taken in turn by the sessions")
+    s.add_argument("--sync-model", help="with --target: the trained demo among --models (its mouth is measured "
+                                        "from the pixels for the A/V offset)")
+    s.add_argument("--transport", choices=SESSION_TRANSPORTS, default="grpc", help="how sessions reach the pod "
+                                                                                   "(default grpc)")
+    s.add_argument("--sessions", type=_int_list, default="1,2,4,8", help="sessions at once, one level each "
+                                                                         "(default 1,2,4,8)")
+    s.add_argument("--duration-s", type=positive_float, default=20.0, help="seconds of replies per level (default 20)")
+    s.add_argument("--characters", type=positive_int, default=3, help="demo characters of the pod it starts "
+                                                                      "(default 3; the first the trained demo)")
+    s.add_argument("--width", type=positive_int, default=4, help="their U-Net base width (default 4, the trained "
+                                                                 "demo's; 32 = SyncTalk_2D's: random weights)")
+    s.add_argument("--frame-size", type=_size, default=(256, 256), help="their frame size WxH (default 256x256, the "
+                                                                        "trained demo's; others: random weights)")
+    s.add_argument("--templates", type=positive_int, default=50, help="template frames per character (default 50)")
+    s.add_argument("--device", default="cpu", help="device of the pod it starts: cpu, cuda (default cpu)")
+    s.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="default fp32")
+    s.add_argument("--torch-threads", type=int, help="torch threads of the pod it starts (default 1 on CPU: the "
+                                                     "benchmark shares the cores; torch's default on CUDA)")
+    s.add_argument("--server-args", type=shlex.split, default=(), help="more lipsync serve flags for the pod it "
+                                                                       "starts, e.g. '--max-batch 16'")
+    s.add_argument("--warm-up-s", type=float, default=4.0, help="one session per character first, this long "
+                                                                "(default 4; 0: none)")
+    s.add_argument("--gap-s", type=_range, default=(0.6, 2.0), help="idle between replies, LOW,HIGH s (default 0.6,2)")
+    s.add_argument("--barge-in-share", type=_share, default=0.3, help="replies cut by a clear (default 0.3)")
+    s.add_argument("--chunk-ms", type=positive_float, default=40.0, help="reply audio chunk, sent at real time "
+                                                                         "(default 40)")
+    s.add_argument("--max-repeated-share", type=_share, default=0.01, help="the bar for the largest M (default "
+                                                                           "0.01)")
+    s.add_argument("--stop-repeated-share", type=_share, default=0.5, help="a level repeating more than this ends "
+                                                                           "the run (default 0.5; 1: every level)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the patterns and characters")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("--out-dir", type=Path, default=Path("bench-results/sessions"),
+                   help="directory for sessions.json, sessions.md and sessions.png")
+    s.set_defaults(func=run_sessions)
+
+
+def run_sessions(args: argparse.Namespace) -> int:
+    from inference_pod.bench.sessions import SessionsBenchConfig, run
+    from inference_pod.errors import InvalidInput
+
+    threads = args.torch_threads if args.torch_threads is not None else (0 if args.device.startswith("cuda") else 1)
+    try:
+        cfg = SessionsBenchConfig(
+            target=args.target, api_key=args.api_key, models=args.models or (), sync_model=args.sync_model,
+            transport=args.transport, characters=args.characters, width=args.width, frame_size=args.frame_size,
+            templates=args.templates, device=args.device, precision=args.precision, torch_threads=threads,
+            server_args=tuple(args.server_args), sessions=args.sessions, duration_s=args.duration_s,
+            warm_up_s=args.warm_up_s, gap_s=args.gap_s, barge_in_share=args.barge_in_share, chunk_ms=args.chunk_ms,
+            max_repeated_share=args.max_repeated_share, stop_repeated_share=args.stop_repeated_share, seed=args.seed, out_dir=args.out_dir,
+            progress=not args.no_progress)
+    except ValueError as exc:
+        raise InvalidInput(f"bench sessions: {exc}") from None
     _report(run(cfg))
     return 0
 
