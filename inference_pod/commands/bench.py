@@ -224,7 +224,7 @@ def _register_sessions(bench: argparse._SubParsersAction) -> None:
         description="Run M live sessions at once (M stepped upward), each a conversation's pattern of idle gaps, "
                     "replies streamed at real time and barge-ins, over several characters; report per M the "
                     "repeated frames, speech and barge-in latency, the A/V offset of the output and the network "
-                    "calls the idle cache saved, and the largest M with at most 1 %% repeated frames. Writes "
+                    "calls the idle cache saved, and the largest M with at most 1 % repeated frames. Writes "
                     "sessions.json, sessions.md and sessions.png.")
     s.add_argument("--target", help="HOST:PORT of a running pod; default: start one on 127.0.0.1 with demo characters")
     s.add_argument("--api-key", default=os.environ.get("LIPSYNC_API_KEY"), help="for --target (env LIPSYNC_API_KEY)")
