@@ -97,14 +97,13 @@ function onEvent(event) {
     report(`stopped: ${(event.played_samples / SAMPLE_RATE).toFixed(2)} s of the voice had played`);
   } else if (event.type === "playback_finished") {
     report(`played to the end (${(event.samples / SAMPLE_RATE).toFixed(2)} s)`);
-  } else if (event.type === "error") {
-    report(`${event.code}: ${event.message}`, true);
-  } else if (event.type === "closed") {
+  } else if (event.type === "error" || event.type === "closed") { // the session is over: say why, once
     stopVoice();
     page.session = null;
     playout.reset();
     setState("disconnected");
-    report(`the connection closed (${event.code}${event.reason ? `: ${event.reason}` : ""}): Connect again`, true);
+    report(event.type === "error" ? `${event.code}: ${event.message} (Connect to start again)`
+      : `the connection closed (${event.code}${event.reason ? `: ${event.reason}` : ""}): Connect again`, true);
   }
   updateControls();
 }

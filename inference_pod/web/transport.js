@@ -4,6 +4,7 @@
 //   const session = new WebSocketSession({ apiKey });
 //   session.onFrame = (frame) => ...;  // { tick, pts, kind, audio: Int16Array, voiced, image: Blob, width, height }
 //   session.onEvent = (event) => ...;  // { type: "cleared" | "playback_finished" | "ended" | "error" | "closed", ... }
+//                                      // ("error" and "closed" end the session)
 //   const started = await session.start({ model, sampleRate });  // { fps, sample_rate, samples_per_tick, lookahead_s, ... }
 //   session.sendAudio(pcm16); session.clear(); session.flush(); session.end();
 const EVENT_TYPES = { cleared: "cleared", playback_finished: "playback_finished", session_ended: "ended" };
@@ -42,9 +43,13 @@ export class WebSocketSession {
           started = this.open = true;
           resolve(message);
         } else if (message.type === "error") {
-          const error = { type: "error", code: message.code, message: message.message };
-          if (started) this.onEvent(error);
-          else reject(new Error(`${message.code}: ${message.message}`));
+          if (!started) {
+            reject(new Error(`${message.code}: ${message.message}`));
+            return;
+          }
+          this.open = false; // a session that fails is over (the pod ends it)
+          ws.close(1000);
+          this.onEvent({ type: "error", code: message.code, message: message.message });
         } else if (message.type in EVENT_TYPES) {
           if (message.type === "session_ended") {
             this.open = false;

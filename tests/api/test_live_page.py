@@ -27,12 +27,12 @@ KEY = "page-key"
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "live-page-session.png"
 
 
-def _settings(models: Path, keys: Path) -> Settings:
-    # Session frames rendered a second ahead of their tick: a busy shared CPU still makes most of them in time
+def _settings(models: Path, keys: Path, max_sessions: int = 4) -> Settings:
+    # Session frames rendered a second ahead of their tick: a busy shared CPU makes more of them in time
     # (the page plays them on the session's timeline whatever the render-ahead).
     return Settings(host=LOOPBACK, port=0, metrics_port=0, http_port=free_port(), models_dir=models, max_batch=8,
                     max_batch_delay_ms=20, encode_threads=2, shutdown_grace_s=5, api_keys_file=keys,
-                    session_render_ahead_ms=1000)
+                    session_render_ahead_ms=1000, max_sessions=max_sessions)
 
 
 def _get(url: str, headers: dict | None = None) -> tuple[int, str, bytes]:
@@ -97,6 +97,32 @@ def _mouth_darkness(frame: np.ndarray) -> float:
     return float((mouth < 0.6 * np.median(mouth)).mean())
 
 
+def _chromium(fake_microphone: Path | None = None):
+    """Headless Chromium that plays sound without a click, with a fake microphone playing a WAV file."""
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=760,980",
+                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream"):
+        options.add_argument(flag)
+    if fake_microphone is not None:
+        options.add_argument("--use-fake-device-for-media-stream")
+        options.add_argument(f"--use-file-for-fake-audio-capture={fake_microphone}")
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+
+
+def _connect(driver, url: str) -> None:
+    """Opens the page, which connects at once; this pod wants a key, which the page says in one line."""
+    driver.get(url)
+    deadline = time.monotonic() + 60
+    while not (shown := _page(driver))["error"]:
+        assert time.monotonic() < deadline, f"no error line for the missing key: {shown}"
+    assert shown["status"] == "this pod asks for an API key: type it, then Connect", shown
+    driver.find_element("id", "api-key").send_keys(KEY)
+    driver.find_element("id", "refresh").click()
+
+
 def _page(driver) -> dict:
     """What the page shows, read together."""
     return driver.execute_script("""
@@ -119,9 +145,9 @@ def _until(driver, condition: Callable[[dict], bool], what: str, timeout_s: floa
         assert time.monotonic() < deadline, f"no {what} within {timeout_s} s: the page shows {shown}"
 
 
-def _stop_returns_to_idle(driver, by) -> dict:
+def _stop_returns_to_idle(driver) -> dict:
     """Stop: the avatar is idle again (frames after the clear), keeps idling, and no error shows."""
-    driver.find_element(by.ID, "stop").click()
+    driver.find_element("id", "stop").click()
     stopped = _until(driver, lambda p: p["status"].startswith("stopped") and p["state"] == "idle", "idle after Stop")
     # Idle frames keep coming after the barge-in, with no speaking one among them and no voice.
     later = _until(driver, lambda p: p["idle"] >= stopped["idle"] + 10, "idle frames after Stop")
@@ -133,9 +159,6 @@ def _stop_returns_to_idle(driver, by) -> dict:
 @pytest.mark.timeout(600)  # Chromium, a trained demo and seconds of voice at whatever pace a busy CPU allows
 @pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
 def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, keys_file):
-    from selenium import webdriver
-    from selenium.webdriver.common.by import By
-
     from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
     from inference_pod.tools.lipsync_quality import held_out_speech
     from inference_pod.tools.synctalk_dataset import encode_wav_pcm16
@@ -148,23 +171,9 @@ def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, 
     voice.write_bytes(encode_wav_pcm16(speech))
 
     pod = ServerThread(_settings(models, keys_file))
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=760,980",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-audio-capture={voice}", "--autoplay-policy=no-user-gesture-required"):
-        options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    driver = webdriver.Chrome(options=options, service=service)
+    driver = _chromium(voice)
     try:
-        driver.get(f"http://{LOOPBACK}:{pod.server.gateway.port}/")
-        # The page connects at once; this pod wants a key, which the page says in one line.
-        deadline = time.monotonic() + 60
-        while not (shown := _page(driver))["error"]:
-            assert time.monotonic() < deadline, f"no error line for the missing key: {shown}"
-        assert shown["status"] == "this pod asks for an API key: type it, then Connect", shown
-        driver.find_element(By.ID, "api-key").send_keys(KEY)
-        driver.find_element(By.ID, "refresh").click()
+        _connect(driver, f"http://{LOOPBACK}:{pod.server.gateway.port}/")
 
         # Idle from the start: frames of kind idle, no voice. (Sixty of them: the pod has warmed up.)
         idle = _until(driver, lambda p: p["idle"] >= 60 and p["state"] == "idle", "idle frames")
@@ -173,7 +182,7 @@ def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, 
 
         # A file plays as a voice would: frames carrying its voice come back (made in time: speaking; or, on
         # a CPU too busy for the clock, repeated) and the page schedules that voice with Web Audio.
-        driver.find_element(By.ID, "file").send_keys(str(voice))
+        driver.find_element("id", "file").send_keys(str(voice))
         speaking = _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
         assert speaking["status"] == "playing voice.wav", speaking
         # The screenshot mid-word: the mouth open if the pod shows one within a few seconds (a pace, not a
@@ -182,16 +191,16 @@ def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, 
         while _mouth_darkness(_canvas(driver)) <= closed + 0.02 and time.monotonic() < deadline:
             _until(driver, lambda p: p["state"] == "speaking", "the state speaking until Stop", timeout_s=5)
         driver.save_screenshot(str(tmp_path / "live-page.png"))
-        after_file = _stop_returns_to_idle(driver, By)
+        after_file = _stop_returns_to_idle(driver)
         assert "of the voice had played" in after_file["status"], after_file
         played = float(after_file["status"].split()[1])
         assert 0 < played < len(speech) / 16000, after_file["status"]  # stopped mid-file
 
         # The microphone: speaking again, and Stop again.
-        driver.find_element(By.ID, "mic").click()
+        driver.find_element("id", "mic").click()
         _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > after_file["voice_s"],
                "the microphone's voice coming back")
-        _stop_returns_to_idle(driver, By)
+        _stop_returns_to_idle(driver)
         if os.environ.get("LIPSYNC_UPDATE_SCREENSHOT"):  # refresh the one in docs/ (a small PNG)
             _save_small_png(tmp_path / "live-page.png", SCREENSHOT)
     finally:
@@ -203,3 +212,25 @@ def _save_small_png(source: Path, target: Path) -> None:
     image = cv2.imread(str(source), cv2.IMREAD_COLOR)
     target.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(target), image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def test_a_page_past_the_pods_sessions_says_so_in_one_line(tmp_path, keys_file):
+    pod = ServerThread(_settings(models_dir_with(tmp_path / "models", "demo-1"), keys_file, max_sessions=1))
+    url = f"http://{LOOPBACK}:{pod.server.gateway.port}/"
+    driver = _chromium()
+    try:
+        _connect(driver, url)
+        _until(driver, lambda p: p["state"] == "idle", "the first page's session idling")
+        driver.switch_to.new_window("tab")  # a second viewer: past --max-sessions 1
+        _connect(driver, url)
+        deadline = time.monotonic() + 60
+        while not ((shown := _page(driver))["error"] and shown["state"] == "disconnected"):
+            assert time.monotonic() < deadline, f"no error line for the refused session: {shown}"
+        assert shown["status"].startswith("RESOURCE_EXHAUSTED: this pod already runs its maximum of 1 live "
+                                          "session"), shown
+        assert "\n" not in shown["status"] and shown["state"] == "disconnected", shown
+    finally:
+        driver.quit()
+        pod.close()
