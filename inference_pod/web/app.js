@@ -84,6 +84,7 @@ function showFrame(frame) {
   if (counter) counter.textContent = String(Number(counter.textContent) + 1);
   $("frames").textContent = String(page.shown);
   $("rebased").textContent = String(playout.rebased);
+  $("lag").textContent = `${Math.round(1000 * playout.lag)} ms`;
   $("voice-s").textContent = `${(playout.voiceSamples / SAMPLE_RATE).toFixed(2)} s`;
   document.body.dataset.lastTick = String(frame.tick);
   // A repeated frame (the pod fell behind its clock) keeps the state, or is speaking if it plays voice.

@@ -21,6 +21,7 @@ export class Playout {
     this.skipThrough = -1; // frames up to this tick were barged in on: neither shown nor heard
     this.rebased = 0; // times a late frame moved the timeline later
     this.voiceSamples = 0; // returned audio scheduled (not silence)
+    this.lag = 0; // how long after its time (= when its audio is heard) frames are drawn: a moving average, s
     this.timer = setInterval(() => this.draw(), 10);
   }
 
@@ -102,6 +103,7 @@ export class Playout {
     const { width, height } = due.bitmap;
     if (this.canvas.width !== width || this.canvas.height !== height) Object.assign(this.canvas, { width, height });
     this.canvas.getContext("2d").drawImage(due.bitmap, 0, 0);
+    this.lag += 0.1 * (now - due.at - this.lag);
     release(due);
   }
 
