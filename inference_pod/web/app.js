@@ -54,7 +54,9 @@ async function connect({ relist = true } = {}) {
   stopVoice();
   if (page.session) page.session.end();
   page.session = null;
-  playout.reset();
+  playout.restart();
+  page.shown = 0;
+  for (const id of ["frames", "shown-speaking", "shown-idle", "shown-repeated", "rebased"]) $(id).textContent = "0";
   updateControls();
   setState("connecting");
   report("connecting");

@@ -91,6 +91,12 @@ export class Playout {
     this.offset = null;
   }
 
+  // Another session: its ticks start again at 0.
+  restart() {
+    this.reset();
+    Object.assign(this, { skipThrough: -1, rebased: 0, voiceSamples: 0, lag: 0 });
+  }
+
   draw() {
     const now = this.now();
     let due = null;
