@@ -1,17 +1,32 @@
-// The live page: microphone or an audio file -> AudioWorklet (PCM16, 16 kHz) -> /ws live audio -> canvas.
-// Plain browser APIs only; the protocol is docs/HTTP_API.md's WebSocket one (audio_start, PCM16, audio_end).
-"use strict";
+// The live page: a session opens as soon as the page connects, so the avatar idles from the start; Speak
+// (the microphone) or Play file gives it a voice; Stop barges in. The session's transport (transport.js),
+// the playout of its frames and audio on one timeline (playout.js) and the voices (voice.js) are separate,
+// so another transport can replace the WebSocket one without touching the rest.
+import { Playout } from "./playout.js";
+import { WebSocketSession } from "./transport.js";
+import { decodeFile, microphone, playPcm } from "./voice.js";
 
 const $ = (id) => document.getElementById(id);
 const SAMPLE_RATE = 16000;
-const FPS = 25; // the demo's frame rate; the first frame message's model says the rest
 
-const state = { ws: null, context: null, source: null, node: null, stream: null, startedAt: 0, frames: 0,
-                arrivals: [], fps: FPS };
+const page = { session: null, voice: null, connecting: 0, shown: 0 };
+const playout = new Playout($("screen"), { sampleRate: SAMPLE_RATE, onShow: showFrame });
 
-function status(text, error = false) {
+function report(text, error = false) {
   $("status").textContent = text;
   $("status").className = error ? "error" : "";
+}
+
+function setState(state) {
+  $("state").textContent = state;
+  document.body.dataset.state = state;
+}
+
+function updateControls() {
+  const open = page.session !== null && page.session.open;
+  $("mic").disabled = !open || page.voice !== null;
+  $("file").disabled = !open;
+  $("stop").disabled = !open;
 }
 
 function headers() {
@@ -19,133 +34,134 @@ function headers() {
   return key ? { "X-API-Key": key } : {};
 }
 
-async function loadModels() {
+async function listModels() {
+  const response = await fetch("/models", { headers: headers() });
+  const body = await response.json().catch(() => ({}));
+  if (response.status === 401) throw new Error("this pod asks for an API key: type it, then Connect");
+  if (!response.ok) throw new Error(`could not list models: ${body.message || `HTTP ${response.status}`}`);
+  const names = (body.models || []).map((m) => (typeof m === "string" ? m : m.name));
+  const select = $("model");
+  const chosen = select.value;
+  select.innerHTML = "";
+  for (const name of names) select.add(new Option(name, name));
+  if (names.includes(chosen)) select.value = chosen;
+  if (!names.length) throw new Error("no models loaded on this pod");
+}
+
+// (Re)connects: lists the models and opens a session with the chosen one (the first, at the start).
+async function connect({ relist = true } = {}) {
+  const attempt = ++page.connecting;
+  stopVoice();
+  if (page.session) page.session.end();
+  page.session = null;
+  playout.restart();
+  page.shown = 0;
+  for (const id of ["frames", "shown-speaking", "shown-idle", "shown-repeated", "rebased"]) $(id).textContent = "0";
+  updateControls();
+  setState("connecting");
+  report("connecting");
   try {
-    const response = await fetch("/models", { headers: headers() });
-    const body = await response.json();
-    if (!response.ok) throw new Error(body.message || `HTTP ${response.status}`);
-    const select = $("model");
-    select.innerHTML = "";
-    const names = (body.models || []).map((m) => (typeof m === "string" ? m : m.name));
-    for (const name of names) select.add(new Option(name, name));
-    status(names.length ? `${names.length} model(s)` : "no models loaded on this pod", !names.length);
+    if (relist) await listModels();
+    if (attempt !== page.connecting) return;
+    const model = $("model").value;
+    const session = (page.session = new WebSocketSession({ apiKey: $("api-key").value.trim() }));
+    session.onFrame = (frame) => { if (page.session === session) playout.push(frame); };
+    session.onEvent = (event) => { if (page.session === session) onEvent(event); };
+    const started = await session.start({ model, sampleRate: SAMPLE_RATE });
+    if (attempt !== page.connecting) return;
+    $("delay").textContent = `${Math.round(1000 * (started.lookahead_s + playout.delay))} ms`;
+    report(`session with ${started.model} (${started.model_version}), ${started.fps} frames/s`);
   } catch (err) {
-    status(`could not list models: ${err.message}`, true);
+    if (attempt !== page.connecting) return;
+    page.session = null;
+    setState("disconnected");
+    report(err.message, true);
   }
+  updateControls();
 }
 
-function openSocket(model) {
-  const key = $("api-key").value.trim();
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const url = `${scheme}//${location.host}/ws${key ? `?api_key=${encodeURIComponent(key)}` : ""}`;
-  const ws = new WebSocket(url);
-  ws.binaryType = "arraybuffer";
-  ws.onmessage = (event) => onMessage(JSON.parse(event.data));
-  ws.onclose = (event) => { if (state.ws === ws && event.code !== 1000) status(`connection closed (${event.code})`, true); };
-  return new Promise((resolve, reject) => {
-    ws.onopen = () => {
-      ws.send(JSON.stringify({ type: "audio_start", model_name: model, sample_rate: SAMPLE_RATE, channels: 1,
-                               format: "jpeg", request_id: "live" }));
-      resolve(ws);
-    };
-    ws.onerror = () => reject(new Error("cannot connect to /ws (is the API key right?)"));
-  });
+function showFrame(frame) {
+  page.shown += 1;
+  const counter = $(`shown-${frame.kind}`);
+  if (counter) counter.textContent = String(Number(counter.textContent) + 1);
+  $("frames").textContent = String(page.shown);
+  $("rebased").textContent = String(playout.rebased);
+  $("lag").textContent = `${Math.round(1000 * playout.lag)} ms`;
+  $("voice-s").textContent = `${(playout.voiceSamples / SAMPLE_RATE).toFixed(2)} s`;
+  document.body.dataset.lastTick = String(frame.tick);
+  // A repeated frame (the pod fell behind its clock) keeps the state, or is speaking if it plays voice.
+  if (frame.kind === "speaking" || frame.kind === "idle") setState(frame.kind);
+  else if (frame.voiced) setState("speaking");
 }
 
-function onMessage(message) {
-  if (message.type === "frame") {
-    drawFrame(message);
-  } else if (message.type === "end") {
-    status(`done: ${message.frames} frames`);
-    state.ws.close(1000);
-    state.ws = null;
-  } else if (message.type === "error") {
-    status(`${message.code}: ${message.message}`, true);
+function onEvent(event) {
+  if (event.type === "cleared") {
+    playout.cleared(event.tick);
+    report(`stopped: ${(event.played_samples / SAMPLE_RATE).toFixed(2)} s of the voice had played`);
+  } else if (event.type === "playback_finished") {
+    report(`played to the end (${(event.samples / SAMPLE_RATE).toFixed(2)} s)`);
+  } else if (event.type === "error" || event.type === "closed") { // the session is over: say why, once
+    stopVoice();
+    page.session = null;
+    playout.reset();
+    setState("disconnected");
+    report(event.type === "error" ? `${event.code}: ${event.message} (Connect to start again)`
+      : `the connection closed (${event.code}${event.reason ? `: ${event.reason}` : ""}): Connect again`, true);
   }
+  updateControls();
 }
 
-async function drawFrame(message) {
-  const now = performance.now();
-  state.frames += 1;
-  state.arrivals.push(now);
-  while (state.arrivals.length && now - state.arrivals[0] > 1000) state.arrivals.shift();
-  const blob = new Blob([Uint8Array.from(atob(message.frame), (c) => c.charCodeAt(0))], { type: "image/jpeg" });
-  const bitmap = await createImageBitmap(blob);
-  const canvas = $("screen");
-  if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
-    canvas.width = bitmap.width;
-    canvas.height = bitmap.height;
-  }
-  canvas.getContext("2d").drawImage(bitmap, 0, 0);
-  // Frame n shows the voice at n / fps seconds after the audio started: how far behind are we?
-  const delay = now - (state.startedAt + (1000 * message.frame_id) / state.fps);
-  $("frames").textContent = String(state.frames);
-  $("fps").textContent = state.arrivals.length > 1 ? state.arrivals.length.toFixed(0) : "-";
-  $("delay").textContent = `${Math.max(0, delay).toFixed(0)} ms`;
-  document.body.dataset.lastFrame = String(message.frame_id);
+function stopVoice() {
+  if (page.voice) page.voice.stop();
+  page.voice = null;
 }
 
-async function start(connectSource) {
-  const model = $("model").value;
-  if (!model) { status("choose a model first (Load models)", true); return; }
-  stop(false);
+// Stop: the voice stops sending, what is scheduled goes silent, and the session drops its queued audio.
+function bargeIn() {
+  if (!page.session) return;
+  stopVoice();
+  playout.bargeIn();
+  page.session.clear();
+  updateControls();
+}
+
+async function speak(startVoice, what) {
+  const session = page.session;
+  if (!session) return;
+  if (page.voice) bargeIn();
   try {
-    state.context = new AudioContext({ sampleRate: SAMPLE_RATE });
-    await state.context.audioWorklet.addModule("web/worklet.js");
-    state.ws = await openSocket(model);
-    state.node = new AudioWorkletNode(state.context, "pcm16");
-    const ws = state.ws;
-    state.node.port.onmessage = (event) => { if (ws.readyState === WebSocket.OPEN) ws.send(event.data); };
-    Object.assign(state, { frames: 0, arrivals: [], startedAt: performance.now() });
-    state.source = await connectSource(state.context);
-    state.source.connect(state.node);
-    $("stop").disabled = false;
-    $("mic").disabled = true;
+    await playout.context.resume(); // a click allows sound: from now on frames follow the audio clock
+    page.voice = await startVoice((pcm) => session.sendAudio(pcm));
+    report(what);
   } catch (err) {
-    status(err.message, true);
-    stop(false);
+    report(err.message, true);
   }
+  updateControls();
 }
 
-function stop(flush = true) {
-  if (state.source) state.source.disconnect();
-  if (state.stream) state.stream.getTracks().forEach((t) => t.stop());
-  if (state.context) state.context.close();
-  if (flush && state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(JSON.stringify({ type: "audio_end" }));
-  Object.assign(state, { source: null, stream: null, context: null, node: null });
-  $("stop").disabled = true;
-  $("mic").disabled = false;
+function playFile(file) {
+  speak(async (send) => playPcm(await decodeFile(file), send, () => {
+    if (page.session) page.session.flush();
+    page.voice = null;
+    updateControls();
+  }), `playing ${file.name}`).catch(() => {});
 }
 
-async function microphone(context) {
-  state.stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true } });
-  status("listening: speak");
-  return context.createMediaStreamSource(state.stream);
-}
-
-function audioFile(file) {
-  return async (context) => {
-    const buffer = await context.decodeAudioData(await file.arrayBuffer());
-    const source = context.createBufferSource();
-    source.buffer = buffer;
-    source.connect(context.destination); // hear it while it plays
-    source.onended = () => stop(true);
-    source.start();
-    status(`playing ${file.name}`);
-    return source;
-  };
-}
-
-$("refresh").addEventListener("click", loadModels);
-$("mic").addEventListener("click", () => start(microphone));
-$("stop").addEventListener("click", () => stop(true));
-$("file").addEventListener("change", (e) => { if (e.target.files[0]) start(audioFile(e.target.files[0])); });
+$("controls").addEventListener("submit", (e) => { e.preventDefault(); connect(); });
+$("model").addEventListener("change", () => connect({ relist: false }));
+$("mic").addEventListener("click", () => speak((send) => microphone(playout.context, send), "listening: speak"));
+$("stop").addEventListener("click", bargeIn);
+$("file").addEventListener("change", (e) => {
+  if (e.target.files[0]) playFile(e.target.files[0]);
+  e.target.value = ""; // the same file again is a change too
+});
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => {
   e.preventDefault();
   drop.classList.remove("over");
-  if (e.dataTransfer.files[0]) start(audioFile(e.dataTransfer.files[0]));
+  if (e.dataTransfer.files[0] && page.session) playFile(e.dataTransfer.files[0]);
 });
-loadModels();
+window.addEventListener("pagehide", () => { if (page.session) page.session.end(); });
+connect();

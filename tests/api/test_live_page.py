@@ -1,5 +1,6 @@
 """The live page at / of a real pod: its files over HTTP, and (when Chromium is installed) a headless browser
-that speaks into a fake microphone and watches the trained demo answer."""
+that opens a live session with the trained demo, plays a file into it, barges in, then speaks into a fake
+microphone and barges in again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -22,12 +24,15 @@ from inference_pod.serving.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KEY = "page-key"
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "live-page-session.png"
 
 
-def _settings(models: Path, keys: Path) -> Settings:
+def _settings(models: Path, keys: Path, max_sessions: int = 4) -> Settings:
+    # Session frames rendered a second ahead of their tick: a busy shared CPU makes more of them in time
+    # (the page plays them on the session's timeline whatever the render-ahead).
     return Settings(host=LOOPBACK, port=0, metrics_port=0, http_port=free_port(), models_dir=models, max_batch=8,
-                    max_batch_delay_ms=20, encode_threads=2, shutdown_grace_s=5, api_keys_file=keys)
+                    max_batch_delay_ms=20, encode_threads=2, shutdown_grace_s=5, api_keys_file=keys,
+                    session_render_ahead_ms=1000, max_sessions=max_sessions)
 
 
 def _get(url: str, headers: dict | None = None) -> tuple[int, str, bytes]:
@@ -92,16 +97,69 @@ def _mouth_darkness(frame: np.ndarray) -> float:
     return float((mouth < 0.6 * np.median(mouth)).mean())
 
 
-WATCHED_FRAMES = 40  # 1.6 s of voice: a few syllables, so the mouth both opens and closes
-
-
-@pytest.mark.timeout(600)  # Chromium, a trained demo and 5 s of voice at whatever pace a busy CPU allows
-@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
-def test_speaking_into_the_page_animates_the_trained_demo(tmp_path, keys_file):
+def _chromium(fake_microphone: Path | None = None):
+    """Headless Chromium that plays sound without a click, with a fake microphone playing a WAV file."""
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=760,1080",
+                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream"):
+        options.add_argument(flag)
+    if fake_microphone is not None:
+        options.add_argument("--use-fake-device-for-media-stream")
+        options.add_argument(f"--use-file-for-fake-audio-capture={fake_microphone}")
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
+
+
+def _connect(driver, url: str) -> None:
+    """Opens the page, which connects at once; this pod wants a key, which the page says in one line."""
+    driver.get(url)
+    deadline = time.monotonic() + 60
+    while not (shown := _page(driver))["error"]:
+        assert time.monotonic() < deadline, f"no error line for the missing key: {shown}"
+    assert shown["status"] == "this pod asks for an API key: type it, then Connect", shown
+    driver.find_element("id", "api-key").send_keys(KEY)
+    driver.find_element("id", "refresh").click()
+
+
+def _page(driver) -> dict:
+    """What the page shows, read together."""
+    return driver.execute_script("""
+        const text = (id) => document.getElementById(id).textContent;
+        const status = document.getElementById('status');
+        return {state: document.body.dataset.state, tick: Number(document.body.dataset.lastTick ?? -1),
+                speaking: Number(text('shown-speaking')), idle: Number(text('shown-idle')),
+                repeated: Number(text('shown-repeated')), voice_s: parseFloat(text('voice-s')),
+                lag_ms: parseFloat(text('lag')), rebased: Number(text('rebased')),
+                status: status.textContent, error: status.className === 'error'};""")
+
+
+def _until(driver, condition: Callable[[dict], bool], what: str, timeout_s: float = 180) -> dict:
+    """Waits until the page shows ``condition``; an error line on the page fails at once."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        shown = _page(driver)
+        assert not shown["error"], f"the page shows an error while waiting for {what}: {shown['status']!r}"
+        if condition(shown):
+            return shown
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s: the page shows {shown}"
+
+
+def _stop_returns_to_idle(driver) -> dict:
+    """Stop: the avatar is idle again (frames after the clear), keeps idling, and no error shows."""
+    driver.find_element("id", "stop").click()
+    stopped = _until(driver, lambda p: p["status"].startswith("stopped") and p["state"] == "idle", "idle after Stop")
+    # Idle frames keep coming after the barge-in, with no speaking one among them and no voice.
+    later = _until(driver, lambda p: p["idle"] >= stopped["idle"] + 10, "idle frames after Stop")
+    assert later["state"] == "idle", later
+    assert (later["speaking"], later["voice_s"]) == (stopped["speaking"], stopped["voice_s"]), (stopped, later)
+    return later
+
+
+@pytest.mark.timeout(600)  # Chromium, a trained demo and seconds of voice at whatever pace a busy CPU allows
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, keys_file):
     from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
     from inference_pod.tools.lipsync_quality import held_out_speech
     from inference_pod.tools.synctalk_dataset import encode_wav_pcm16
@@ -109,63 +167,82 @@ def test_speaking_into_the_page_animates_the_trained_demo(tmp_path, keys_file):
     models = tmp_path / "models"
     models.mkdir()
     build_demo_package("demo", models / "demo-1.zip", width=TRAINED.width, speech=default_speech(), trained=True)
-    voice = tmp_path / "voice.wav"  # the fake microphone plays this in a loop
-    voice.write_bytes(encode_wav_pcm16(held_out_speech()))
+    voice = tmp_path / "voice.wav"  # the file played into the session, and the fake microphone's loop
+    speech = np.concatenate([held_out_speech()] * 2)  # 16 s: Stop comes mid-file however slow the pod is
+    voice.write_bytes(encode_wav_pcm16(speech))
 
     pod = ServerThread(_settings(models, keys_file))
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,900",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-audio-capture={voice}", "--autoplay-policy=no-user-gesture-required"):
-        options.add_argument(flag)
-    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
-    driver = webdriver.Chrome(options=options, service=service)
+    driver = _chromium(voice)
     try:
-        driver.get(f"http://{LOOPBACK}:{pod.server.gateway.port}/")
-        driver.find_element(By.ID, "api-key").send_keys(KEY)
-        driver.find_element(By.ID, "refresh").click()
-        WebDriverWait(driver, 120).until(lambda d: "demo" in [o.text for o in Select(d.find_element(By.ID, "model")).options])
-        Select(driver.find_element(By.ID, "model")).select_by_visible_text("demo")
-        driver.find_element(By.ID, "mic").click()
-        spoke = time.monotonic()
+        _connect(driver, f"http://{LOOPBACK}:{pod.server.gateway.port}/")
 
-        def shown(d) -> tuple[int, int]:
-            """(frames drawn, id of the last one drawn), read together."""
-            drawn, last = d.execute_script("return [Number(document.getElementById('frames').textContent) || 0, "
-                                           "Number(document.body.dataset.lastFrame || -1)];")
-            return int(drawn), int(last)
+        # Idle from the start: frames of kind idle, no voice. (Sixty of them: the pod has warmed up.)
+        idle = _until(driver, lambda p: p["idle"] >= 60 and p["state"] == "idle", "idle frames")
+        assert idle["speaking"] == 0 and idle["voice_s"] == 0, idle
+        closed = max(_mouth_darkness(_canvas(driver)) for _ in range(5))
 
-        # The first second of voice comes back (however long a busy machine takes to compute it).
-        WebDriverWait(driver, 180).until(lambda d: shown(d)[1] >= 25)
-        # Then watch the next WATCHED_FRAMES frames, by frame id rather than by the clock: every observation
-        # sees frames in order with none missing (frame n is the n+1-th drawn), and the mouth moving.
-        seen, darkness = [shown(driver)], []
-        start = time.monotonic()
-        while seen[-1][1] < seen[0][1] + WATCHED_FRAMES:
-            status = driver.find_element(By.ID, "status").text
-            assert time.monotonic() - start < 300, f"frames stopped coming: {seen[-3:]}; page status {status!r}"
-            darkness.append(_mouth_darkness(_canvas(driver)))
-            seen.append(shown(driver))
-        elapsed = time.monotonic() - start
-        # Reported, not asserted: the pace is the benchmarks' subject, and a busy CPU may be slower than the voice.
-        print(f"{seen[-1][1] - seen[0][1]} frames in {elapsed:.1f} s; mouth darkness {min(darkness):.3f}.."
-              f"{max(darkness):.3f}; shown: {driver.find_element(By.ID, 'fps').text} frames/s, "
-              f"delay {driver.find_element(By.ID, 'delay').text}")
-        last_ids = [last for _, last in seen]
-        assert last_ids == sorted(last_ids), last_ids  # in order
-        assert all(drawn >= last + 1 for drawn, last in seen), seen  # none missing before the one shown
-        # Never ahead of the voice: a frame needs its audio (25 frames per second of it).
-        assert shown(driver)[1] <= 25 * (time.monotonic() - spoke) + 1
-        assert max(darkness) > 1.5 * min(darkness) + 0.01, darkness  # the mouth opens and closes
-        assert driver.find_element(By.ID, "status").get_attribute("class") != "error"
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # take the screenshot mid-word, mouth open
-            if _mouth_darkness(_canvas(driver)) > np.percentile(darkness, 75):
-                break
+        # A file plays as a voice would: frames carrying its voice come back (made in time: speaking; or, on
+        # a CPU too busy for the clock, repeated) and the page schedules that voice with Web Audio.
+        driver.find_element("id", "file").send_keys(str(voice))
+        speaking = _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
+        assert speaking["status"] == "playing voice.wav", speaking
+        # The screenshot mid-word: the mouth open if the pod shows one within a few seconds (a pace, not a
+        # result: not asserted; tests/api/test_session.py measures the lips).
+        deadline = time.monotonic() + 8
+        while _mouth_darkness(_canvas(driver)) <= closed + 0.02 and time.monotonic() < deadline:
+            _until(driver, lambda p: p["state"] == "speaking", "the state speaking until Stop", timeout_s=5)
+        shown = _page(driver)  # reported, not asserted (a pace): how far the picture trails its voice
+        print(f"picture after its voice {shown['lag_ms']} ms, timeline moved {shown['rebased']} times; frames "
+              f"speaking/idle/repeated {shown['speaking']}/{shown['idle']}/{shown['repeated']}")
         driver.save_screenshot(str(tmp_path / "live-page.png"))
-        if os.environ.get("LIPSYNC_UPDATE_SCREENSHOT"):  # refresh the one in docs/
-            shutil.copy(tmp_path / "live-page.png", DOCS / "live-page.png")
+        after_file = _stop_returns_to_idle(driver)
+        assert "of the voice had played" in after_file["status"], after_file
+        # Stopped mid-file. (Not `0 <`: the session forgets the played part of an utterance whose chunks came
+        # with gaps once it is trimmed, so its count may be short on a busy machine.)
+        assert float(after_file["status"].split()[1]) < len(speech) / 16000, after_file["status"]
+
+        # The microphone: speaking again, and Stop again.
+        driver.find_element("id", "mic").click()
+        _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > after_file["voice_s"],
+               "the microphone's voice coming back")
+        _stop_returns_to_idle(driver)
+
+        # Connect again: a new session, shown from its first ticks (the old one's barge-in is forgotten).
+        driver.find_element("id", "refresh").click()
+        again = _until(driver, lambda p: p["idle"] >= 10, "the new session's idle frames")
+        assert again["state"] == "idle" and again["tick"] < 100 and again["voice_s"] == 0, again
+        if os.environ.get("LIPSYNC_UPDATE_SCREENSHOT"):  # refresh the one in docs/ (a small PNG)
+            _save_small_png(tmp_path / "live-page.png", SCREENSHOT)
+    finally:
+        driver.quit()
+        pod.close()
+
+
+def _save_small_png(source: Path, target: Path) -> None:
+    image = cv2.imread(str(source), cv2.IMREAD_COLOR)
+    content = np.flatnonzero((image != image[-1:, :1]).any(axis=(1, 2)))  # rows not all the page background
+    image = image[: content[-1] + 24] if len(content) else image
+    target.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(target), image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def test_a_page_past_the_pods_sessions_says_so_in_one_line(tmp_path, keys_file):
+    pod = ServerThread(_settings(models_dir_with(tmp_path / "models", "demo-1"), keys_file, max_sessions=1))
+    url = f"http://{LOOPBACK}:{pod.server.gateway.port}/"
+    driver = _chromium()
+    try:
+        _connect(driver, url)
+        _until(driver, lambda p: p["state"] == "idle", "the first page's session idling")
+        driver.switch_to.new_window("tab")  # a second viewer: past --max-sessions 1
+        _connect(driver, url)
+        deadline = time.monotonic() + 60
+        while not ((shown := _page(driver))["error"] and shown["state"] == "disconnected"):
+            assert time.monotonic() < deadline, f"no error line for the refused session: {shown}"
+        assert shown["status"].startswith("RESOURCE_EXHAUSTED: this pod already runs its maximum of 1 live "
+                                          "session"), shown
+        assert "\n" not in shown["status"] and shown["state"] == "disconnected", shown
     finally:
         driver.quit()
         pod.close()
