@@ -89,6 +89,7 @@ class SessionTimeline:
         self.committed = 0  # end of the timeline so far: audio arriving now is placed here
         self._speech: list[tuple[int, int, int]] = []  # (start, end, utterance): client audio, in order
         self._features: dict[int, np.ndarray] = {}
+        self._trimmed: dict[int, int] = {}  # utterance -> its samples played and already forgotten by trim
 
     # -------------------------------------------------------------------------------------- writing
 
@@ -117,8 +118,9 @@ class SessionTimeline:
     def erase(self, at: int) -> tuple[dict[int, int], dict[int, int]]:
         """Barge-in: the timeline ends at sample ``at`` and holds no client audio any more (the frames after
         it hear silence at once). Returns samples played (before ``at``) and dropped, per utterance."""
-        played: dict[int, int] = {}
+        played: dict[int, int] = dict(self._trimmed)
         dropped: dict[int, int] = {}
+        self._trimmed.clear()
         for start, end, utterance in self._speech:
             played[utterance] = played.get(utterance, 0) + max(0, min(end, at) - start)
             dropped[utterance] = dropped.get(utterance, 0) + max(0, end - max(start, at))
@@ -136,10 +138,15 @@ class SessionTimeline:
             self._pcm = self._pcm[first - self.base :]
             self.base = first
         while self._speech and self._speech[0][1] <= first:
-            self._speech.pop(0)
+            start, end, utterance = self._speech.pop(0)
+            self._trimmed[utterance] = self._trimmed.get(utterance, 0) + end - start  # still counts as played
         oldest = frame_features(before_frame)[0]
         for j in [j for j in self._features if j < oldest]:
             del self._features[j]
+
+    def forget_utterance(self, utterance: int) -> None:
+        """The utterance has finished playing: a later barge-in does not count it."""
+        self._trimmed.pop(utterance, None)
 
     # -------------------------------------------------------------------------------------- reading
 

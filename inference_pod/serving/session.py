@@ -530,6 +530,7 @@ class Session:
             if self._utterances[0].end > end:
                 break
             finished = self._utterances.popleft()
+            self.timeline.forget_utterance(finished.number)
             self._outbox.put(PlaybackFinished(finished.number, tick, tick / self.fps, finished.samples))
         self.timeline.trim(tick + 1)
         self._room.set()

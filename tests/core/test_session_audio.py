@@ -71,3 +71,19 @@ def test_tick_audio_is_the_input_and_a_barge_in_counts_every_sample(engine):
     assert timeline.committed == tick_samples(20)[0] and all(timeline.is_silent(k) for k in range(0, 40))
     with pytest.raises(audio.AudioError, match="odd"):
         timeline.append(b"\x00\x01\x02", utterance=2)
+
+
+def test_a_barge_in_counts_the_samples_trim_already_forgot(engine):
+    """An utterance that arrived in pieces with gaps: the pieces that played long ago are trimmed from the
+    timeline, yet a barge-in still reports them as played (a voice agent truncates its transcript by it)."""
+    timeline = SessionTimeline(engine, silence_feature(engine))
+    pieces = [pcm(0.5, seed) for seed in (7, 8, 9)]
+    for piece in pieces:
+        timeline.append(piece.tobytes(), utterance=1)
+        timeline.commit_silence(timeline.committed + 8000)  # a half-second gap: separate segments
+    at = tick_samples(60)[0]  # 2.4 s: the first two pieces played, the third partly
+    timeline.trim(60)
+    played, dropped = timeline.erase(at)
+    third_start = 2 * (8000 + 8000)
+    assert played[1] == 2 * 8000 + (at - third_start)
+    assert played[1] + dropped[1] == sum(len(p) for p in pieces)
