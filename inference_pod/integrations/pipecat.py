@@ -59,7 +59,7 @@ class LipSyncVideoService(FrameProcessor):
         self._model = model
         self._api_key = api_key
         self._tls = tls
-        self._output = {"format": format, "jpeg_quality": jpeg_quality, "unpaced": unpaced}
+        self._format, self._jpeg_quality, self._unpaced = format, jpeg_quality, unpaced
         self._client: AsyncLipSyncClient | None = None
         self._session: AsyncLiveSession | None = None
         self._reader: asyncio.Task | None = None
@@ -94,7 +94,8 @@ class LipSyncVideoService(FrameProcessor):
 
     async def _start(self) -> None:
         self._client = AsyncLipSyncClient(self._target, api_key=self._api_key, tls=self._tls, timeout=None)
-        self._session = self._client.session(self._model, **self._output)
+        self._session = self._client.session(self._model, unpaced=self._unpaced, format=self._format,
+                                             jpeg_quality=self._jpeg_quality)
         self._reader = self.create_task(self._read(self._session))
 
     async def _speak(self, frame: TTSAudioRawFrame) -> None:
