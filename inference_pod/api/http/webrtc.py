@@ -71,12 +71,13 @@ log = logging.getLogger(__name__)
 
 OFFER_FIELDS = frozenset({"model_name", "sdp", "type", "codec", "width", "height", "bitrate_kbps", "unpaced"})
 CODECS = {"h264": "video/H264", "vp8": "video/VP8"}
-# Measured on the project's 2-core machine (README: WebRTC): H.264 x264 "ultrafast" at 1.5 Mbit/s keeps the
-# demo's mouth sharp at 1280x720 for a fraction of libx264's default preset's CPU.
+# Measured on the project's 2-core machine (python -m inference_pod.bench.webrtc_encoding): at 1280x720 and
+# 1.5 Mbit/s, x264 "veryfast" costs about 14 ms a frame like "ultrafast" (and compresses better), libx264's
+# default "medium" (aiortc's own encoder's) about 32 ms; VP8 realtime about 11 ms.
 DEFAULT_BITRATE_KBPS = 1500
 MIN_BITRATE_KBPS, MAX_BITRATE_KBPS = 100, 20000
 MAX_WIDTH, MAX_HEIGHT = 3840, 2160
-X264_PRESET = "ultrafast"
+X264_PRESET = "veryfast"
 VP8_SPEED = "8"  # libvpx cpu-used for realtime: higher is faster and coarser
 KEYFRAME_INTERVAL_S = 2.0  # a receiver that lost a packet, or joined late, recovers within this
 VIDEO_QUEUE_FRAMES = 2  # unencoded frames a slow peer may have waiting; older ones are dropped
