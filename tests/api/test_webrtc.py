@@ -220,3 +220,12 @@ async def test_a_bad_offer_is_one_clear_400(small_pod, body, words):
     assert response.status == 400 and answer["code"] == "INVALID_ARGUMENT", answer
     assert words in answer["error"] and "\n" not in answer["error"] and "Traceback" not in answer["error"]
     assert not small_pod.data_plane.sessions_active
+
+
+async def test_an_offer_from_a_page_the_pod_does_not_allow_is_refused(small_pod):
+    body = {"model_name": "demo", "sdp": "v=0\r\n", "type": "offer"}
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{base_url(small_pod)}/webrtc/offer", json=body,
+                      headers={"Origin": "https://elsewhere.example"}) as response:
+        answer = await response.json()
+    assert response.status == 403 and "--allowed-origins" in answer["error"], answer
