@@ -26,7 +26,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # Where a model's template crops live (see inference_pod.core.engine): on the device, in host memory with a copy
 # per batch, or PNG-compressed in host memory with a decode per batch.
 _DEST_PREFIX = "setting_"
-LIST_FIELDS = frozenset({"preload", "allowed_origins"})  # repeated, space- or comma-separated; env: commas
+LIST_FIELDS = frozenset({"preload", "allowed_origins", "ice_server"})  # repeated, space- or comma-separated; env: commas
 
 
 def origin_problem(origin: str) -> str | None:
@@ -42,6 +42,30 @@ def origin_problem(origin: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query or parts.fragment:
         return "an origin is http(s)://host[:port], as a browser's Origin header names a page, e.g. " \
                "https://app.example.com (or * for any page)"
+    return None
+
+
+def split_ice_server(url: str) -> tuple[str, str | None, str | None]:
+    """``turn:USER:PASSWORD@HOST:PORT`` as (``turn:HOST:PORT``, USER, PASSWORD); STUN URLs have no credentials.
+    The password may hold colons (it is everything between the first colon of the credentials and the last @)."""
+    scheme, _, rest = url.partition(":")
+    credentials, at, address = rest.rpartition("@")
+    if not at:
+        return url, None, None
+    username, _, password = credentials.partition(":")
+    return f"{scheme}:{address}", username, password
+
+
+def ice_server_problem(url: str) -> str | None:
+    """What is wrong with an --ice-server entry, or None."""
+    scheme = url.partition(":")[0]
+    if scheme not in ("stun", "stuns", "turn", "turns"):
+        return "an ICE server is stun:HOST[:PORT] or turn:USER:PASSWORD@HOST[:PORT] (or stuns:/turns:)"
+    address, username, password = split_ice_server(url)
+    if not address.partition(":")[2].partition("?")[0].split(":")[0]:
+        return "no host after the scheme"
+    if scheme.startswith("turn") and not (username and password):
+        return "a TURN server needs credentials: turn:USER:PASSWORD@HOST[:PORT]"
     return None
 
 
@@ -117,6 +141,15 @@ class Settings:
     max_audio_seconds: float = field(default=600.0, metadata={"help": "longest audio accepted in one request"})
     encode_threads: int = field(default=0, metadata={
         "help": "threads for decoding, compositing and image encoding (0: number of CPUs)"})
+    # WebRTC (POST /webrtc/offer, api/http/webrtc.py)
+    ice_server: list[str] = field(default_factory=list, metadata={
+        "help": "STUN or TURN server for WebRTC sessions, as stun:HOST[:PORT] or turn:USER:PASSWORD@HOST[:PORT] "
+                "(turns: for TLS; ?transport=tcp allowed); repeat, or comma-separate. Without one, only host "
+                "candidates: browsers on the same network. A cluster needs a TURN relay: docs/KUBERNETES.md",
+        "nargs": "*", "type": str, "metavar": "URL"})
+    webrtc_encode_threads: int = field(default=0, metadata={
+        "help": "threads that encode WebRTC video (H.264/VP8), shared by every WebRTC session; a session whose "
+                "frames wait for them drops frames, others keep their pace (0: number of CPUs)"})
     shutdown_grace_s: float = field(default=30.0, metadata={
         "help": "on SIGTERM, how long in-flight calls get to finish"})
     log_level: str = field(default="INFO", metadata={"help": "log level", "choices": LOG_LEVELS})
@@ -132,6 +165,7 @@ class Settings:
             setattr(self, name, Path(value) if value else None)
         self.preload = _names(self.preload)
         self.allowed_origins = _names(self.allowed_origins)
+        self.ice_server = _names(self.ice_server)
         self.log_level = self.log_level.upper()
 
     # ---------------------------------------------------------------------------------------- derived
@@ -154,7 +188,8 @@ class Settings:
             if getattr(self, name) < 1:
                 problems.append(f"--{_flag(name)} must be >= 1")
         for name in ("max_sessions", "session_render_ahead_ms", "max_batch_delay_ms", "frame_cache_ttl", "feature_cache_ttl", "memory_budget_mb",
-                     "memory_cache_mb", "encode_threads", "shutdown_grace_s", "max_audio_seconds"):
+                     "memory_cache_mb", "encode_threads", "webrtc_encode_threads", "shutdown_grace_s",
+                     "max_audio_seconds"):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} must be >= 0")
         if self.device not in DEVICES:
@@ -167,6 +202,8 @@ class Settings:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         problems += [f"--allowed-origins {origin!r}: {problem}" for origin in self.allowed_origins
                      if (problem := origin_problem(origin))]
+        problems += [f"--ice-server {url!r}: {problem}" for url in self.ice_server
+                     if (problem := ice_server_problem(url))]
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("--tls-cert and --tls-key go together")
         if problems:

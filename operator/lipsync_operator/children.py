@@ -147,6 +147,8 @@ def deployment(owner: dict, spec: dict, package: PackageRef, config: OperatorCon
            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
            *_redis_env(spec, config)]
+    if rt.get("iceServersSecret"):  # WebRTC's STUN/TURN servers: TURN credentials stay in the Secret
+        env.append(_secret_env("LIPSYNC_ICE_SERVER", rt["iceServersSecret"]))
     mounts: list[dict[str, Any]] = [models_mount, tmp_mount, {"name": "dshm", "mountPath": "/dev/shm"}]
     volumes: list[dict[str, Any]] = [
         {"name": "models", "emptyDir": {"sizeLimit": res["modelsVolume"]}},

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "runtime.maxBatchDelayMs": 5,
     "runtime.logLevel": "INFO",
     "runtime.apiKeysSecret.key": "api-keys",
+    "runtime.iceServersSecret.key": "ice-servers",
     "runtime.drainSeconds": 30,
     "runtime.startupTimeoutSeconds": 600,
     "resources": {},

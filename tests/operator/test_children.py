@@ -25,6 +25,7 @@ SPECS = {
         "runtime": {"image": "own/inference:2", "imagePullPolicy": "Always", "imagePullSecrets": ["pull"],
                     "precision": "fp32", "maxBatch": 64, "maxBatchDelayMs": 2.5, "memoryBudgetMb": 9000,
                     "logLevel": "DEBUG", "apiKeysSecret": {"name": "keys"}, "drainSeconds": 60,
+                    "iceServersSecret": {"name": "turn"},
                     "startupTimeoutSeconds": 900},
         "resources": {"gpu": {"resourceName": "nvidia.com/gpu.shared", "count": 2}, "memory": 17179869184,
                       "cpu": "3500m", "sharedMemory": "2Gi", "modelsVolume": "10Gi"},
@@ -75,6 +76,7 @@ def test_every_setting_reaches_the_pods():
     assert env["LIPSYNC_REDIS_URL"]["value"] == "rediss://cache:6380/1"
     assert env["LIPSYNC_LOG_LEVEL"]["value"] == "DEBUG"
     assert env["LIPSYNC_SHUTDOWN_GRACE_S"]["value"] == "60"
+    assert env["LIPSYNC_ICE_SERVER"]["valueFrom"]["secretKeyRef"] == {"name": "turn", "key": "ice-servers"}
     assert pod["terminationGracePeriodSeconds"] >= 60 + children.PRESTOP_SECONDS
     init_env = {e["name"]: e for e in pod["initContainers"][0]["env"]}
     assert init_env["LIPSYNC_REGISTRY_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "reg", "key": "tok"}

@@ -10,7 +10,7 @@ import pytest
 
 from inference_pod.cli import build_parser
 from inference_pod.errors import InvalidInput
-from inference_pod.serving.settings import Settings, env_name
+from inference_pod.serving.settings import Settings, env_name, split_ice_server
 
 # A valid, non-default value for every field, as it would be written in the environment.
 ENV_VALUES = {
@@ -30,6 +30,9 @@ ENV_VALUES = {
     "benchmark_identity_network": ("true", True),
     "allowed_origins": ("https://app.example.com,http://localhost:3000",
                         ["https://app.example.com", "http://localhost:3000"]),
+    "ice_server": ("stun:stun.example.com:3478,turn:user:pa:ss@turn.example.com:3478?transport=tcp",
+                   ["stun:stun.example.com:3478", "turn:user:pa:ss@turn.example.com:3478?transport=tcp"]),
+    "webrtc_encode_threads": ("2", 2),
 }
 
 
@@ -123,3 +126,16 @@ def test_allowed_origins_are_origins_or_a_star():
         with pytest.raises(InvalidInput, match="--allowed-origins") as info:
             Settings(allowed_origins=[bad]).validate()
         assert bad in str(info.value)
+
+
+def test_ice_servers_are_stun_or_turn_urls_and_turn_carries_its_credentials():
+    assert Settings().ice_server == []  # host candidates only
+    settings = parse(["--ice-server", "stun:stun.example.com", "turn:bot:s3:cret@turn.example.com:3478"], {})
+    assert settings.validate().ice_server == ["stun:stun.example.com", "turn:bot:s3:cret@turn.example.com:3478"]
+    assert split_ice_server("turn:bot:s3:cret@turn.example.com:3478") == ("turn:turn.example.com:3478", "bot", "s3:cret")
+    assert split_ice_server("stun:stun.example.com") == ("stun:stun.example.com", None, None)
+    for bad, words in [("turn.example.com:3478", "stun:HOST"), ("turn:turn.example.com", "needs credentials"),
+                       ("stun:", "no host"), ("http://turn.example.com", "stun:HOST")]:
+        with pytest.raises(InvalidInput, match="--ice-server") as info:
+            Settings(ice_server=[bad]).validate()
+        assert bad in str(info.value) and words in str(info.value)

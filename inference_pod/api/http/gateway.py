@@ -34,6 +34,7 @@ from inference_pod.api.http.shapes import (
     parse_json,
     reject_unknown,
 )
+from inference_pod.api.http.webrtc import WebRtcDoor
 from inference_pod.api.http.websocket import WebSocketSession
 from inference_pod.errors import (
     InvalidInput,
@@ -139,6 +140,7 @@ class HttpGateway:
         self.max_body_bytes = data_plane.settings.max_message_mb << 20  # one limit for gRPC, HTTP and WebSocket
         self.port: int | None = None
         self.sockets: set[web.WebSocketResponse] = set()
+        self.webrtc = WebRtcDoor(data_plane)  # POST /webrtc/offer: sessions over WebRTC
         self._runner: web.AppRunner | None = None
         # The document describes the pod as it runs: API-key security only when keys are configured.
         self._openapi = openapi_document(__version__, data_plane.max_batch_items,
@@ -158,6 +160,7 @@ class HttpGateway:
             web.post("/generate/frame", self.generate_frame),
             web.post("/generate/batch", self.generate_batch),
             web.get("/ws", self.websocket),
+            web.post("/webrtc/offer", self.webrtc_offer),
         ])
         self.app.add_routes(web_routes())  # the live page (gateway_web)
 
@@ -195,6 +198,7 @@ class HttpGateway:
             return
         await asyncio.gather(*(ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
                                for ws in list(self.sockets)), return_exceptions=True)
+        await self.webrtc.close()
         await self._runner.cleanup()
         self._runner = None
 
@@ -383,6 +387,18 @@ class HttpGateway:
         finally:
             self.sockets.discard(ws)
         return ws
+
+
+    # -------------------------------------------------------------------------------------- WebRTC
+
+    async def webrtc_offer(self, request: web.Request) -> web.Response:
+        """A live session over WebRTC (see webrtc): the answer comes once the session has started, so a pod at
+        --max-sessions refuses with 429 and the words of every other door."""
+        self.data_plane.check_origin(request.headers.get("Origin"), request.host)
+        self.authenticate(request_api_key(request), "Session")
+        self.data_plane.admit()
+        body = await self.read_body(request, parse_json)
+        return web.json_response(await self.webrtc.answer(body))
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -26,11 +26,13 @@ BASE64_TEXT = r"^(data:[^,]*;base64,)?([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-
 ERROR_STATUSES = {
     "400": "Bad input: JSON, field types, model name, frame id, audio, output options (code INVALID_ARGUMENT)",
     "401": "No valid API key (code UNAUTHENTICATED)",
-    "403": "A WebSocket handshake from a web page whose origin this pod does not allow (--allowed-origins)",
+    "403": "A WebSocket handshake or WebRTC offer from a web page whose origin this pod does not allow "
+           "(--allowed-origins)",
     "404": "Unknown model (code NOT_FOUND)",
     "409": "The server is not set up for this: no model registry is configured (code FAILED_PRECONDITION)",
     "413": "Body over --max-message-mb (code RESOURCE_EXHAUSTED)",
-    "429": "The model's queue is full: back off and retry (code RESOURCE_EXHAUSTED)",
+    "429": "The model's queue is full, or (a session) the pod runs --max-sessions already: back off and retry, "
+           "or try another pod (code RESOURCE_EXHAUSTED)",
     "500": "A bug (code INTERNAL)",
     "507": "The pod's disk is full: a model could not be downloaded or extracted (code RESOURCE_EXHAUSTED)",
     "503": "Draining, or the registry cannot be reached (code UNAVAILABLE)",
@@ -252,6 +254,32 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
             "type": {"const": "playback_finished"}, **ws_common, "utterance": _int("1, 2, ...: between flushes"),
             "tick": _int("the tick that played its last sample"), "pts": _num(), "samples": _int()},
             ["type", "utterance", "tick", "pts", "samples"]),
+        # POST /webrtc/offer (api/http/webrtc.py); its data channel carries the Ws* session events above.
+        "WebRtcOffer": obj({
+            "model_name": frame_request_fields["model_name"],
+            "sdp": _str("the browser's offer (RTCPeerConnection.createOffer, after ICE gathering): it must "
+                        "receive video, and may receive audio, send a microphone and open a data channel"),
+            "type": {"const": "offer"},
+            "codec": {"type": ["string", "null"], "enum": ["h264", "vp8", None],
+                      "description": "the video codec; left out: the first of H.264 and VP8 in the offer"},
+            "width": _int("video width, even (with height); left out: the model's frame size", minimum=16,
+                          maximum=3840, type=["integer", "null"]),
+            "height": _int("video height, even (with width)", minimum=16, maximum=2160, type=["integer", "null"]),
+            "bitrate_kbps": _int("video bitrate", minimum=100, maximum=20000, default=1500,
+                                 type=["integer", "null"]),
+            "unpaced": {"type": ["boolean", "null"], "default": False,
+                        "description": "ticks as fast as the peer takes frames (tests, offline)"}},
+            ["model_name", "sdp", "type"], closed=True),
+        "WebRtcAnswer": obj({
+            "sdp": _str("the pod's answer, with its ICE candidates"), "type": {"const": "answer"},
+            "session_id": _str("the session's id (as session_started says)"),
+            "codec": {"type": "string", "enum": ["h264", "vp8"]}}),
+        "WebRtcMediaStarted": obj({
+            "type": {"const": "media_started"},
+            "tick": _int("the first tick both tracks carry: each track's first RTP timestamp is this tick"),
+            "pts": _num(), "codec": {"type": "string", "enum": ["h264", "vp8"]}}),
+        "WebRtcControl": obj({"type": {"type": "string", "enum": ["clear", "flush", "session_end", "ping"]}},
+                             closed=True),
         "WsSessionEnded": obj({
             "type": {"const": "session_ended"}, **ws_common, "ticks": _int(),
             "frames": obj({kind: _int() for kind in ("speaking", "idle_cached", "idle_computed", "repeated")}),
@@ -358,6 +386,16 @@ def openapi_document(version: str, max_batch_items: int, *, keys_required: bool,
                 "generateBatch", "many frames; a failing item fails alone (its result holds the error)",
                 _json("BatchResponse", "one result per request"), ("400", *authed, "413", "500", "503"),
                 requestBody={"required": True, "content": {"application/json": {"schema": ref("BatchRequest")}}})},
+            "/webrtc/offer": {"post": _operation(
+                "webrtcOffer", "a live session over WebRTC: video (H.264/VP8) and Opus audio tracks timed by the "
+                "session's clock, a microphone track as its input, control and events on a data channel",
+                _json("WebRtcAnswer", "the answer, once the session has started"),
+                ("400", *authed, "403", "404", "413", "429", "500", "503", "507"),
+                requestBody={"required": True, "content": {"application/json": {"schema": ref("WebRtcOffer")}}},
+                **{"x-data-channel-messages": {
+                    "client": [ref("WebRtcControl"), {"description": "binary: PCM16 16 kHz mono audio"}],
+                    "server": [ref(n) for n in ("WsSessionStarted", "WebRtcMediaStarted", "WsCleared",
+                                                "WsPlaybackFinished", "WsSessionEnded", "WsError", "WsPong")]}})},
             "/ws": {"get": {
                 "operationId": "websocket",
                 "summary": "WebSocket: frame requests, frame streams and live audio (see x-websocket-messages)",
