@@ -138,12 +138,13 @@ def run_live_demo(character: CharacterPackage, name: str, models_dir: Path, pcm:
         sound = Path(tmp) / "audio.pcm"
         with PodInThread(demo_pod_settings(models_dir, name, device)) as pod:
             target = pod.target
-            if on_pod_ready is not None:
-                on_pod_ready(target)
             with LipSyncClient(target, timeout=30) as client:
                 try:
                     if (health := client.health(name)) != "SERVING":
-                        raise LipSyncError(f"the demo's pod at {target} reports {name} {health}, not SERVING")
+                        raise LipSyncError(f"the demo's pod at {target} cannot serve {name} ({health}) — the pod's "
+                                           "log above says why")
+                    if on_pod_ready is not None:
+                        on_pod_ready(target)
                     opened = time.perf_counter()
                     session = play_session(client, name, pcm, frames_dir, sound, idle_before=idle_s,
                                            idle_after=idle_s, unpaced=unpaced, image_format="png")
