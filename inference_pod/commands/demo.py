@@ -83,6 +83,9 @@ def run_live(args: argparse.Namespace, package, started: float) -> int:
     speech = args.audio or package.default_audio_path()
     pcm = pcm16_from_file(speech)
     video = None if args.no_video else args.out / f"{args.name}.mp4"
+    if video is not None and shutil.which("ffmpeg") is None:
+        print("ffmpeg is not installed: PNG frames only (apt-get install ffmpeg for the mp4)")
+        video = None
 
     what = args.audio or "the demo's line"
 
