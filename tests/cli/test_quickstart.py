@@ -61,6 +61,18 @@ def streams(video: Path) -> list[str]:
     return sorted(s["codec_type"] for s in json.loads(done.stdout)["streams"])
 
 
+def test_the_readme_says_what_the_make_targets_run():
+    """The Quick start's prose names each target's command: it must be what the Makefile runs."""
+    readme = (ROOT / "README.md").read_text()
+    quick_start = readme[readme.index("## Quick start") : readme.index("## Contents")]
+    for target in ("demo", "serve", "test"):
+        assert re.search(rf"^make {target} +# ", quick_start, re.M), f"the Quick start block lacks make {target}"
+    for target in ("demo", "serve"):
+        named = re.search(rf"`make {target}` \(`lipsync ([^`]+)`\)", quick_start)
+        assert named, f"the Quick start does not say what make {target} runs"
+        assert make_recipe(target)[3:] == shlex.split(named.group(1)), (target, named.group(1))
+
+
 # ------------------------------------------------------------------------------------------------ make demo
 
 
