@@ -97,7 +97,7 @@ def run_live(args: argparse.Namespace, package, started: float) -> int:
 
     result = run_live_demo(package, args.name, args.out, pcm, args.out, video=video, started=started, idle_s=args.idle,
                            unpaced=args.unpaced, device=args.device, on_pod_ready=announce)
-    session, offset = result.session, result.offset
+    session = result.session
     counts = session["frames"]
     idle = counts["idle_cached"] + counts["idle_computed"]
     print(f"first frame: {session['first_frame_s']:.2f} s after the session opened, "
@@ -107,15 +107,28 @@ def run_live(args: argparse.Namespace, package, started: float) -> int:
           + (f", {session['dropped']} dropped" if session.get("dropped") else ""))
     if session.get("speech_latency_s") is not None:
         print(f"speech latency: {session['speech_latency_s']:.2f} s from a chunk sent to its sound coming back")
-    report = offset.report
-    where = result.video if result.video is not None else f"{result.frames_dir} and the session's audio"
-    print(f"A/V offset: {offset.ms:+.0f} ms measured on {where}: the mouth follows the voice best at "
-          f"{offset.frames:+d} frames (r = {report.correlations[offset.frames]:.2f}; r = {report.correlation:.2f} "
-          f"at 0); streams start at {offset.video_start_s:.3f} s (video) and {offset.audio_start_s:.3f} s (audio)")
+    if counts["repeated"] * 4 > session["frames_received"]:
+        print(f"  {counts['repeated']} frames were repeated: this machine did not render 25 frames/s in time "
+              "(busy, or slow); --unpaced renders every frame")
+    print(av_offset_line(result.offset, result.video or f"{result.frames_dir} and the session's audio"))
     print(f"wrote {session['frames_written']} PNG frames to {result.frames_dir}"
           + (f" and {result.video}" if result.video is not None else ""))
     print(f"pod at {result.target} stopped")
     return 0
+
+
+def av_offset_line(offset, where) -> str:
+    """The A/V offset where the mouth follows the voice at all; otherwise that it cannot be measured, and why."""
+    from inference_pod.tools.lipsync_quality import MIN_CORRELATION
+
+    report = offset.report
+    best = report.correlations[offset.frames]
+    streams = f"streams start at {offset.video_start_s:.3f} s (video) and {offset.audio_start_s:.3f} s (audio)"
+    if best < MIN_CORRELATION:
+        return (f"A/V offset: not measurable on {where}: the mouth follows the voice at no offset (best r = "
+                f"{best:.2f} at {offset.frames:+d} frames, below {MIN_CORRELATION}); {streams}")
+    return (f"A/V offset: {offset.ms:+.0f} ms, measured on {where}: the mouth follows the voice best at "
+            f"{offset.frames:+d} frames (r = {best:.2f}; r = {report.correlation:.2f} at 0); {streams}")
 
 
 def build(out: Path, name: str = "demo", frames: int = 50, random_weights: bool = False, width: int | None = None):

@@ -76,6 +76,7 @@ def test_the_readme_says_what_the_make_targets_run():
 # ------------------------------------------------------------------------------------------------ make demo
 
 
+@pytest.mark.timeout(600)  # builds the demo and loads it in this process: minutes on a busy machine
 def test_make_demo_plays_a_live_session_through_a_pod_and_leaves_none(tmp_path, capsys, monkeypatch):
     """What ``make demo`` runs, in this process (so a pod left running would still hold its port here), with a
     short line of the user's own (``make demo WAV=...``) and a short idle, paced in real time as by default."""
@@ -97,7 +98,8 @@ def test_make_demo_plays_a_live_session_through_a_pod_and_leaves_none(tmp_path, 
     assert kinds, out
     total, speaking, idle, repeated = map(int, kinds.groups())
     assert total == speaking + idle + repeated and total >= 25 * (0.4 + 0.6 + 0.4) - 1, out
-    assert re.search(r"^A/V offset: [+-]\d+ ms measured on demo-output/demo\.mp4", out, re.M), out
+    # In sync, or not measurable when a busy machine repeated the speaking frames: either way, said.
+    assert re.search(r"^A/V offset: ([+-]\d+ ms, measured|not measurable) on demo-output/demo\.mp4: ", out, re.M), out
 
     output = tmp_path / "demo-output"
     assert streams(output / "demo.mp4") == ["audio", "video"]
@@ -105,6 +107,7 @@ def test_make_demo_plays_a_live_session_through_a_pod_and_leaves_none(tmp_path, 
     assert len(frames) == total and f"wrote {total} PNG frames to demo-output/frames" in out
 
 
+@pytest.mark.timeout(600)  # builds the demo and loads it in this process: minutes on a busy machine
 def test_the_demos_recording_is_in_sync_as_measured_on_its_mp4(tmp_path, capsys):
     """Unpaced (no clock to miss on a busy machine: every frame rendered, none repeated), the trained demo's
     mouth follows the voice it was sent, and the mp4 that was written shows it at offset 0."""
@@ -118,11 +121,12 @@ def test_the_demos_recording_is_in_sync_as_measured_on_its_mp4(tmp_path, capsys)
     out = capsys.readouterr().out
     kinds = re.search(r"^frames: \d+ — speaking (\d+), idle \d+, repeated (\d+)", out, re.M)
     assert kinds and int(kinds.group(1)) > 25 and kinds.group(2) == "0", out
-    offset = re.search(r"^A/V offset: ([+-]\d+) ms .*at \+?(-?\d+) frames \(r = ([-\d.]+);", out, re.M)
+    offset = re.search(r"^A/V offset: ([+-]\d+) ms, measured .* best at ([+-]\d+) frames \(r = ([-\d.]+);", out, re.M)
     assert offset, out
-    assert offset.group(1) in ("+0", "-0") and offset.group(2) == "0" and float(offset.group(3)) >= MIN_CORRELATION, out
+    assert offset.group(1) in ("+0", "-0") and offset.group(2) == "+0" and float(offset.group(3)) >= MIN_CORRELATION, out
 
 
+@pytest.mark.timeout(600)  # builds the demo and loads it in this process: minutes on a busy machine
 def test_a_demo_whose_pod_cannot_serve_is_one_line_and_leaves_no_pod(tmp_path, capsys):
     """A failure after the pod started (here: its device is missing, so the preload fails) ends the demo with
     one line and a non-zero exit, and the pod is stopped all the same."""
