@@ -102,12 +102,12 @@ def run_live(args: argparse.Namespace, package, started: float) -> int:
     idle = counts["idle_cached"] + counts["idle_computed"]
     print(f"first frame: {session['first_frame_s']:.2f} s after the session opened, "
           f"{result.first_frame_since_start_s:.1f} s after the demo started")
-    print(f"frames: {session['frames_received']} — speaking {counts['speaking']}, idle {idle}, "
+    print(f"frames: {session['ticks']} — speaking {counts['speaking']}, idle {idle}, "
           f"repeated {counts['repeated']} (a frame not ready at its tick)"
           + (f", {session['dropped']} dropped" if session.get("dropped") else ""))
     if session.get("speech_latency_s") is not None:
         print(f"speech latency: {session['speech_latency_s']:.2f} s from a chunk sent to its sound coming back")
-    if counts["repeated"] * 4 > session["frames_received"]:
+    if counts["repeated"] * 4 > session["ticks"]:
         print(f"  {counts['repeated']} frames were repeated: this machine did not render 25 frames/s in time "
               "(busy, or slow); --unpaced renders every frame")
     print(av_offset_line(result.offset, result.video or f"{result.frames_dir} and the session's audio"))

@@ -151,8 +151,10 @@ def run_live_demo(character: CharacterPackage, name: str, models_dir: Path, pcm:
                 except grpc.RpcError as exc:
                     raise LipSyncError(f"the demo's session with its pod at {target} failed: "
                                        f"{exc.code().name}: {exc.details()}") from None
-        if session["first_frame_s"] is None:
-            raise LipSyncError(f"the demo's pod at {target} sent no frame")
+        if session["first_frame_s"] is None or "ticks" not in session:
+            raise LipSyncError(f"the demo's session with its pod at {target} ended without "
+                               f"{'a frame' if session['first_frame_s'] is None else 'its summary'} — the pod's log "
+                               "above says why")
         first_frame = opened - started + session["first_frame_s"]
         if video is not None:
             mux(frames_dir, sound, session["fps"], video, image_format="png")

@@ -77,6 +77,7 @@ def test_the_readme_says_what_the_make_targets_run():
 
 
 @pytest.mark.timeout(600)  # builds the demo and loads it in this process: minutes on a busy machine
+@pytest.mark.usefixtures("one_torch_thread")
 def test_make_demo_plays_a_live_session_through_a_pod_and_leaves_none(tmp_path, capsys, monkeypatch):
     """What ``make demo`` runs, in this process (so a pod left running would still hold its port here), with a
     short line of the user's own (``make demo WAV=...``) and a short idle, paced in real time as by default."""
@@ -86,7 +87,6 @@ def test_make_demo_plays_a_live_session_through_a_pod_and_leaves_none(tmp_path, 
     assert argv[:3] == [sys.executable, "-m", "inference_pod.cli"], argv
     assert argv[argv.index("--audio") + 1] == str(wav)
     monkeypatch.chdir(tmp_path)  # the recipe's demo-output/ lands here
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cli.main([*argv[3:], "--frames", "4", "--idle", "0.4"]) == 0
     out = capsys.readouterr().out
 
@@ -108,6 +108,7 @@ def test_make_demo_plays_a_live_session_through_a_pod_and_leaves_none(tmp_path, 
 
 
 @pytest.mark.timeout(600)  # builds the demo and loads it in this process: minutes on a busy machine
+@pytest.mark.usefixtures("one_torch_thread")
 def test_the_demos_recording_is_in_sync_as_measured_on_its_mp4(tmp_path, capsys):
     """Unpaced (no clock to miss on a busy machine: every frame rendered, none repeated), the trained demo's
     mouth follows the voice it was sent, and the mp4 that was written shows it at offset 0."""
