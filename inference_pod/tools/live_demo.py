@@ -122,8 +122,7 @@ class LiveDemoResult:
 
 def run_live_demo(character: CharacterPackage, name: str, models_dir: Path, pcm: bytes, out: Path, *,
                   video: Path | None, started: float, idle_s: float = 1.0, unpaced: bool = False,
-                  device: str = "cpu",
-                  on_pod_ready=None) -> LiveDemoResult:
+                  device: str = "cpu", on_pod_ready=None) -> LiveDemoResult:
     """Serve ``character`` from ``models_dir``, play ``pcm`` (16 kHz mono PCM16) between ``idle_s`` of idle
     before and after, write ``out/frames`` (PNG) and ``video`` (mp4, None: none), measure the A/V offset.
     ``started`` is the ``time.perf_counter()`` the whole demo began at; ``on_pod_ready(target)`` is told the
@@ -150,7 +149,7 @@ def run_live_demo(character: CharacterPackage, name: str, models_dir: Path, pcm:
                                            idle_after=idle_s, unpaced=unpaced, image_format="png")
                 except grpc.RpcError as exc:
                     raise LipSyncError(f"the demo's session with its pod at {target} failed: "
-                                       f"{exc.code().name}: {exc.details()}") from None
+                                       f"{exc.code().name}: {exc.details()} — the pod's log above says why") from None
         if session["first_frame_s"] is None or "ticks" not in session:
             raise LipSyncError(f"the demo's session with its pod at {target} ended without "
                                f"{'a frame' if session['first_frame_s'] is None else 'its summary'} — the pod's log "
