@@ -1,4 +1,4 @@
-# Two entry points, both self-installing: `make demo` and `make test` (see README Quick start).
+# The entry points, all self-installing: `make demo`, `make serve` and `make test` (see README Quick start).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_VERSION ?= 2.13.0
@@ -6,7 +6,7 @@ DEMO_TRAIN_STEPS ?= 500
 # The interpreter's scripts folder first on PATH, so `lipsync` is found in an unactivated venv too.
 export PATH := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_path('scripts'))"):$(PATH)
 
-.PHONY: setup system-deps browser-deps python-deps demo demo-weights test test-random lint images test-images
+.PHONY: setup system-deps browser-deps python-deps demo serve demo-weights test test-random lint images test-images
 
 # nodejs runs the docs' JavaScript examples in tests/cli/test_readme.py; espeak-ng is the demo character's
 # voice (training speech, default track, the lip-sync quality gate); redis-server is for the tests (and for
@@ -42,9 +42,20 @@ python-deps:
 
 setup: system-deps python-deps
 
-# `make demo WAV=speech.wav` renders that instead of the demo's own line.
+# A pod with the demo character on free loopback ports, the demo's line played into a live session in real
+# time, demo-output/demo.mp4 and PNG frames from what came back; the pod stops when it is done.
+# `make demo WAV=speech.wav` plays that instead of the demo's own line.
 demo: setup
 	$(PYTHON) -m inference_pod.cli demo --out demo-output $(if $(WAV),--audio $(WAV))
+
+# A pod with the demo character until Ctrl-C: gRPC on localhost:50051, the live page on http://localhost:8080/
+# (printed when ready). Loopback only and no metrics port (9090 is often a local Prometheus). No Redis needed:
+# `make serve REDIS_URL=redis://localhost:6379` uses one. Any other `lipsync serve` flag goes in SERVE_FLAGS,
+# e.g. `make serve SERVE_FLAGS="--port 50052 --http-port 8081"` when those ports are taken.
+# Ctrl-C drains the pod, which exits 0 (make itself then reports the interrupt, as make does).
+SERVE_FLAGS ?=
+serve: setup
+	$(PYTHON) -m inference_pod.cli serve --demo --host 127.0.0.1 --metrics-port 0 $(if $(REDIS_URL),--redis-url $(REDIS_URL)) $(SERVE_FLAGS)
 
 # Regenerates inference_pod/assets/demo_unet_w4.pth bit for bit (CPU, same torch version and CPU kind).
 DEMO_TRAIN_DIR ?= build/demo-train

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 
 from inference_pod.api.grpc.server import GrpcServer
 from inference_pod.api.http.gateway import HttpGateway
@@ -92,12 +93,15 @@ class Pod:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
-    async def run(self) -> None:
-        """Serve until SIGTERM or SIGINT, then shut down gracefully (the ``lipsync serve`` entry point)."""
+    async def run(self, on_ready: Callable[[Pod], None] | None = None) -> None:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully (the ``lipsync serve`` entry point).
+        ``on_ready(pod)`` is called once the ports are bound and the preload list is loaded."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
         await self.start()
+        if on_ready is not None and self._stopping is None:
+            on_ready(self)
         await self.wait_stopped()
 
     def _on_signal(self, sig: signal.Signals) -> None:

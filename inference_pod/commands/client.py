@@ -283,100 +283,19 @@ def run_stream_audio(client, args) -> int:
 
 @_calling
 def run_session(client, args) -> int:
-    import shutil
     import tempfile
 
-    import numpy as np
+    from inference_pod.tools.session_recording import mux, pcm16_from_file, play_session, require_ffmpeg
 
-    from inference_pod.core import audio
-    from inference_pod.errors import InvalidInput
-
-    if shutil.which("ffmpeg") is None:
-        raise InvalidInput("ffmpeg is needed to write the mp4: apt-get install ffmpeg")
-    wav = audio.decode_audio(args.audio.read_bytes(), source=str(args.audio))
-    pcm = (np.clip(wav, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    require_ffmpeg()
+    pcm = pcm16_from_file(args.audio)
     with tempfile.TemporaryDirectory(prefix="lipsync-session-") as tmp:
-        summary = _play_session(client, args, pcm, Path(tmp))
-        _mux(Path(tmp), summary["fps"], args.out)
+        frames, sound = Path(tmp), Path(tmp) / "audio.pcm"
+        summary = play_session(client, args.model, pcm, frames, sound, idle_before=args.idle_before,
+                               idle_after=args.idle_after, unpaced=args.unpaced, jpeg_quality=args.quality)
+        mux(frames, sound, summary["fps"], args.out)
     _print({**summary, "out": str(args.out)})
     return 0
-
-
-def _play_session(client, args, pcm: bytes, frames_dir: Path) -> dict:
-    """Drive the session by its own ticks: audio goes out in 40 ms chunks as the ticks pass (real time when
-    paced), then a flush; the session ends ``--idle-after`` seconds after playback finished. Frames and
-    their audio are written to ``frames_dir`` as they come."""
-    from lipsync.v1 import lipsync_pb2 as pb
-
-    chunk = 2 * 640  # one tick of 16 kHz PCM16
-    sent_at: dict[int, float] = {}  # chunk offset -> wall time sent
-    kinds = {"idle": 0, "speaking": 0, "repeated": 0}
-    summary: dict = {"fps": 25}
-    first_voiced = next((i for i in range(0, len(pcm), 2) if pcm[i : i + 2] != b"\0\0"), None)
-    start_tick = finished_tick = None
-    heard_at = None
-    offset = 0
-    ticks = 0
-    image_index = 0
-    with client.session(args.model, unpaced=args.unpaced, jpeg_quality=args.quality) as session, \
-            open(frames_dir / "audio.pcm", "wb") as audio_out:
-        for response in session:
-            kind = response.WhichOneof("message")
-            if kind == "started":
-                summary.update(fps=response.started.fps, session_id=response.started.session_id,
-                               lookahead_s=round(response.started.lookahead_s, 3))
-                start_tick = round(args.idle_before * response.started.fps)
-            elif kind == "frame":
-                frame = response.frame
-                kinds[pb.FrameKind.Name(frame.kind).removeprefix("FRAME_KIND_").lower()] += 1
-                while image_index <= frame.tick:  # a tick a slow reader lost: the previous image again
-                    (frames_dir / f"frame_{image_index:06d}.jpg").write_bytes(frame.frame.image)
-                    image_index += 1
-                audio_out.write(frame.audio)
-                ticks += 1
-                if heard_at is None and first_voiced is not None and frame.audio.strip(b"\0"):
-                    heard_at = time.perf_counter() - sent_at[first_voiced - first_voiced % chunk]
-                if start_tick is not None and frame.tick >= start_tick:
-                    # Paced: 40 ms a tick, as a voice. Unpaced there is no real time to keep: all at once.
-                    due = len(pcm) if args.unpaced else (frame.tick - start_tick + 1) * chunk
-                    if offset < min(due, len(pcm)):
-                        for piece in range(offset, min(due, len(pcm)), chunk):
-                            sent_at[piece] = time.perf_counter()
-                        session.send_audio(pcm[offset:due])
-                        offset = min(due, len(pcm))
-                    if offset >= len(pcm) and start_tick >= 0:
-                        session.flush()
-                        start_tick = -1  # everything sent
-                if finished_tick is not None and frame.tick >= finished_tick + args.idle_after * summary["fps"]:
-                    session.end()
-            elif kind == "playback_finished":
-                finished_tick = response.playback_finished.tick
-            elif kind == "ended":
-                ended = response.ended
-                summary.update(ticks=ended.ticks, frames={"speaking": ended.speaking_frames,
-                                                          "idle_cached": ended.idle_cached_frames,
-                                                          "idle_computed": ended.idle_computed_frames,
-                                                          "repeated": ended.repeated_frames},
-                               repeated=ended.repeated_frames, dropped=ended.dropped_frames)
-    summary["frames_received"] = ticks
-    summary["speech_latency_s"] = None if heard_at is None else round(heard_at, 3)
-    return summary
-
-
-def _mux(frames_dir: Path, fps: int, out: Path) -> None:
-    """The frames and the audio they carried, into one mp4 (H.264 + AAC)."""
-    import subprocess
-
-    from inference_pod.errors import InvalidInput
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = ["ffmpeg", "-y", "-loglevel", "error", "-framerate", str(fps), "-i", str(frames_dir / "frame_%06d.jpg"),
-           "-f", "s16le", "-ar", "16000", "-ac", "1", "-i", str(frames_dir / "audio.pcm"),
-           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2",
-           "-c:a", "aac", "-shortest", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise InvalidInput(f"ffmpeg could not write {out}: {done.stderr.strip()[-500:]}")
 
 
 @_calling

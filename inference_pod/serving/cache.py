@@ -211,6 +211,11 @@ class Cache:
     def backend(self) -> str:
         return "redis" if self._redis is not None else "memory"
 
+    @property
+    def redis_display_url(self) -> str | None:
+        """The Redis this cache uses, as people may see it (no password), or None for the in-process cache."""
+        return self._redis.display_url if self._redis is not None else None
+
     # -------------------------------------------------------------------------------------- keys
 
     def frame_key(self, model: str, version: str, audio_id: str, frame_id: int, output_key: str) -> str:

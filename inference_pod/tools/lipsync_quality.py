@@ -10,6 +10,7 @@ and frames drifting apart moves the peak, a network deaf to the audio drops the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -104,6 +105,16 @@ def evaluate(engine: Engine, wav16k: np.ndarray, shift_frames: int = 0) -> SyncR
             heard = np.concatenate([wav16k[len(pad) :], pad])
     measured = measure_openings(engine, heard)
     truth = mouth_track(wav16k, len(measured))[:, 0]
+    r0, peak, correlations = sync_score(measured, truth)
+    return SyncReport(r0, peak, correlations, measured, truth)
+
+
+def recording_sync(frames: Iterable[np.ndarray], boxes: Sequence[CropBox], wav16k: np.ndarray) -> SyncReport:
+    """Score a recording of the demo character: frame i shown at i / 25 s with crop box ``boxes[i]``, and
+    ``wav16k`` the sound heard with the frames from 0 s. Nothing is rendered here: what is measured is what a
+    viewer sees and hears, so the peak offset is the recording's A/V offset in frames (+: the mouth is late)."""
+    measured = np.array([mouth_opening_pixels(frame, boxes[i]) for i, frame in enumerate(frames)], dtype=np.float64)
+    truth = mouth_track(np.asarray(wav16k, dtype=np.float32), len(measured))[:, 0]
     r0, peak, correlations = sync_score(measured, truth)
     return SyncReport(r0, peak, correlations, measured, truth)
 

@@ -180,13 +180,15 @@ def test_cli_builds_the_trained_demo_by_default_and_random_weights_on_request(tm
     assert not (tmp_path / "x.zip").exists()
 
 
-def test_cli_demo_renders_a_wav_the_user_passes(tmp_path, capsys):
+def test_cli_demo_offline_renders_a_wav_the_user_passes(tmp_path, capsys):
+    """``lipsync demo --offline``: straight from the engine, one frame per 40 ms of the file, no pod (the live
+    demo's tests are in tests/cli/test_quickstart.py)."""
     from inference_pod import cli
 
     wav = tmp_path / "mine.wav"
     wav.write_bytes(encode_wav_pcm16(speech_like_audio(0.6, seed=9)))
     out = tmp_path / "out"
-    argv = ["demo", "--out", str(out), "--frames", "4", "--no-video", "--audio", str(wav)]
+    argv = ["demo", "--offline", "--out", str(out), "--frames", "4", "--no-video", "--audio", str(wav)]
     assert cli.main(argv) == 0
     assert len(list((out / "frames").glob("frame_*.png"))) == audio.frame_count(int(0.6 * audio.SAMPLE_RATE))
     capsys.readouterr()
