@@ -3,8 +3,8 @@
 Needs no GPU, no Redis and no cluster (espeak-ng gives the voice, ffmpeg the mp4): the character is
 generated (drawn frames, the committed trained weights, an espeak-ng voice) and packaged with the real
 converter; a pod (the one ``lipsync serve`` runs) starts in this process on free loopback ports, and the
-demo's line, or any audio file passed with --audio, is played into a live session over gRPC in real time
-between a second of idle before and after. What comes back is written as PNG frames and an mp4, with the
+demo's line, or any audio file passed with --audio, is played into a live session over gRPC (in real time
+on a GPU, unpaced on the CPU) between a second of idle before and after. What comes back is written as PNG frames and an mp4, with the
 figures a newcomer asks about: the pod's address, time to the first frame, frames by kind and the A/V offset
 measured on the output. ``--offline`` renders straight from the engine instead, with no pod (``lipsync
 render``'s path).
@@ -23,7 +23,7 @@ from inference_pod.commands import nonnegative_float
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="a demo character served by a pod and played through a live session (CPU)",
                        description="Build (or reuse) the demo character, start a pod with it on free loopback ports, "
-                                   "play its line (or --audio) into a live session in real time between idle "
+                                   "play its line (or --audio) into a live session (real time on a GPU, unpaced on the CPU) between idle "
                                    "stretches, and write what came back as PNG frames and an mp4; prints the pod's "
                                    "address, time to the first frame, frames by kind and the A/V offset measured "
                                    "on the output, then stops the pod. --offline renders from the engine instead, "
@@ -37,9 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (--offline: also cuda:N)")
     p.add_argument("--idle", type=nonnegative_float, default=1.0,
                    help="seconds of idle before and after the speech in the live session (default 1)")
-    p.add_argument("--unpaced", action="store_true",
-                   help="the session ticks as fast as the pod renders instead of in real time: the same frames, "
-                        "none repeated, for a machine too busy to keep 25 frames/s")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--unpaced", action="store_true",
+                      help="the session ticks as fast as the pod renders instead of in real time: the same frames, "
+                           "none repeated (the default on --device cpu, which cannot render 25 frames/s)")
+    pace.add_argument("--real-time", action="store_true",
+                      help="the session ticks in real time, 25 frames/s, frames not ready at their tick repeated "
+                           "(the default on --device cuda)")
     p.add_argument("--no-video", action="store_true", help="PNG frames only")
     p.add_argument("--offline", action="store_true",
                    help="render straight from the engine, frame by frame as fast as it goes, with no pod and no "
@@ -88,15 +92,20 @@ def run_live(args: argparse.Namespace, package, started: float) -> int:
         video = None
 
     what = args.audio or "the demo's line"
+    # A CPU renders the U-Net at a few frames a second: in real time nearly every frame would be a repeat.
+    unpaced = args.unpaced or (args.device == "cpu" and not args.real_time)
+    if unpaced and not args.unpaced:
+        print("on the CPU the session runs unpaced (its clock follows the renders: the same frames and timestamps, "
+              "none repeated); --real-time plays it at 25 frames/s, as a GPU does")
 
     def announce(target: str) -> None:
         print(f"pod: serving {args.name} over gRPC at {target} (started by this demo, stopped when it ends)")
         print(f"playing {args.idle:g} s idle, {len(pcm) / 2 / audio.SAMPLE_RATE:.1f} s of speech "
               f"({what}), {args.idle:g} s idle "
-              f"into a live session, {'unpaced' if args.unpaced else 'in real time'}", flush=True)
+              f"into a live session, {'unpaced' if unpaced else 'in real time'}", flush=True)
 
     result = run_live_demo(package, args.name, args.out, pcm, args.out, video=video, started=started, idle_s=args.idle,
-                           unpaced=args.unpaced, device=args.device, on_pod_ready=announce)
+                           unpaced=unpaced, device=args.device, on_pod_ready=announce)
     session = result.session
     counts = session["frames"]
     idle = counts["idle_cached"] + counts["idle_computed"]
@@ -107,9 +116,9 @@ def run_live(args: argparse.Namespace, package, started: float) -> int:
           + (f", {session['dropped']} dropped" if session.get("dropped") else ""))
     if session.get("speech_latency_s") is not None:
         print(f"speech latency: {session['speech_latency_s']:.2f} s from a chunk sent to its sound coming back")
-    if counts["repeated"] * 4 > session["ticks"]:
+    if counts["repeated"] * 4 > session["ticks"]:  # only --real-time on a slow machine
         print(f"  {counts['repeated']} frames were repeated: this machine did not render 25 frames/s in time "
-              "(busy, or slow); --unpaced renders every frame")
+              "(busy, or slow); without --real-time it renders every frame")
     print(av_offset_line(result.offset, result.video or f"{result.frames_dir} and the session's audio"))
     print(f"wrote {session['frames_written']} PNG frames to {result.frames_dir}"
           + (f" and {result.video}" if result.video is not None else ""))
