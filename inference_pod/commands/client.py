@@ -357,7 +357,8 @@ def _play_session(client, args, pcm: bytes, frames_dir: Path) -> dict:
                                                           "idle_cached": ended.idle_cached_frames,
                                                           "idle_computed": ended.idle_computed_frames,
                                                           "repeated": ended.repeated_frames},
-                               repeated=ended.repeated_frames, dropped=ended.dropped_frames)
+                               repeated=ended.repeated_frames, dropped=ended.dropped_frames,
+                               ended=ended.reason)
     summary["frames_received"] = ticks
     summary["speech_latency_s"] = None if heard_at is None else round(heard_at, 3)
     return summary
