@@ -381,7 +381,9 @@ async def test_bad_input_is_one_clear_error_with_the_same_words_on_both_doors(sm
         await script(ws, received)
         assert not ws.closed  # a bad session is its error, not the socket's end
     error = received[-1]
-    assert (error["code"], error["message"]) == (code.name, words)
+    assert error["code"] == code.name
+    # The same words; the WebSocket's binary audio may also follow audio_start, which it names after them.
+    assert error["message"] == words or error["message"].startswith(f"{words} (or after audio_start"), error
 
 
 async def test_the_websocket_session_is_the_grpc_session(small_pod):

@@ -88,6 +88,8 @@ COMMON_FIELDS = frozenset({"type", "request_id"})
 STREAM_FIELDS = COMMON_FIELDS | FRAME_FIELDS - {"frame_id"} | {"first", "last", "realtime", "fps"}
 AUDIO_START_FIELDS = COMMON_FIELDS | OUTPUT_FIELDS | {"model_name", "sample_rate", "channels"}
 SESSION_START_FIELDS = AUDIO_START_FIELDS | {"unpaced"}
+# Binary audio with nothing open: a session's words (as on gRPC), and the older audio_start's way named too.
+BINARY_FIRST = f"{CONFIG_FIRST} (or after audio_start, for a plain audio stream)"
 METHODS = {"frame": "GenerateFrame", "stream": "StreamFrames", "audio_start": "StreamAudio",
            "session_start": "Session"}
 
@@ -247,7 +249,7 @@ class WebSocketSession:
             return
         live = self._audio
         if live is None:  # the words of every message that comes before its session's start, on both doors
-            await self._send_error("INVALID_ARGUMENT", CONFIG_FIRST, None)
+            await self._send_error("INVALID_ARGUMENT", BINARY_FIRST, None)
         else:
             for piece in pcm_slices(data):
                 if live.failed:  # after a failed session the rest of its audio is dropped until audio_end
