@@ -27,7 +27,7 @@ from chart_support import (
 from lipsync_operator import children
 from lipsync_operator.config import OperatorConfig
 from lipsync_operator.egress import RefusedURL
-from lipsync_operator.spec import METRICS
+from lipsync_operator.spec import METRICS, SESSION_METRIC
 
 KUBE_VERSIONS = ("1.27", "1.29", "1.37")
 # The inference pod's metrics (docs/ARCHITECTURE.md and the pod contract).
@@ -229,7 +229,7 @@ def test_the_adapter_rules_serve_the_metrics_the_hpas_target(chart):
     (cm,) = find(render(chart), "ConfigMap", f"{RELEASE}-adapter-rules")
     rules = yaml.safe_load(cm["data"]["config.yaml"])["rules"]
     served = {rule["name"]["as"] for rule in rules}
-    assert set(METRICS.values()) <= served
+    assert set(METRICS.values()) | {SESSION_METRIC} <= served
     for rule in rules:
         assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
         assert rule["seriesQuery"].startswith(rule["name"]["as"])
