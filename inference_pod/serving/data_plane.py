@@ -48,6 +48,7 @@ from inference_pod.serving.pipeline import AudioInput, FramePipeline, FrameReque
 from inference_pod.serving.protocols import InferenceEngine
 from inference_pod.serving.registry import RegistryClient
 from inference_pod.serving.session import (
+    ENDED_DRAINING,
     Admission,
     IdleFrames,
     Session,
@@ -120,6 +121,8 @@ class DataPlane:
                                       max_audio_seconds=settings.max_audio_seconds)
         self.idle_frames = IdleFrames()
         self.admission = Admission(settings.max_sessions, self.metrics)
+        self._sessions: set[Session] = set()  # running, for drain() to end them
+        self.metrics.sessions_utilization.set_function(lambda: self.session_utilization)
 
     # -------------------------------------------------------------------------------------- wiring
 
@@ -187,6 +190,10 @@ class DataPlane:
         """Health turns NOT_SERVING and new calls get UNAVAILABLE; in-flight calls carry on."""
         if await self.health.drain():
             log.info("draining: health NOT_SERVING, new calls rejected")
+        # A live session never finishes by itself: each is ended now, with the reason, so its client starts
+        # a new one on another pod instead of losing its stream when the ports close.
+        for session in list(self._sessions):
+            session.end(ENDED_DRAINING)
 
     async def wait_idle(self, deadline: float) -> None:
         """Until no call is in flight or ``deadline`` (time.monotonic) passes."""
@@ -333,12 +340,35 @@ class DataPlane:
             async with self.store.use(config.model) as model:
                 session = Session(model, config, self.pipeline, self.metrics, self.idle_frames, self.cpu_pool,
                                   render_ahead_s=self.settings.session_render_ahead_ms / 1000)
-                async for output in session.run(inputs):
-                    yield output
+                if self.draining:  # the drain began while its model loaded
+                    session.end(ENDED_DRAINING)
+                self._sessions.add(session)
+                try:
+                    async for output in session.run(inputs):
+                        yield output
+                finally:
+                    self._sessions.discard(session)
+
+    # The pod's session numbers, one definition for GetStats, /stats, /status and lipsync_sessions_*.
 
     @property
     def sessions_active(self) -> int:
+        """Sessions admitted and not ended (the ones that count against --max-sessions)."""
         return self.admission.active
+
+    @property
+    def max_sessions(self) -> int:
+        """The most sessions the pod admits at once; 0: no limit."""
+        return self.admission.limit
+
+    @property
+    def session_utilization(self) -> float:
+        """sessions_active / max_sessions (0 without a limit): the pod's session load, which autoscaling
+        and pool placement read."""
+        return self.sessions_active / self.max_sessions if self.max_sessions else 0.0
+
+    def sessions_by_model(self) -> collections.Counter[str]:
+        return collections.Counter(session.model.name for session in self._sessions)
 
     # -------------------------------------------------------------------------------------- models
 
@@ -403,6 +433,7 @@ class DataPlane:
     def stats(self) -> StatsView:
         """GetStats: the pod's numbers; per model, everything counts since that model was loaded."""
         models = []
+        sessions = self.sessions_by_model()
         for model in self.store.resident:
             batcher = model.batcher
             generated, cached = self._frames_counted(model.name)
@@ -411,7 +442,8 @@ class DataPlane:
                 name=model.name, version=model.version, queue_depth=batcher.queue_depth,
                 frames_generated=int(generated - base_generated), frames_from_cache=int(cached - base_cached),
                 batches=batcher.batches,
-                mean_batch_size=batcher.items / batcher.batches if batcher.batches else 0.0))
+                mean_batch_size=batcher.items / batcher.batches if batcher.batches else 0.0,
+                sessions_active=sessions[model.name]))
         s = self.settings
         return StatsView(
             server_version=__version__, uptime_seconds=time.monotonic() - self.started_at,
@@ -419,7 +451,9 @@ class DataPlane:
             precision=s.precision, max_batch=s.max_batch, models=models,
             cache=CacheStatsView(backend=self.cache.backend, **self.cache.stats()),
             models_resident=len(models), memory_budget_bytes=s.memory_budget_bytes,
-            models_memory_bytes=self.store.resident_bytes)
+            models_memory_bytes=self.store.resident_bytes, sessions_active=self.sessions_active,
+            max_sessions=self.max_sessions,
+            sessions_refused=int(self.metrics.sample("lipsync_sessions_refused_total")))
 
     def state(self) -> str:
         """healthy (taking requests), starting (preloading) or draining."""
@@ -437,7 +471,8 @@ class DataPlane:
             models_available=[m.name for m in models if m.state == AVAILABLE],
             cache_backend=self.cache.backend, registry_url=self.registry.url if self.registry else None,
             api_keys_required=self.api_keys.enabled, health_requires_key=self.health_requires_key,
-            websocket_connections=self.connections("websocket"), ports=self.ports)
+            websocket_connections=self.connections("websocket"), ports=self.ports,
+            sessions_active=self.sessions_active, max_sessions=self.max_sessions)
 
 
 def loaded_view(model: LoadedModel) -> ModelView:

@@ -1,8 +1,8 @@
 """Prometheus metrics of one server instance, all prefixed ``lipsync_``.
 
 Each server owns its own CollectorRegistry (tests run several servers in one process). The operator's
-autoscaler reads ``lipsync_queue_depth`` and ``lipsync_inflight_requests``; the chart's dashboards read the
-rest by these exact names.
+autoscaler reads ``lipsync_queue_depth``, ``lipsync_inflight_requests`` and ``lipsync_sessions_utilization``;
+the chart's dashboards read the rest by these exact names.
 """
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ class Metrics:
         self.sessions_max = Gauge(
             "lipsync_sessions_max", "Live sessions this pod admits at once (--max-sessions; 0: no limit)",
             registry=r)
+        self.sessions_utilization = Gauge(
+            "lipsync_sessions_utilization", "Live sessions running over the most admitted (active / --max-sessions; "
+            "0 without a limit): the pod's session load, an autoscaling target", registry=r)
         self.sessions_refused = Counter(
             "lipsync_sessions_refused", "Sessions refused because the pod ran --max-sessions already", registry=r)
         self.session_frames = Counter(

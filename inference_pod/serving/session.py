@@ -163,11 +163,16 @@ class PlaybackFinished:
     samples: int
 
 
+ENDED_BY_CLIENT = "ended"  # the client ended its input (half-close, session_end)
+ENDED_DRAINING = "draining"  # the pod is shutting down: the client starts a new session on another pod
+
+
 @dataclass(frozen=True)
 class Ended:
     ticks: int
     frames: dict[str, int]  # by kind: speaking, idle_cached, idle_computed, repeated
     dropped: int  # frames a slow reader never got
+    reason: str = ENDED_BY_CLIENT  # ENDED_BY_CLIENT or ENDED_DRAINING
 
 
 SessionOutput = SessionFrame | Started | Cleared | PlaybackFinished | Ended
@@ -340,6 +345,7 @@ class Session:
         self._room = asyncio.Event()  # set when queued audio may grow again
         self._outbox = _Outbox()
         self._ending = False
+        self._end_reason = ENDED_BY_CLIENT
         self._previous: FrameResult | None = None
         self.counts = _Counts()
         labels = {"model": model.name}
@@ -385,6 +391,13 @@ class Session:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def end(self, reason: str) -> None:
+        """End the session from the pod's side (``reason``: ENDED_DRAINING): the clock stops at its next tick
+        and the client gets Ended with the reason before its stream closes."""
+        if not self._ending:
+            self._end_reason = reason
+            self._ending = True
 
     async def _read(self, inputs: AsyncIterator[SessionInput]) -> None:
         try:
@@ -465,7 +478,7 @@ class Session:
                     break
                 self._emit(tick, await self._frame_for(tick))
                 tick += 1
-            self._outbox.put(Ended(tick, dict(self.counts.frames), self.counts.dropped))
+            self._outbox.put(Ended(tick, dict(self.counts.frames), self.counts.dropped, self._end_reason))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -600,6 +613,6 @@ class Session:
         return future
 
 
-__all__ = ["AudioChunk", "Admission", "Clear", "Cleared", "End", "Ended", "Flush", "IdleFrames",
+__all__ = ["ENDED_BY_CLIENT", "ENDED_DRAINING", "AudioChunk", "Admission", "Clear", "Cleared", "End", "Ended", "Flush", "IdleFrames",
            "PlaybackFinished", "Session", "SessionConfig", "SessionFrame", "SessionInput", "SessionOutput",
            "Started"]

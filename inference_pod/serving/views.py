@@ -61,6 +61,7 @@ class ModelStatsView:
     frames_from_cache: int
     batches: int
     mean_batch_size: float
+    sessions_active: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,9 @@ class StatsView:
     models_resident: int
     memory_budget_bytes: int
     models_memory_bytes: int
+    sessions_active: int = 0  # live sessions admitted and running (DataPlane.sessions_active)
+    max_sessions: int = 0  # --max-sessions; 0: no limit
+    sessions_refused: int = 0  # since the pod started
 
 
 @dataclass(frozen=True)
@@ -115,3 +119,5 @@ class StatusView:
     health_requires_key: bool
     websocket_connections: int
     ports: Ports
+    sessions_active: int = 0
+    max_sessions: int = 0

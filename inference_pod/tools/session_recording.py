@@ -98,7 +98,8 @@ def play_session(client: LipSyncClient, model: str, pcm: bytes, frames_dir: Path
                                                           "idle_cached": ended.idle_cached_frames,
                                                           "idle_computed": ended.idle_computed_frames,
                                                           "repeated": ended.repeated_frames},
-                               repeated=ended.repeated_frames, dropped=ended.dropped_frames)
+                               repeated=ended.repeated_frames, dropped=ended.dropped_frames,
+                               ended=ended.reason)
     summary["frames_received"] = ticks
     summary["frames_written"] = image_index
     summary["first_frame_s"] = None if first_frame_at is None else round(first_frame_at, 3)

@@ -11,7 +11,7 @@ import math
 from typing import Any, Protocol
 
 from lipsync_operator.config import API_VERSION, KIND, OPERATOR_NAME, OperatorConfig
-from lipsync_operator.spec import METRICS
+from lipsync_operator.spec import METRICS, SESSION_METRIC
 
 GRPC_PORT, HTTP_PORT, METRICS_PORT = 50051, 8080, 9090
 MODELS_DIR = "/models"
@@ -82,7 +82,8 @@ def server_args(spec: dict, package: PackageRef) -> list[str]:
     rt, cache = spec["runtime"], spec["cache"]
     args = ["serve", "--port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT), "--http-port", str(HTTP_PORT),
             "--models-dir", MODELS_DIR, "--device", rt["device"], "--precision", rt["precision"],
-            "--max-batch", str(rt["maxBatch"]), "--max-batch-delay-ms", f"{rt['maxBatchDelayMs']:g}"]
+            "--max-batch", str(rt["maxBatch"]), "--max-batch-delay-ms", f"{rt['maxBatchDelayMs']:g}",
+            "--max-sessions", str(rt["maxSessions"])]
     if rt.get("memoryBudgetMb"):
         args += ["--memory-budget-mb", str(rt["memoryBudgetMb"])]
     if rt.get("templateStorage"):
@@ -258,9 +259,10 @@ def horizontal_pod_autoscaler(owner: dict, spec: dict) -> dict:
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
             "minReplicas": auto["minReplicas"],
             "maxReplicas": auto["maxReplicas"],
-            "metrics": [{"type": "Pods", "pods": {
-                "metric": {"name": METRICS[auto["metric"]]},
-                "target": {"type": "AverageValue", "averageValue": str(auto["targetAverageValue"])}}}],
+            "metrics": [_pods_metric(METRICS[auto["metric"]], str(auto["targetAverageValue"]))] + (
+                # Live sessions over capacity too: the HPA follows whichever metric asks for more pods.
+                [_pods_metric(SESSION_METRIC, f"{round(auto['targetSessionUtilization'] * 1000)}m")]
+                if auto.get("targetSessionUtilization") else []),
             "behavior": {
                 # Queues grow fast under a burst; new GPU pods take a while to load, so add them early.
                 "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Max", "policies": [
@@ -271,6 +273,10 @@ def horizontal_pod_autoscaler(owner: dict, spec: dict) -> dict:
             },
         },
     }
+
+
+def _pods_metric(name: str, average: str) -> dict:
+    return {"type": "Pods", "pods": {"metric": {"name": name}, "target": {"type": "AverageValue", "averageValue": average}}}
 
 
 def pod_disruption_budget(owner: dict, spec: dict) -> dict:

@@ -5,7 +5,7 @@ Only the generated stubs and grpcio: the operator never imports the inference st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -25,6 +25,9 @@ class PodReport:
     frames: dict[str, int]               # model -> frames generated so far (a counter)
     queue_depth: dict[str, int]          # model -> frames waiting
     draining: bool
+    sessions: dict[str, int] = field(default_factory=dict)   # model -> live sessions running now
+    fps: dict[str, int] = field(default_factory=dict)        # model -> its frames per second (a session's rate)
+    max_sessions: int = 0                # the pod's --max-sessions (0: no limit)
 
 
 class PodClient:
@@ -60,7 +63,9 @@ class PodClient:
             memory_budget_bytes=stats.memory_budget_bytes, loaded=loaded,
             versions={m.name: m.version for m in models if m.name in loaded},
             frames={m.name: m.frames_generated for m in stats.models},
-            queue_depth={m.name: m.queue_depth for m in stats.models}, draining=stats.draining)
+            queue_depth={m.name: m.queue_depth for m in stats.models}, draining=stats.draining,
+            sessions={m.name: m.sessions_active for m in stats.models if m.sessions_active},
+            fps={m.name: m.fps for m in models if m.name in loaded}, max_sessions=stats.max_sessions)
 
     def load(self, name: str, version: str = "") -> int:
         """Load (from the pod's registry if need be); returns the model's memory_bytes."""

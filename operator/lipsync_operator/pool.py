@@ -1,8 +1,11 @@
 """LipSyncPools: the pool controller. It applies a pool's own children (lipsync_operator.pool_children) and runs
 its placement rounds, which put copies of the pool's models on its pods.
 
-Every ``poolIntervalSeconds`` the operator asks each ready pool pod (gRPC at its pod IP) what it holds and how many
-frames each model generated, computes the next placement (lipsync_operator.placement) and carries it out:
+Every ``poolIntervalSeconds`` the operator asks each ready pool pod (gRPC at its pod IP) what it holds, how many
+frames each model generated and how many live sessions each runs, computes the next placement
+(lipsync_operator.placement) and carries it out. A model's demand is the larger of its frame rate and its
+sessions at its fps: a session's clock asks for a frame every tick, while its idle frames come from the idle
+cache and barely show in the frame rate, so its copies are placed for the session, not for its pauses.
 
 - placing: LoadModel on the pod, then label the pod (the Service sends requests only once the copy is loaded);
 - unplacing: remove the label first, wait until the pod's queue for that model is empty, then UnloadModel;
@@ -71,6 +74,16 @@ class _Live:
     report: PodReport
     labels: dict[str, str]
     schedulable: bool
+
+
+def session_demand(pods: list[_Live], package: dict[str, str]) -> dict[str, float]:
+    """Frames/s the models' live sessions ask for, all pods together: sessions x the model's fps."""
+    demand: dict[str, float] = {}
+    for m, pkg in package.items():
+        fps = sum(p.report.sessions.get(pkg, 0) * p.report.fps.get(pkg, 0) for p in pods)
+        if fps:
+            demand[m] = float(fps)
+    return demand
 
 
 class PoolController:
@@ -262,7 +275,11 @@ class PoolController:
                     continue
                 delta = p.report.frames.get(pkg, 0) - previous[1].get(pkg, 0)
                 rates[m] = rates.get(m, 0.0) + max(0, delta) / (now - previous[0])
-        return {m: (None if m in unknown else rates.get(m, 0.0)) for m in package}
+        demand = {m: (None if m in unknown else rates.get(m, 0.0)) for m in package}
+        for m, sessions_fps in session_demand(pods, package).items():
+            measured = demand.get(m)
+            demand[m] = sessions_fps if measured is None else max(measured, sessions_fps)
+        return demand
 
     def _set_labels(self, namespace: str, pod: _Live, want: set[str]) -> None:
         have = {k for k in pod.labels if k.startswith(MODEL_LABEL_PREFIX)}

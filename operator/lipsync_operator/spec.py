@@ -15,6 +15,9 @@ QUANTITY = re.compile(r"^(\+)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numk
 PERCENT = re.compile(r"^[0-9]{1,3}%$")
 
 METRICS = {"queueDepth": "lipsync_queue_depth", "inflightRequests": "lipsync_inflight_requests"}
+# autoscaling.targetSessionUtilization's metric: a pod's live sessions over its runtime.maxSessions.
+SESSION_METRIC = "lipsync_sessions_utilization"
+NEEDS_MAX_SESSIONS = "autoscaling.targetSessionUtilization needs runtime.maxSessions above 0"
 
 # The CRD's defaults, by path. An object default ({}) makes its children's defaults apply.
 DEFAULTS: dict[str, Any] = {
@@ -33,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "runtime.apiKeysSecret.key": "api-keys",
     "runtime.iceServersSecret.key": "ice-servers",
     "runtime.drainSeconds": 30,
+    "runtime.maxSessions": 4,
     "runtime.startupTimeoutSeconds": 600,
     "resources": {},
     "resources.gpu": {},
@@ -138,6 +142,12 @@ def _check_scaling(s: dict, pooled: bool = False) -> None:
         if auto["minReplicas"] > auto["maxReplicas"]:
             raise InvalidSpec("autoscaling.minReplicas must not exceed autoscaling.maxReplicas")
         auto["targetAverageValue"] = _positive_quantity(auto["targetAverageValue"], "autoscaling.targetAverageValue")
+        target = auto.get("targetSessionUtilization")
+        if target is not None:
+            if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.01 <= target <= 1:
+                raise InvalidSpec(f"autoscaling.targetSessionUtilization must be from 0.01 to 1, got {target!r}")
+            if not s["runtime"]["maxSessions"]:
+                raise InvalidSpec(NEEDS_MAX_SESSIONS)
     elif not pooled:
         s.setdefault("replicas", 1)
 

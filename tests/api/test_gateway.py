@@ -744,6 +744,7 @@ async def test_ws_errors_leave_the_socket_usable(pod, spec):
         await ws.send_bytes(b"\0\0" * 100)
         [reply] = await ws_replies(ws, count=1)
         assert reply["code"] == "INVALID_ARGUMENT" and "audio_start" in reply["message"]
+        assert reply["message"].startswith("a session starts with its config")  # the words of a session's
         # A session that fails at its start: the audio sent for it is dropped without a reply each.
         for start, code, match in [({"model_name": "nobody"}, "NOT_FOUND", "nobody"),
                                    ({"model_name": "demo", "sample_rate": 5}, "INVALID_ARGUMENT", "sample rate"),

@@ -27,7 +27,7 @@ from chart_support import (
 from lipsync_operator import children
 from lipsync_operator.config import OperatorConfig
 from lipsync_operator.egress import RefusedURL
-from lipsync_operator.spec import METRICS
+from lipsync_operator.spec import METRICS, SESSION_METRIC
 
 KUBE_VERSIONS = ("1.27", "1.29", "1.37")
 # The inference pod's metrics (docs/ARCHITECTURE.md and the pod contract).
@@ -166,8 +166,8 @@ def test_the_dashboard_covers_the_serving_metrics(chart):
     dashboard = json.loads(cm["data"]["lipsync-serving.json"])
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"\b(lipsync_[a-z_]+)", e)}
-    known = POD_METRICS | {f"{m}_{suffix}" for m in POD_METRICS for suffix in ("bucket", "sum", "count")}
-    assert used <= known, used - known
+    bases = used | {re.sub(r"_(bucket|sum|count)$", "", m) for m in used}
+    assert POD_METRICS <= bases, POD_METRICS - bases
     text = " ".join(exprs)
     for needle in ("rate(lipsync_frames_generated_total", "histogram_quantile(0.99", "lipsync_queue_depth",
                    'result="hit"', "lipsync_device_memory_bytes", "count by (lipsyncmodel)"):
@@ -179,11 +179,57 @@ def test_the_dashboard_covers_the_serving_metrics(chart):
         assert p["datasource"]["uid"] == "${datasource}"
 
 
+# Labels a scrape adds to every pod series (Prometheus' target labels and the PodMonitors' relabelings).
+SCRAPE_LABELS = {"namespace", "pod", "container", "instance", "job", "lipsyncmodel", "lipsyncpool"}
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every series name the inference pod exports (serving/metrics.py), with the labels it may carry."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from inference_pod.serving.metrics import Metrics
+
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+    series: dict[str, set[str]] = {}
+    for metric in vars(Metrics()).values():
+        if isinstance(metric, MetricWrapperBase):
+            for suffix in suffixes[metric._type]:
+                series[metric._name + suffix] = set(metric._labelnames) | ({"le"} if suffix == "_bucket" else set())
+    return series
+
+
+def dashboard_exprs(chart) -> list[str]:
+    (cm,) = find(render(chart), "ConfigMap", f"{RELEASE}-dashboard")
+    dashboard = json.loads(cm["data"]["lipsync-serving.json"])
+    variables = [v["query"]["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    return [t["expr"] for p in dashboard["panels"] for t in p["targets"]] + variables
+
+
+def test_every_dashboard_query_names_a_series_the_pod_exports_with_its_labels(chart):
+    """A panel that names a metric the pod does not export (or filters on a label it does not carry) stays
+    empty without an error anywhere: each name and each label matcher is checked against serving/metrics.py."""
+    exported = exported_series()
+    for expr in dashboard_exprs(chart):
+        for name, matchers in re.findall(r"\b(lipsync_[a-z_]+)(?:\{([^}]*)\})?", expr):
+            assert name in exported, f"{name} is not exported by the pod (serving/metrics.py): {expr}"
+            labels = set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", matchers))
+            assert labels <= exported[name] | SCRAPE_LABELS, (name, labels - exported[name] - SCRAPE_LABELS)
+
+
+def test_the_dashboard_shows_the_live_sessions(chart):
+    text = " ".join(dashboard_exprs(chart))
+    for needle in ("lipsync_sessions_active", "lipsync_sessions_max", "lipsync_sessions_utilization",
+                   "sum by (kind) (rate(lipsync_session_frames_total",
+                   "histogram_quantile(0.99, sum by (le) (rate(lipsync_session_speech_latency_seconds_bucket",
+                   "rate(lipsync_session_barge_ins_total", "rate(lipsync_sessions_refused_total"):
+        assert needle in text, needle
+
+
 def test_the_adapter_rules_serve_the_metrics_the_hpas_target(chart):
     (cm,) = find(render(chart), "ConfigMap", f"{RELEASE}-adapter-rules")
     rules = yaml.safe_load(cm["data"]["config.yaml"])["rules"]
     served = {rule["name"]["as"] for rule in rules}
-    assert set(METRICS.values()) <= served
+    assert set(METRICS.values()) | {SESSION_METRIC} <= served
     for rule in rules:
         assert rule["resources"]["overrides"]["pod"] == {"resource": "pod"}
         assert rule["seriesQuery"].startswith(rule["name"]["as"])

@@ -157,6 +157,8 @@ def with_spec(**changes) -> dict:
     (with_spec(autoscaling={"minReplicas": 1}), "maxReplicas"),
     (with_spec(autoscaling={"maxReplicas": 3, "metric": "cpu"}), "cpu"),
     (with_spec(autoscaling={"maxReplicas": 3, "targetAverageValue": "eight"}), "eight"),
+    (with_spec(autoscaling={"maxReplicas": 3, "targetSessionUtilization": 1.5}), "1.5"),
+    (with_spec(runtime={"maxSessions": -1}), "-1"),
     (with_spec(runtime={"precision": "int8"}), "int8"),
     (with_spec(runtime={"maxBatch": 0}), "0"),
     (with_spec(resources={"gpu": {"resourceName": "gpu"}}), "gpu"),
@@ -182,6 +184,8 @@ def test_a_bad_name_is_refused():
     {"package": {"name": "a"}, "replicas": 2, "autoscaling": {"maxReplicas": 3}},
     {"package": {"name": "a", "registry": "http://r/", "uri": "http://r/a/1/a-1.zip"}},
     {"package": {"name": "a"}, "autoscaling": {"minReplicas": 4, "maxReplicas": 3}},
+    {"package": {"name": "a"}, "autoscaling": {"maxReplicas": 3, "targetSessionUtilization": 0.5},
+     "runtime": {"maxSessions": 0}},
 ])
 def test_what_the_cel_rules_refuse_the_operator_refuses_too(spec):
     VALIDATOR.validate(with_spec(**spec))   # the plain schema lets these through ...

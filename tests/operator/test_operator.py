@@ -17,6 +17,7 @@ from lsm_harness import (
     EVENTS,
     HPAS,
     LSM,
+    LSP,
     NAMESPACE,
     PDBS,
     PODMONITORS,
@@ -179,6 +180,43 @@ async def test_autoscaling_leaves_the_replica_count_to_the_hpa(cluster, registry
     await patch_model(cluster, "carol", {"spec": {"autoscaling": None, "replicas": 3}})
     await eventually(lambda: cluster.get(HPAS, "carol") is None, what="the HPA to go")
     await eventually(lambda: cluster.get(DEPLOYMENTS, "carol")["spec"]["replicas"] == 3, what="3 replicas")
+
+
+async def test_autoscaling_on_sessions_targets_active_over_max_sessions(cluster, registry, operator):
+    """autoscaling.targetSessionUtilization: the pods run --max-sessions (runtime.maxSessions) and the HPA
+    also follows lipsync_sessions_utilization, for a dedicated model and for a pool; off again, it goes."""
+    await apply_model(cluster, "erin", {
+        "package": {"name": "alice"}, "runtime": {"maxSessions": 6},
+        "autoscaling": {"maxReplicas": 8, "targetSessionUtilization": 0.75},
+    })
+    hpa = await eventually(lambda: cluster.get(HPAS, "erin"), what="the HPA")
+    assert hpa["spec"]["metrics"] == [
+        {"type": "Pods", "pods": {"metric": {"name": "lipsync_queue_depth"},
+                                  "target": {"type": "AverageValue", "averageValue": "8"}}},
+        {"type": "Pods", "pods": {"metric": {"name": "lipsync_sessions_utilization"},
+                                  "target": {"type": "AverageValue", "averageValue": "750m"}}}]
+    dep = await eventually(lambda: cluster.get(DEPLOYMENTS, "erin"), what="the Deployment")
+    assert args_value(dep["spec"]["template"]["spec"]["containers"][0]["args"], "--max-sessions") == "6"
+
+    await patch_model(cluster, "erin", {"spec": {"autoscaling": {"targetSessionUtilization": None}}})
+    await eventually(lambda: len(cluster.get(HPAS, "erin")["spec"]["metrics"]) == 1, what="the session target gone")
+
+    # Without a session limit there is no utilization to target: refused with the CRD rule's words.
+    await apply_model(cluster, "fred", {"package": {"name": "alice"}, "runtime": {"maxSessions": 0},
+                                        "autoscaling": {"maxReplicas": 2, "targetSessionUtilization": 0.5}})
+    await eventually(lambda: has_condition(cluster, "fred", "Degraded", "True", "InvalidSpec"), what="refused")
+    assert "needs runtime.maxSessions above 0" in condition(cluster.get(LSM, "fred"), "Degraded")["message"]
+    assert cluster.get(HPAS, "fred") is None
+
+    await create_object(cluster, LSP, {"apiVersion": "synctalk.io/v1alpha1", "kind": "LipSyncPool",
+                                       "metadata": {"name": "studio", "namespace": NAMESPACE},
+                                       "spec": {"modelMemoryBudgetMb": 64, "runtime": {"device": "cpu"},
+                                                "autoscaling": {"maxReplicas": 4, "targetSessionUtilization": 0.5}}})
+    pool_hpa = await eventually(lambda: cluster.get(HPAS, "studio"), what="the pool's HPA")
+    assert pool_hpa["spec"]["metrics"][1]["pods"] == {
+        "metric": {"name": "lipsync_sessions_utilization"}, "target": {"type": "AverageValue", "averageValue": "500m"}}
+    pool_dep = await eventually(lambda: cluster.get(DEPLOYMENTS, "studio"), what="the pool's Deployment")
+    assert args_value(pool_dep["spec"]["template"]["spec"]["containers"][0]["args"], "--max-sessions") == "4"
 
 
 async def test_turning_autoscaling_on_keeps_the_current_pods(cluster, registry, operator):

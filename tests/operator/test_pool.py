@@ -295,3 +295,43 @@ async def test_a_pool_places_routes_heals_scales_and_survives_a_restart(cluster,
 
 def loaded_on_sync(loaded: dict[str, set[str]], name: str) -> list[str]:
     return [p for p, models in loaded.items() if name in models]
+
+
+def hold_session(pod: PoolPod, model: str, stop: threading.Event, frames: list[int]) -> None:
+    """A live session on ``pod``, paced at the model's fps and idle (no audio), until ``stop``."""
+    def requests():
+        yield pb.SessionRequest(config=pb.SessionConfig(model=model))
+        stop.wait()   # then half-close: the session ends
+
+    for response in pod.stub.Session(requests(), timeout=WAIT_S * 4):
+        if response.WhichOneof("message") == "frame":
+            frames.append(response.frame.tick)
+
+
+async def test_a_pool_counts_live_sessions_as_load(cluster, pool_registry, pods, start_operator):
+    """A session asks for a frame every tick even while its character idles, whose frames come from the idle
+    cache and barely show as generated frames: one session at 25 fps on a model whose copies each carry 20
+    frames/s gets it a second copy; when the session ends, the copy goes."""
+    a, b = pods("pool-a", "127.0.0.11"), pods("pool-b", "127.0.0.12")
+    await start_operator()
+    await create_pool(cluster)
+    await add_pod(cluster, a)
+    await add_pod(cluster, b)
+    await apply_model(cluster, "ann", pooled("ann", maxCopies=2, demandPerCopy=20))
+    loaded = await settled(cluster, [a, b], {"ann"})
+    await eventually(lambda: copies(cluster, "ann") == (1, 1), WAIT_S, "one copy without demand")
+    holder = a if "ann" in loaded["pool-a"] else b
+
+    stop, frames = threading.Event(), []
+    session = threading.Thread(target=hold_session, args=(holder, "ann", stop, frames), daemon=True)
+    session.start()
+    try:
+        await eventually(lambda: len(frames) > 25, WAIT_S, "the session's frames")
+        await eventually(lambda: copies(cluster, "ann") == (2, 2), WAIT_S, "a second copy for the session")
+        assert all("ann" in models for models in (await loaded_on([a, b])).values())
+        stats = await asyncio.to_thread(holder.stub.GetStats, pb.GetStatsRequest(), timeout=10)
+        assert (stats.sessions_active, {m.name: m.sessions_active for m in stats.models}["ann"]) == (1, 1)
+    finally:
+        stop.set()
+        await asyncio.to_thread(session.join, 30)
+    await eventually(lambda: copies(cluster, "ann") == (1, 1), WAIT_S, "back to one copy once the session ended")

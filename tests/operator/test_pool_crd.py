@@ -110,6 +110,8 @@ def test_what_the_cel_rules_refuse_the_operator_refuses_too(spec, message):
     ({"modelMemoryBudgetMb": 8}, "modelMemoryBudgetMb"),
     ({"modelMemoryBudgetMb": 1024, "replicas": 2, "autoscaling": {"maxReplicas": 3}}, "not both"),
     ({"modelMemoryBudgetMb": 1024, "resources": {"memory": "lots"}}, "resources.memory"),
+    ({"modelMemoryBudgetMb": 1024, "runtime": {"maxSessions": 0},
+      "autoscaling": {"maxReplicas": 3, "targetSessionUtilization": 0.5}}, "needs runtime.maxSessions above 0"),
 ])
 def test_a_broken_pool_is_refused_with_a_clear_message(spec, where):
     with pytest.raises(InvalidSpec, match=where):

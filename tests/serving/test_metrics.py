@@ -11,6 +11,7 @@ CONTRACT = {
     "lipsync_request_duration_seconds": "histogram",
     "lipsync_sessions_active": "gauge",
     "lipsync_sessions_max": "gauge",
+    "lipsync_sessions_utilization": "gauge",
     "lipsync_sessions_refused_total": "counter",
     "lipsync_session_frames_total": "counter",
     "lipsync_session_frames_dropped_total": "counter",

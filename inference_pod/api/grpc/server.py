@@ -241,7 +241,7 @@ def session_response(output: SessionOutput) -> pb.SessionResponse:
     return pb.SessionResponse(ended=pb.SessionEnded(
         ticks=output.ticks, speaking_frames=frames["speaking"], idle_cached_frames=frames["idle_cached"],
         idle_computed_frames=frames["idle_computed"], repeated_frames=frames["repeated"],
-        dropped_frames=output.dropped))
+        dropped_frames=output.dropped, reason=output.reason))
 
 
 def parse(message_type: type[Message], data: bytes, method: str) -> Message:

@@ -148,18 +148,22 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
             "registry_url": {"type": ["string", "null"]}, "api_keys_required": BOOL,
             "health_requires_key": {"type": "boolean", "description": "per-model gRPC health needs a key"},
             "websocket_connections": _int(),
-            "ports": obj({"grpc": _int(), "http": nullable_int, "metrics": nullable_int})}),
+            "ports": obj({"grpc": _int(), "http": nullable_int, "metrics": nullable_int}),
+            "sessions_active": _int("live sessions running now"),
+            "max_sessions": _int("live sessions admitted at once (--max-sessions); 0: no limit")}),
         "Stats": obj({
             "success": BOOL, "server_version": _str(), "uptime_seconds": _num(), "inflight_requests": _int(),
             "draining": BOOL, "device": _str(), "precision": _str(), "max_batch": _int(),
             "models": {"type": "array", "items": obj({
                 "name": _str(), "version": _str(), "queue_depth": _int(), "frames_generated": _int("by the model, since it was loaded"),
                 "frames_from_cache": _int("since it was loaded"), "batches": _int("since it was loaded"),
-                "mean_batch_size": _num()})},
+                "mean_batch_size": _num(), "sessions_active": _int("live sessions of this model running now")})},
             "cache": obj({"backend": _str(), "hits": _int(), "misses": _int(), "errors": _int(),
                           "bypassed": _int()}),
             "models_resident": _int(), "memory_budget_bytes": _int("0: unlimited"),
-            "models_memory_bytes": _int()}),
+            "models_memory_bytes": _int(), "sessions_active": _int("live sessions running now"),
+            "max_sessions": _int("live sessions admitted at once (--max-sessions); 0: no limit"),
+            "sessions_refused": _int("sessions refused past max_sessions since the pod started")}),
         "ModelInfo": model_info,
         "Models": obj({"success": BOOL, "models": {"type": "array", "items": ref("ModelInfo")},
                        "loaded_models": {"type": "array", "items": _str()},
@@ -283,8 +287,11 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
         "WsSessionEnded": obj({
             "type": {"const": "session_ended"}, **ws_common, "ticks": _int(),
             "frames": obj({kind: _int() for kind in ("speaking", "idle_cached", "idle_computed", "repeated")}),
-            "dropped": _int("frames this (slow) reader never got")},
-            ["type", "ticks", "frames", "dropped"]),
+            "dropped": _int("frames this (slow) reader never got"),
+            "reason": {"type": "string", "enum": ["ended", "draining"],
+                       "description": "ended: the client's session_end; draining: the pod is shutting down "
+                                      "(start a new session: the Service sends it to another pod)"}},
+            ["type", "ticks", "frames", "dropped", "reason"]),
     }
 
 

@@ -14,7 +14,8 @@ Client -> server (every message may carry a ``request_id``, string or integer, e
   ``{"type": "session_frame", "tick", "pts", "kind", "audio" (base64 PCM16), frame fields}`` per tick until
   it ends; binary messages are its audio, ``{"type": "clear"}`` is answered by ``{"type": "cleared", ...}``,
   ``{"type": "flush"}`` by ``{"type": "playback_finished", ...}`` once its audio has played, and
-  ``{"type": "session_end"}`` by ``{"type": "session_ended", ...}``. A session past the pod's
+  ``{"type": "session_end"}`` by ``{"type": "session_ended", "reason": "ended", ...}``; a pod that drains
+  ends its sessions with ``{"type": "session_ended", "reason": "draining", ...}``. A session past the pod's
   --max-sessions is an error message (RESOURCE_EXHAUSTED, ``"http_status": 429``) and the socket closes
   (1013, try again later), so the client can try another pod;
 - ``{"type": "ping"}`` -> ``{"type": "pong"}`` (browsers cannot send WebSocket pings).
@@ -87,6 +88,8 @@ COMMON_FIELDS = frozenset({"type", "request_id"})
 STREAM_FIELDS = COMMON_FIELDS | FRAME_FIELDS - {"frame_id"} | {"first", "last", "realtime", "fps"}
 AUDIO_START_FIELDS = COMMON_FIELDS | OUTPUT_FIELDS | {"model_name", "sample_rate", "channels"}
 SESSION_START_FIELDS = AUDIO_START_FIELDS | {"unpaced"}
+# Binary audio with nothing open: a session's words (as on gRPC), and the older audio_start's way named too.
+BINARY_FIRST = f"{CONFIG_FIRST} (or after audio_start, for a plain audio stream)"
 METHODS = {"frame": "GenerateFrame", "stream": "StreamFrames", "audio_start": "StreamAudio",
            "session_start": "Session"}
 
@@ -144,7 +147,8 @@ def session_output_json(output: SessionOutput) -> dict[str, Any]:
     if isinstance(output, PlaybackFinished):
         return {"type": "playback_finished", **dataclasses.asdict(output)}
     assert isinstance(output, Ended)
-    return {"type": "session_ended", "ticks": output.ticks, "frames": output.frames, "dropped": output.dropped}
+    return {"type": "session_ended", "ticks": output.ticks, "frames": output.frames, "dropped": output.dropped,
+            "reason": output.reason}
 
 
 class WebSocketSession:
@@ -244,9 +248,8 @@ class WebSocketSession:
             await session.put(AudioChunk(data))  # the session works it in slices
             return
         live = self._audio
-        if live is None:
-            await self._send_error("INVALID_ARGUMENT", "binary messages are PCM16 audio and need an open audio "
-                                   "session: send audio_start first", None)
+        if live is None:  # the words of every message that comes before its session's start, on both doors
+            await self._send_error("INVALID_ARGUMENT", BINARY_FIRST, None)
         else:
             for piece in pcm_slices(data):
                 if live.failed:  # after a failed session the rest of its audio is dropped until audio_end
