@@ -47,6 +47,28 @@ def feather_weights(pixels: int = FEATHER_PIXELS) -> np.ndarray:
     return np.clip(distance / pixels, 0.0, 1.0).astype(np.float32)
 
 
+class Feather:
+    """The feathered paste's blend, done only where it changes something: four strips along the region's
+    sides (the weights are 1 on the rectangle inside them, and there the prediction is already in place)."""
+
+    def __init__(self, weights: np.ndarray):
+        rows, cols = np.nonzero(weights == 1)
+        y0, y1, x0, x1 = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+        size = weights.shape[0]
+        self.strips = [(slice(0, y0), slice(0, size)), (slice(y1, size), slice(0, size)),
+                       (slice(y0, y1), slice(0, x0)), (slice(y0, y1), slice(x1, size))]
+        self._weights = [(np.ascontiguousarray(weights[s]), np.ascontiguousarray(1.0 - weights[s]))
+                         for s in self.strips]
+
+    def blend(self, prediction: np.ndarray, template: np.ndarray, dst: np.ndarray) -> None:
+        """``dst`` (holding ``prediction``) gets the template faded in along its sides."""
+        for strip, (ours, theirs) in zip(self.strips, self._weights, strict=True):
+            view = dst[strip]
+            out = cv2.blendLinear(prediction[strip], template[strip], ours, theirs, dst=view)
+            if out is not view:  # a layout OpenCV could not write into: copy
+                view[...] = out
+
+
 def check_paste(paste: str) -> str:
     if paste not in PASTE_MODES:
         raise InvalidInput(f"paste must be one of {', '.join(PASTE_MODES)}, got {paste!r}")
@@ -68,8 +90,7 @@ class Compositor:
                  paste: str = "exact"):
         self._templates = templates
         self._scans = TemplateScans(jpeg_cache_bytes)
-        weights = feather_weights() if check_paste(paste) == "feather" else None
-        self._feather = None if weights is None else (weights, 1.0 - weights)
+        self._feather = Feather(feather_weights()) if check_paste(paste) == "feather" else None
 
     @property
     def nbytes(self) -> int:
@@ -87,13 +108,9 @@ class Compositor:
         top, bottom = INNER.start, INNER.stop  # only the crop's ring is the template's: a frame is memory-bound
         crop[:top], crop[bottom:] = template[:top], template[bottom:]
         crop[INNER, :top], crop[INNER, bottom:] = template[INNER, :top], template[INNER, bottom:]
-        if self._feather is None:
-            crop[INNER, INNER] = prediction
-        else:
-            region = crop[INNER, INNER]
-            blended = cv2.blendLinear(prediction, template[INNER, INNER], *self._feather, dst=region)
-            if blended is not region:  # a layout OpenCV could not write into: copy
-                region[...] = blended
+        crop[INNER, INNER] = prediction
+        if self._feather is not None:
+            self._feather.blend(prediction, template[INNER, INNER], crop[INNER, INNER])
         out = cv2.resize(crop, (box.x2 - box.x1, box.y2 - box.y1), dst=dst, interpolation=cv2.INTER_CUBIC)
         if out is not dst:  # a layout OpenCV could not write into: copy
             dst[...] = out
