@@ -8,6 +8,7 @@ from pathlib import Path
 
 from inference_pod.commands import positive_int
 from inference_pod.core.precision import PRECISION_NAMES as PRECISIONS
+from inference_pod.core.templates import PASTE_MODES
 
 CACHE_DIR_ENV = "LIPSYNC_CACHE_DIR"
 
@@ -28,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
                    help="fp32 is SyncTalk_2D's exact arithmetic; fp16 and bf16 are for CUDA")
+    p.add_argument("--paste", choices=PASTE_MODES, default="exact",
+                   help="exact is SyncTalk_2D's paste; feather fades the prediction in from the mouth mask's edge, "
+                        "for a network whose edge shows the crop box as a line (default exact)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="frames per network call")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_cache_dir_flag(p)
@@ -42,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
     require_files(args.package, args.audio, args.features)  # before the model load, not after
     package = open_package(args.package, cache_dir=args.cache_dir)
-    engine = Engine.from_package(package, device=args.device, precision=args.precision, max_batch=args.batch_size)
+    engine = Engine.from_package(package, device=args.device, precision=args.precision, max_batch=args.batch_size,
+                                 paste=args.paste)
     features = track_for(engine, args.audio, args.features)
     audio_path = args.audio if args.audio is not None else package.default_audio_path()
     result = render(engine, args.out, features, video=args.video, audio_path=audio_path,

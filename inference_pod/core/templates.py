@@ -7,6 +7,9 @@ from inference_pod.errors import InvalidInput
 
 # Where an engine keeps its 328x328 template crops (see inference_pod.core.engine).
 TEMPLATE_STORAGES = ("device", "host", "compressed")
+# How a prediction goes back into its template's crop (see inference_pod.core.engine.compositing): SyncTalk_2D's
+# exact paste, or faded in from the mouth mask's edge so the crop box leaves no line in the frame.
+PASTE_MODES = ("exact", "feather")
 
 
 def pingpong_index(frame_id: int, n_templates: int) -> int:

@@ -132,7 +132,7 @@ class DataPlane:
         s = self.settings
         return Engine.from_package(package, device=s.device, precision=s.precision, max_batch=s.max_batch,
                                    identity_network=s.benchmark_identity_network,
-                                   template_storage=s.template_storage, cpu_pool=self.cpu_pool)
+                                   template_storage=s.template_storage, cpu_pool=self.cpu_pool, paste=s.paste)
 
     def _make_batcher(self, name: str, engine: InferenceEngine) -> Batcher:
         s = self.settings

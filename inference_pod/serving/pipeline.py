@@ -244,7 +244,7 @@ class FramePipeline:
         engine = model.engine
         key = None
         if track.audio_id is not None:
-            key = self.cache.frame_key(model.name, model.version, track.audio_id, frame_id, output.key)
+            key = self.cache.frame_key(model.name, model.version, track.audio_id, frame_id, _output_key(engine, output))
             cached = await self.cache.get_frame(key)
             if cached is not None:
                 self.metrics.frames_generated.labels(model=model.name, source="cache").inc()
@@ -326,6 +326,14 @@ class FramePipeline:
 def check_frame_id(frame_id: int, track: Track) -> None:
     if not 0 <= frame_id < track.frames:
         raise InvalidInput(f"frame id {frame_id} is outside the track: valid ids are 0..{track.frames - 1}")
+
+
+def _output_key(engine: InferenceEngine, output: OutputSpec) -> str:
+    """The frame cache's name for an output: a feathered full frame is another image than the exact one, and
+    pods sharing a Redis may paste differently. Exact pastes keep the names they always had."""
+    if output.region == "full" and engine.paste != "exact":
+        return f"{output.key}.{engine.paste}"
+    return output.key
 
 
 def _finish_image(engine: InferenceEngine, template_id: int, prediction: np.ndarray, *,

@@ -57,6 +57,7 @@ class InferenceEngine(Predictor, Protocol):
     @property
     def fps(self) -> int: ...
     audio_shape: tuple[int, ...]  # one frame's network audio input (a session builds silent ones)
+    paste: str  # how composite() pastes: "exact" or "feather" (part of a full frame's cache key)
     @property
     def default_features(self) -> np.ndarray | None: ...
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inference_pod.core.precision import PRECISION_NAMES
-from inference_pod.core.templates import TEMPLATE_STORAGES
+from inference_pod.core.templates import PASTE_MODES, TEMPLATE_STORAGES
 from inference_pod.errors import InvalidInput
 
 ENV_PREFIX = "LIPSYNC_"
@@ -98,6 +98,10 @@ class Settings:
         "help": "where each model's template crops live: device (resident, fastest; device memory grows with "
                 "the template count), host (host memory, copied to the device per batch) or compressed "
                 "(PNG in host memory, decoded per batch; smallest)", "choices": TEMPLATE_STORAGES})
+    paste: str = field(default="exact", metadata={
+        "help": "how each prediction goes back into its frame: exact (SyncTalk_2D's paste, the default) or feather "
+                "(faded in from the mouth mask's edge, for networks whose edge does not match the template and "
+                "shows the crop box as a line; frames then differ from SyncTalk_2D's)", "choices": PASTE_MODES})
     max_batch_delay_ms: float = field(default=5.0, metadata={
         "help": "longest wait for a batch to fill once its first request arrived"})
     max_queue: int = field(default=256, metadata={
@@ -198,6 +202,8 @@ class Settings:
             problems.append(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.template_storage not in TEMPLATE_STORAGES:
             problems.append(f"--template-storage must be one of {', '.join(TEMPLATE_STORAGES)}")
+        if self.paste not in PASTE_MODES:
+            problems.append(f"--paste must be one of {', '.join(PASTE_MODES)}")
         if self.log_level.upper() not in LOG_LEVELS:
             problems.append(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         problems += [f"--allowed-origins {origin!r}: {problem}" for origin in self.allowed_origins

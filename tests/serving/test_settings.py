@@ -17,7 +17,7 @@ ENV_VALUES = {
     "port": ("5001", 5001), "metrics_port": ("9191", 9191), "http_port": ("8181", 8181),
     "host": ("127.0.0.1", "127.0.0.1"), "models_dir": ("/m", Path("/m")), "store_dir": ("/s", Path("/s")),
     "device": ("cuda", "cuda"), "precision": ("fp16", "fp16"), "max_batch": ("8", 8),
-    "template_storage": ("compressed", "compressed"),
+    "template_storage": ("compressed", "compressed"), "paste": ("feather", "feather"),
     "max_batch_delay_ms": ("2.5", 2.5), "max_queue": ("9", 9), "memory_budget_mb": ("512", 512),
     "registry_url": ("http://registry.local/", "http://registry.local/"),
     "registry_token": ("s3cret", "s3cret"),
@@ -86,6 +86,7 @@ def test_preload_accepts_repeats_lists_and_commas():
     ({"device": "tpu"}, "--device"),
     ({"template_storage": "disk"}, "--template-storage must be one of device, host, compressed"),
     ({"tls_cert": "/c.pem"}, "--tls-key"),
+    ({"paste": "soft"}, "--paste must be one of exact, feather"),
 ])
 def test_invalid_settings_name_the_flag(kwargs, message):
     with pytest.raises(InvalidInput, match=message):

@@ -167,3 +167,28 @@ def test_render_progress_bar_shows_the_rate_after_warm_up(demo_package, tmp_path
     assert "100%" in bar and "frame/s" in bar and "left" in bar, bar
     unpacked = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # beside it: the source zip's stamp
     assert [p.name.startswith("demo-1-") for p in unpacked] == [True]  # --cache-dir
+
+
+def test_render_paste_feather_writes_the_engines_feathered_frames(demo_package, tmp_path, one_torch_thread):
+    """``--paste feather`` renders what a feathered engine composites; without it, the exact paste."""
+    from inference_pod.core.engine import Engine
+    from inference_pod.package import open_package
+
+    for paste in ("exact", "feather"):
+        flags = [] if paste == "exact" else ["--paste", paste]
+        assert main(["render", str(demo_package), "--out", str(tmp_path / paste), "--no-progress",
+                     "--cache-dir", str(tmp_path / "cache"), *flags]) == 0
+    engine = Engine.from_package(open_package(demo_package, cache_dir=tmp_path / "cache"), paste="feather")
+    ids = [0, 7, 20]
+    templates = [engine.template_index(i) for i in ids]
+    predictions = engine.predict(templates, engine.windows(engine.default_features, ids))
+    for i, template, prediction in zip(ids, templates, predictions, strict=True):
+        feathered = cv2.imread(str(tmp_path / "feather" / f"frame_{i:06d}.png"))
+        assert np.array_equal(feathered, engine.composite(template, prediction))
+        assert not np.array_equal(feathered, cv2.imread(str(tmp_path / "exact" / f"frame_{i:06d}.png")))
+
+
+def test_render_refuses_an_unknown_paste(demo_package, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["render", str(demo_package), "--out", str(tmp_path / "f"), "--paste", "soft"])
+    assert exit_.value.code == 2 and "argument --paste: invalid choice: 'soft'" in capsys.readouterr().err

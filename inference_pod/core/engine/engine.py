@@ -21,7 +21,12 @@ import torch
 from torch import nn
 
 from inference_pod.core import audio
-from inference_pod.core.engine.compositing import DEFAULT_JPEG_CACHE_BYTES, Compositor, FullFrameJpeg
+from inference_pod.core.engine.compositing import (
+    DEFAULT_JPEG_CACHE_BYTES,
+    Compositor,
+    FullFrameJpeg,
+    check_paste,
+)
 from inference_pod.core.engine.network import PRECISIONS, GraphedStep, Network
 from inference_pod.core.engine.template_store import INNER, CropBox, TemplateFrames, TemplateStore
 from inference_pod.core.memory import MemoryUse
@@ -64,12 +69,14 @@ class Engine:
         identity_network: bool = False,
         template_storage: str = "device",
         cpu_pool: Executor | None = None,
+        paste: str = "exact",
     ):
         if precision not in PRECISIONS:
             raise InvalidInput(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if template_storage not in TEMPLATE_STORAGES:
             raise InvalidInput(f"template storage must be one of {', '.join(TEMPLATE_STORAGES)}, got {template_storage!r}")
         self.template_storage = template_storage
+        self.paste = check_paste(paste)  # SyncTalk_2D's exact paste unless asked: see compositing
         if max_batch < 1:
             raise InvalidInput(f"max batch must be >= 1, got {max_batch}")
         self.device = torch.device(device)
@@ -106,7 +113,7 @@ class Engine:
         self.templates = TemplateStore(package, template_storage, self.device, max_batch, frame_budget_bytes,
                                        self._cpu_pool, self.name)
         self.num_templates = self.templates.count
-        self.compositor = Compositor(self.templates, jpeg_cache_bytes)
+        self.compositor = Compositor(self.templates, jpeg_cache_bytes, paste)
         self._fixed: MemoryUse | None = None  # see _fixed_memory
         defaults = package.default_features()
         self.default_features = audio.pad_features(defaults.astype(np.float32)) if defaults is not None else None
