@@ -55,7 +55,7 @@ demo: setup
 # Ctrl-C drains the pod, which exits 0 (make itself then reports the interrupt, as make does).
 SERVE_FLAGS ?=
 serve: setup
-	$(PYTHON) -m inference_pod.cli serve --demo --host 127.0.0.1 --metrics-port 0 $(if $(REDIS_URL),--redis-url $(REDIS_URL)) $(SERVE_FLAGS)
+	$(PYTHON) -m inference_pod.cli serve --demo --paste feather --host 127.0.0.1 --metrics-port 0 $(if $(REDIS_URL),--redis-url $(REDIS_URL)) $(SERVE_FLAGS)
 
 # Regenerates inference_pod/assets/demo_unet_w4.pth bit for bit (CPU, same torch version and CPU kind).
 DEMO_TRAIN_DIR ?= build/demo-train

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from inference_pod.commands import nonnegative_float
+from inference_pod.core.templates import PASTE_MODES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pace.add_argument("--real-time", action="store_true",
                       help="the session ticks in real time, 25 frames/s, frames not ready at their tick repeated "
                            "(the default on --device cuda)")
+    p.add_argument("--paste", choices=PASTE_MODES, default="feather",
+                   help="how each prediction goes back into its frame (lipsync serve --paste): feather by default "
+                        "here, since the width-4 demo network's border does not match its template and exact, "
+                        "SyncTalk_2D's paste and the pod's default, shows the crop box as a line")
     p.add_argument("--no-video", action="store_true", help="PNG frames only")
     p.add_argument("--offline", action="store_true",
                    help="render straight from the engine, frame by frame as fast as it goes, with no pod and no "
@@ -71,7 +76,7 @@ def run_offline(args: argparse.Namespace, package, started: float) -> int:
     from inference_pod.core.engine import Engine
     from inference_pod.tools.render import render, track_for
 
-    engine = Engine.from_package(package, device=args.device)
+    engine = Engine.from_package(package, device=args.device, paste=args.paste)
     video = None if args.no_video or shutil.which("ffmpeg") is None else args.out / f"{args.name}.mp4"
     audio_path = args.audio or package.default_audio_path()
     result = render(engine, args.out / "frames", track_for(engine, args.audio, None), video=video, audio_path=audio_path)
@@ -105,7 +110,8 @@ def run_live(args: argparse.Namespace, package, started: float) -> int:
               f"into a live session, {'unpaced' if unpaced else 'in real time'}", flush=True)
 
     result = run_live_demo(package, args.name, args.out, pcm, args.out, video=video, started=started, idle_s=args.idle,
-                           unpaced=unpaced, device=args.device, on_pod_ready=announce)
+                           unpaced=unpaced, device=args.device, paste=args.paste,
+                           on_pod_ready=announce)
     session = result.session
     counts = session["frames"]
     idle = counts["idle_cached"] + counts["idle_computed"]

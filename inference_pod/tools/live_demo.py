@@ -91,10 +91,10 @@ class PodInThread:
         self.close()
 
 
-def demo_pod_settings(models_dir: Path, name: str, device: str = "cpu") -> Settings:
+def demo_pod_settings(models_dir: Path, name: str, device: str = "cpu", paste: str = "exact") -> Settings:
     """A pod for the demo alone: loopback only, ports the system picks, no metrics port, the character preloaded."""
     return Settings(host=LOOPBACK, port=0, http_port=0, metrics_port=0, models_dir=models_dir, preload=[name],
-                    device=device, shutdown_grace_s=POD_STOP_GRACE_S).validate()
+                    device=device, paste=paste, shutdown_grace_s=POD_STOP_GRACE_S).validate()
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class LiveDemoResult:
 
 def run_live_demo(character: CharacterPackage, name: str, models_dir: Path, pcm: bytes, out: Path, *,
                   video: Path | None, started: float, idle_s: float = 1.0, unpaced: bool = False,
-                  device: str = "cpu", on_pod_ready=None) -> LiveDemoResult:
+                  device: str = "cpu", paste: str = "exact", on_pod_ready=None) -> LiveDemoResult:
     """Serve ``character`` from ``models_dir``, play ``pcm`` (16 kHz mono PCM16) between ``idle_s`` of idle
     before and after, write ``out/frames`` (PNG) and ``video`` (mp4, None: none), measure the A/V offset.
     ``started`` is the ``time.perf_counter()`` the whole demo began at; ``on_pod_ready(target)`` is told the
@@ -135,7 +135,7 @@ def run_live_demo(character: CharacterPackage, name: str, models_dir: Path, pcm:
         stale.unlink()
     with tempfile.TemporaryDirectory(prefix="lipsync-demo-") as tmp:
         sound = Path(tmp) / "audio.pcm"
-        with PodInThread(demo_pod_settings(models_dir, name, device)) as pod:
+        with PodInThread(demo_pod_settings(models_dir, name, device, paste)) as pod:
             target = pod.target
             with LipSyncClient(target, timeout=30) as client:
                 try:
