@@ -1,4 +1,4 @@
-"""``lipsync bench engine``, ``lipsync bench service`` and ``lipsync bench pool``."""
+"""``lipsync bench engine``, ``lipsync bench service``, ``lipsync bench pool`` and ``lipsync bench load``."""
 
 from __future__ import annotations
 
@@ -149,6 +149,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="directory for pool.json, pool.md and pool.png")
     p.set_defaults(func=run_pool)
 
+    # lipsync bench load (issue 18): cold start of characters, prepared templates against derived ones.
+    p = bench.add_parser(
+        "load", help="cold start: zip -> first frame, prepared store -> first frame, memory shared by processes",
+        description="Synthetic characters of each size and template count: a load from the zip (extract and "
+                    "prepare), a load from the prepared store while another process holds the character "
+                    "(private and shared memory from /proc), each template storage, and the bare decode of "
+                    "the template JPEGs. Writes JSON and prints a table; removes what it made.")
+    p.add_argument("--sizes", type=lambda t: tuple(_size(v) for v in t.split(",")),
+                   default="256x256,1280x720,1920x1080", help="comma-separated WxH (default 256x256,1280x720,1920x1080)")
+    p.add_argument("--templates", type=_int_list, default="1500,7500", help="template counts (default 1500,7500)")
+    p.add_argument("--template-storage", type=_storages, default="host",
+                   help="comma-separated storages; the first times every step, the others add a store load each "
+                        "(default host)")
+    p.add_argument("--derived", action="store_true",
+                   help="also load with preparation off (every template decoded and derived in the load, as before)")
+    p.add_argument("--distinct", type=positive_int, default=25, help="distinct drawn frames the templates cycle")
+    p.add_argument("--width", type=positive_int, default=4, help="U-Net base width of the synthetic characters "
+                                                                  "(default 4: the first frame's network call is "
+                                                                  "not what this measures)")
+    p.add_argument("--work-dir", type=Path, help="where the synthetic characters are made (default: the temp dir)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/load.json"), help="JSON results")
+    p.set_defaults(func=run_load)
+
 
 def run_engine(args: argparse.Namespace) -> int:
     from inference_pod.bench.engine_bench import EngineBenchConfig, run
@@ -195,6 +218,16 @@ def run_pool(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidInput(f"bench pool: {exc}") from None
     _report(run(cfg))
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    from inference_pod.bench.load_bench import LoadBenchConfig, run
+
+    cfg = LoadBenchConfig(sizes=args.sizes, templates=args.templates, storages=args.template_storage,
+                          derived=args.derived, distinct=args.distinct, width=args.width, work_dir=args.work_dir, out=args.out)
+    print(run(cfg)["markdown"])
+    print(f"\nJSON: {args.out}")
     return 0
 
 

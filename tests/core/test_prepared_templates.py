@@ -203,8 +203,8 @@ def crops_mapping(pid: int, crops: Path) -> dict[str, int]:
     inside = False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         parts = line.split()
-        if len(parts) >= 6 and "-" in parts[0] and ":" in parts[3]:  # a mapping's first line
-            inside = parts[-1] == str(crops)
+        if parts and not parts[0].endswith(":"):  # a mapping's first line
+            inside = len(parts) >= 6 and parts[-1] == str(crops)
         elif inside and line.endswith(" kB"):
             fields[parts[0].rstrip(":")] = int(parts[1])
     return fields
