@@ -145,6 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="frames/s one copy should carry (default 100: 4 live streams)")
     p.add_argument("--max-copies", type=positive_int, default=100, help="most copies of one character (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated demand")
+    p.add_argument("--load-s", type=float, help="seconds from placing a copy to its first frame (default: "
+                                                "--load-json, else a copy serves from the next step)")
+    p.add_argument("--load-json", type=Path, help="a lipsync bench load JSON: its slowest prepared-store load")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/pool"),
                    help="directory for pool.json, pool.md and pool.png")
     p.set_defaults(func=run_pool)
@@ -212,7 +215,10 @@ def run_pool(args: argparse.Namespace) -> int:
         peak_streams_per_character=args.peak_streams_per_character, spikes_per_day=args.spikes,
         spike_streams=args.spike_streams, pod_fps=args.pod_fps, engine_json=args.engine_json, package=args.package,
         footprint_mb=args.footprint_mb, pod_memory_gib=args.pod_memory_gib, demand_per_copy=args.demand_per_copy,
-        max_copies=args.max_copies, seed=args.seed, out_dir=args.out_dir)
+        max_copies=args.max_copies, seed=args.seed, load_s=args.load_s, load_json=args.load_json,
+        out_dir=args.out_dir)
+    if args.load_s is not None and args.load_s < 0:
+        raise InvalidInput("--load-s must be 0 or more")
     try:
         resolve_inputs(cfg)   # a missing or wrong --engine-json: one line, before any work
     except (OSError, ValueError, KeyError) as exc:
