@@ -266,9 +266,12 @@ def _simulate(cfg: PoolBenchConfig, inputs: dict, characters: int, zipf: float) 
 
         # 2. serving: with the copies placed at the previous step.
         # A copy still loading serves nothing; one that becomes ready during the step serves what is left of it.
-        def serving(name: str) -> list[tuple[str, float]]:
-            held = ((p, min(1.0, (t + cfg.step_s - ready_at.get((name, p), -math.inf)) / cfg.step_s))
-                    for p in copies.get(name, ()))
+        step_end = t + cfg.step_s
+
+        def serving(name: str, now_copies: dict[str, tuple[str, ...]] = copies, end: float = step_end
+                    ) -> list[tuple[str, float]]:
+            held = ((p, min(1.0, (end - ready_at.get((name, p), -math.inf)) / cfg.step_s))
+                    for p in now_copies.get(name, ()))
             return [(p, w) for p, w in held if w > 0]
 
         pod_load: dict[str, float] = {}

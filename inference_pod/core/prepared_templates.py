@@ -49,7 +49,7 @@ import numpy as np
 
 from inference_pod.core.encoding import decode_bgr
 from inference_pod.core.jpeg_splice import RegionBorder, SpliceRegion, frame_grid
-from inference_pod.core.model import CROP_SIZE
+from inference_pod.core.templates import TEMPLATE_CROP_SIZE as CROP_SIZE
 from inference_pod.errors import PackageError
 
 log = logging.getLogger(__name__)

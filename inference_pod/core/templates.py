@@ -7,6 +7,8 @@ from inference_pod.errors import InvalidInput
 
 # Where an engine keeps its 328x328 template crops (see inference_pod.core.engine).
 TEMPLATE_STORAGES = ("device", "host", "compressed")
+# The side of a template's crop: SyncTalk_2D's 320x320 network input and a 4-pixel ring around it.
+TEMPLATE_CROP_SIZE = 328
 
 
 def pingpong_index(frame_id: int, n_templates: int) -> int:
