@@ -15,7 +15,10 @@ The simulation steps through a day (``step_s`` at a time). Each step:
 3. The operator's code runs on what it measured: ``lipsync_operator.placement.place`` decides copies and
    loads/unloads; ``pods_needed`` (memory and load) sizes the pool, new pods serving ``pod_start_s`` later,
    surplus pods leaving one a minute once ``scale_down_s`` of lower demand has passed (the HPA's
-   stabilisation window). A copy placed at one step serves from the next (the step covers its load time).
+   stabilisation window). A copy placed at time t serves from t + ``load_s`` (``--load-s``, or the slowest
+   prepared-store load of a ``lipsync bench load`` JSON, ``--load-json``): in the step where it becomes ready
+   for the part of the step left, and not at all before; with ``load_s`` at most a step it serves the whole
+   next step, as a load that fits in one step does.
 
 Numbers used (``config`` in the JSON says which were given):
 - pod capacity: ``--pod-fps``, else the best end-to-end FPS of a ``lipsync bench engine`` JSON
@@ -91,6 +94,8 @@ class PoolBenchConfig:
     pod_start_s: float = 120.0
     scale_down_s: float = 300.0
     seed: int = 0
+    load_s: float | None = None       # seconds from placing a copy to its first frame (None: --load-json, else 0)
+    load_json: Path | None = None
     out_dir: Path | None = Path("bench-results/pool")
     extra: dict = field(default_factory=dict)
 
@@ -129,6 +134,15 @@ def pod_fps_from_engine_json(path: Path) -> float:
     return max(float(r["end_to_end_fps"]) for r in rows)
 
 
+def load_s_from_load_json(path: Path) -> float:
+    """The slowest load from a prepared store to a first frame in a ``lipsync bench load`` JSON."""
+    result = json.loads(Path(path).read_text())
+    rows = result.get("rows") or []
+    if not rows or "store" not in rows[0]:
+        raise ValueError(f"{path} has no 'rows' with a 'store' load: expected the JSON of `lipsync bench load`")
+    return max(float(r["store"]["first_frame_s"]) for r in rows)
+
+
 def resolve_inputs(cfg: PoolBenchConfig) -> dict:
     if cfg.pod_fps is not None:
         pod_fps, fps_source = cfg.pod_fps, "--pod-fps"
@@ -146,7 +160,14 @@ def resolve_inputs(cfg: PoolBenchConfig) -> dict:
         fp_source = {"default_character": {**DEFAULT_CHARACTER, "image_size": list(DEFAULT_CHARACTER["image_size"])}}
     if pod_fps <= 0 or footprint <= 0:
         raise ValueError("pod capacity and footprint must be positive")
-    return {"pod_fps": pod_fps, "pod_fps_source": fps_source, "footprint_bytes": footprint,
+    if cfg.load_s is not None:
+        load_s, load_source = cfg.load_s, "--load-s"
+    elif cfg.load_json is not None:
+        load_s, load_source = load_s_from_load_json(cfg.load_json), f"bench load: {cfg.load_json}"
+    else:
+        load_s, load_source = 0.0, "assumed: a copy serves from the step after it is placed"
+    return {"pod_fps": pod_fps, "pod_fps_source": fps_source, "load_s": load_s, "load_s_source": load_source,
+            "footprint_bytes": footprint,
             "footprint_source": fp_source, "pod_memory_bytes": int(cfg.pod_memory_gib * (1 << 30))}
 
 
@@ -205,6 +226,8 @@ def _simulate(cfg: PoolBenchConfig, inputs: dict, characters: int, zipf: float) 
     ready: dict[str, Pod] = {}
     pending: list[tuple[float, str]] = []        # (ready at, name)
     copies: dict[str, tuple[str, ...]] = {}
+    ready_at: dict[tuple[str, str], float] = {}  # (model, pod) -> when a copy placed meanwhile serves its first frame
+    load_s = float(inputs.get("load_s", 0.0))
     wanted: dict[str, int] = {}
     recent_needed: list[tuple[float, int]] = []  # (time, pods needed): the scale-down window
     last_scale_down = -math.inf
@@ -242,18 +265,27 @@ def _simulate(cfg: PoolBenchConfig, inputs: dict, characters: int, zipf: float) 
         active = np.flatnonzero(demand)
 
         # 2. serving: with the copies placed at the previous step.
+        # A copy still loading serves nothing; one that becomes ready during the step serves what is left of it.
+        step_end = t + cfg.step_s
+
+        def serving(name: str, now_copies: dict[str, tuple[str, ...]] = copies, end: float = step_end
+                    ) -> list[tuple[str, float]]:
+            held = ((p, min(1.0, (end - ready_at.get((name, p), -math.inf)) / cfg.step_s))
+                    for p in now_copies.get(name, ()))
+            return [(p, w) for p, w in held if w > 0]
+
         pod_load: dict[str, float] = {}
         for i in active:
-            held = copies.get(names[i], ())
-            if not held:
+            held_w = serving(names[i])
+            if not held_w:
                 continue                          # no copy: none of it is served
-            share = demand[i] / len(held)
-            for pod in held:
-                pod_load[pod] = pod_load.get(pod, 0.0) + share
+            share = demand[i] / len(held_w)
+            for pod, w in held_w:
+                pod_load[pod] = pod_load.get(pod, 0.0) + share * w
         served = sum(min(load, cap) for load in pod_load.values())
         for who in spiking:   # what the spiking character got: its pods' served share
-            held = copies.get(names[who], ())
-            got = sum(demand[who] / len(held) * min(1.0, cap / pod_load[p]) for p in held) if held else 0.0
+            held_w = serving(names[who])
+            got = sum(demand[who] / len(held_w) * w * min(1.0, cap / pod_load[p]) for p, w in held_w) if held_w else 0.0
             if counted:
                 totals["spike_demand"] += demand[who]
                 totals["spike_served"] += got
@@ -307,6 +339,10 @@ def _simulate(cfg: PoolBenchConfig, inputs: dict, characters: int, zipf: float) 
             totals["full_steps"] += plan.full is not None
             totals["memory_used"] += sum(u.memory_bytes for p, u in plan.use.items() if p in ready)
             totals["memory_total"] += len(ready) * budget
+        for key in plan.load:
+            ready_at[(key[0], key[1])] = t + load_s
+        for key in plan.unload:
+            ready_at.pop((key[0], key[1]), None)
         copies, wanted = plan.copies, plan.wanted
         if counted and step % max(1, int(600 // cfg.step_s)) == 0:
             timeline.append({"hour": round(t / HOUR, 3), "demand_fps": round(total_demand, 1),
@@ -390,7 +426,8 @@ def _markdown(result: dict) -> str:
         f"per character at the daily peak ({cfg['stream_fps']:g} frames/s each, {100 * cfg['night_share']:.0f} % "
         f"at night), {cfg['spikes_per_day']} spikes of a cold character to {cfg['spike_streams']} streams; "
         f"copies carry {cfg['demand_per_copy']:g} frames/s ({cfg['min_copies']}..{cfg['max_copies']}); "
-        f"{cfg['hours']:g} h in {cfg['step_s']:g} s steps.",
+        f"{cfg['hours']:g} h in {cfg['step_s']:g} s steps. A placed copy serves its first frame "
+        f"{inputs.get('load_s', 0.0):g} s later ({inputs.get('load_s_source', 'assumed')}).",
         "",
         _table(result["scenarios"]),
     ])

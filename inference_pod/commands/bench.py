@@ -1,4 +1,5 @@
-"""``lipsync bench engine``, ``lipsync bench service``, ``lipsync bench pool`` and ``lipsync bench sessions``."""
+"""``lipsync bench engine``, ``lipsync bench service``, ``lipsync bench pool``, ``lipsync bench sessions``
+and ``lipsync bench load``."""
 
 from __future__ import annotations
 
@@ -145,10 +146,36 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="frames/s one copy should carry (default 100: 4 live streams)")
     p.add_argument("--max-copies", type=positive_int, default=100, help="most copies of one character (default 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated demand")
+    p.add_argument("--load-s", type=float, help="seconds from placing a copy to its first frame (default: "
+                                                "--load-json, else a copy serves from the next step)")
+    p.add_argument("--load-json", type=Path, help="a lipsync bench load JSON: its slowest prepared-store load")
     p.add_argument("--out-dir", type=Path, default=Path("bench-results/pool"),
                    help="directory for pool.json, pool.md and pool.png")
     p.set_defaults(func=run_pool)
     _register_sessions(bench)
+
+    # lipsync bench load (issue 18): cold start of characters, prepared templates against derived ones.
+    p = bench.add_parser(
+        "load", help="cold start: zip -> first frame, prepared store -> first frame, memory shared by processes",
+        description="Synthetic characters of each size and template count: a load from the zip (extract and "
+                    "prepare), a load from the prepared store while another process holds the character "
+                    "(private and shared memory from /proc), each template storage, and the bare decode of "
+                    "the template JPEGs. Writes JSON and prints a table; removes what it made.")
+    p.add_argument("--sizes", type=lambda t: tuple(_size(v) for v in t.split(",")),
+                   default="256x256,1280x720,1920x1080", help="comma-separated WxH (default 256x256,1280x720,1920x1080)")
+    p.add_argument("--templates", type=_int_list, default="1500,7500", help="template counts (default 1500,7500)")
+    p.add_argument("--template-storage", type=_storages, default="host",
+                   help="comma-separated storages; the first times every step, the others add a store load each "
+                        "(default host)")
+    p.add_argument("--derived", action="store_true",
+                   help="also load with preparation off (every template decoded and derived in the load, as before)")
+    p.add_argument("--distinct", type=positive_int, default=25, help="distinct drawn frames the templates cycle")
+    p.add_argument("--width", type=positive_int, default=4, help="U-Net base width of the synthetic characters "
+                                                                  "(default 4: the first frame's network call is "
+                                                                  "not what this measures)")
+    p.add_argument("--work-dir", type=Path, help="where the synthetic characters are made (default: the temp dir)")
+    p.add_argument("--out", type=Path, default=Path("bench-results/load.json"), help="JSON results")
+    p.set_defaults(func=run_load)
 
 
 def run_engine(args: argparse.Namespace) -> int:
@@ -190,7 +217,10 @@ def run_pool(args: argparse.Namespace) -> int:
         peak_streams_per_character=args.peak_streams_per_character, spikes_per_day=args.spikes,
         spike_streams=args.spike_streams, pod_fps=args.pod_fps, engine_json=args.engine_json, package=args.package,
         footprint_mb=args.footprint_mb, pod_memory_gib=args.pod_memory_gib, demand_per_copy=args.demand_per_copy,
-        max_copies=args.max_copies, seed=args.seed, out_dir=args.out_dir)
+        max_copies=args.max_copies, seed=args.seed, load_s=args.load_s, load_json=args.load_json,
+        out_dir=args.out_dir)
+    if args.load_s is not None and args.load_s < 0:
+        raise InvalidInput("--load-s must be 0 or more")
     try:
         resolve_inputs(cfg)   # a missing or wrong --engine-json: one line, before any work
     except (OSError, ValueError, KeyError) as exc:
@@ -284,6 +314,15 @@ def run_sessions(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InvalidInput(f"bench sessions: {exc}") from None
     _report(run(cfg))
+
+
+def run_load(args: argparse.Namespace) -> int:
+    from inference_pod.bench.load_bench import LoadBenchConfig, run
+
+    cfg = LoadBenchConfig(sizes=args.sizes, templates=args.templates, storages=args.template_storage,
+                          derived=args.derived, distinct=args.distinct, width=args.width, work_dir=args.work_dir, out=args.out)
+    print(run(cfg)["markdown"])
+    print(f"\nJSON: {args.out}")
     return 0
 
 

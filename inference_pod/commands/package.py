@@ -67,6 +67,12 @@ def register(subparsers) -> None:
     f.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to store the package in")
     f.add_argument("--token", default=os.environ.get("LIPSYNC_REGISTRY_TOKEN") or None,
                    help="bearer token for a private registry (default: $LIPSYNC_REGISTRY_TOKEN)")
+    f.add_argument("--prepare", action="store_true",
+                   help="also extract it into the store and prepare its templates, so that a pod's first load "
+                        "maps them instead of decoding every frame (the pod's init container does)")
+    f.add_argument("--store-dir", type=Path, metavar="DIR",
+                   help="the store to extract into with --prepare (default OUT/.store, as lipsync serve "
+                        "--models-dir OUT)")
     f.set_defaults(func=_fetch)
 
 
@@ -143,4 +149,23 @@ def _fetch(args) -> int:
 
     path = fetch(args.registry, args.name, args.version, args.out, expected_sha256=args.sha256, token=args.token)
     print(path)
+    if args.prepare:
+        _prepare(path, args.store_dir or args.out / ".store")
+    elif args.store_dir is not None:
+        raise InvalidInput("--store-dir needs --prepare")
     return 0
+
+
+def _prepare(zip_path: Path, store_dir: Path) -> None:
+    """Extract into the store where ``lipsync serve`` looks, and prepare the templates beside it."""
+    import time
+
+    from inference_pod.core.prepared_templates import prepare_package
+    from inference_pod.package import extract_package, read_manifest
+    from inference_pod.serving.model_store import store_copy
+
+    started = time.perf_counter()
+    manifest = read_manifest(zip_path)
+    package = extract_package(zip_path, store_copy(store_dir, manifest))
+    prepared = prepare_package(package)
+    print(f"prepared {manifest.frame_count} templates in {prepared} ({time.perf_counter() - started:.1f} s)")

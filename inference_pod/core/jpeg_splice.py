@@ -178,6 +178,24 @@ class RegionBorder:
         self._strips = (part[:top].copy(), part[bottom:].copy(), part[top:bottom, :left].copy(),
                         part[top:bottom, right:].copy())
 
+    @classmethod
+    def from_strips(cls, frame_size: tuple[int, int], region: SpliceRegion, box: tuple[int, int, int, int],
+                    strips: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> RegionBorder:
+        """A border from strips kept elsewhere (prepared templates map them): no full frame needed."""
+        border = cls.__new__(cls)
+        x1, y1, x2, y2 = box
+        border.frame_size = frame_size
+        border.region = region
+        border.shape = (region.y1 - region.y0, region.x1 - region.x0, 3)
+        border._box = (y1 - region.y0, y2 - region.y0, x1 - region.x0, x2 - region.x0)
+        border._strips = strips
+        return border
+
+    @property
+    def strips(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Top, bottom, left and right of the crop box, as ``canvas`` lays them out."""
+        return self._strips
+
     def canvas(self) -> tuple[np.ndarray, np.ndarray]:
         """The region's pixels with the border filled in, and the view of its crop box (left for the caller
         to fill): this thread's scratch array, valid until its next call."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference_pod.core.templates import TEMPLATE_CROP_SIZE
 from inference_pod.errors import CheckpointError
 
 M = TypeVar("M", bound=nn.Module)
@@ -34,7 +35,7 @@ AUDIO_FEATURE_SHAPES: dict[str, tuple[int, int, int]] = {
 MODE_FPS = {"ave": 25, "hubert": 25, "wenet": 20}
 DEFAULT_WIDTH = 32
 MODEL_INPUT_SIZE = 320  # inner region of the 328 crop
-CROP_SIZE = 328
+CROP_SIZE = TEMPLATE_CROP_SIZE
 
 
 def _channels(base_width: int) -> list[int]:

@@ -11,6 +11,9 @@ TEMPLATE_STORAGES = ("device", "host", "compressed")
 # exact paste, or faded in from the mouth mask's edge so the crop box leaves no line in the frame.
 PASTE_MODES = ("exact", "feather")
 
+# The side of a template's crop: SyncTalk_2D's 320x320 network input and a 4-pixel ring around it.
+TEMPLATE_CROP_SIZE = 328
+
 
 def pingpong_index(frame_id: int, n_templates: int) -> int:
     """Template frame for output frame ``frame_id``: SyncTalk_2D walks 1, 2, ..., N-1, N-2, ..., 0, 1, ...

@@ -483,5 +483,5 @@ def loaded_view(model: LoadedModel) -> ModelView:
         name=model.name, version=model.version, state=LOADED, location="memory",
         audio_mode=m.audio_mode, fps=m.fps, frame_count=m.frame_count,
         default_track_frames=0 if default is None else len(default), memory_bytes=memory.total,
-        device_memory_bytes=memory.device, host_memory_bytes=memory.host,
+        device_memory_bytes=memory.device, host_memory_bytes=memory.host, mapped_memory_bytes=memory.mapped,
         queue_depth=model.batcher.queue_depth, idle_seconds=max(0.0, time.monotonic() - model.last_used))

@@ -28,6 +28,7 @@ class ModelView:
     idle_seconds: float = 0.0
     device_memory_bytes: int = 0
     host_memory_bytes: int = 0
+    mapped_memory_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,7 @@ def server_args(spec: dict, package: PackageRef) -> list[str]:
 
 def fetch_args(package: PackageRef) -> list[str]:
     return ["lipsync", "package", "fetch", package.name, "--registry", package.registry,
-            "--version", package.version, "--sha256", package.sha256, "--out", MODELS_DIR]
+            "--version", package.version, "--sha256", package.sha256, "--out", MODELS_DIR, "--prepare"]
 
 
 def _redis_env(spec: dict, config: OperatorConfig) -> list[dict]:

@@ -538,6 +538,9 @@ async def test_models_and_stats_are_the_grpc_numbers(pod, spec):
     (demo_json,) = (m for m in models["models"] if m["name"] == "demo")
     assert (demo_json["memory_bytes"], demo_json["device_memory_bytes"], demo_json["host_memory_bytes"]) == (
         demo.memory_bytes, demo.device_memory_bytes, demo.host_memory_bytes)
+    # Its prepared templates are mapped from the store: shared page cache, apart from memory_bytes.
+    assert demo.mapped_memory_bytes > demo.frame_count * 328 * 328 * 3
+    assert demo_json["mapped_memory_bytes"] == demo.mapped_memory_bytes
 
     status, stats = await pod.call("GET", "/stats")
     grpc_stats = await pod.stub.GetStats(pb.GetStatsRequest(), metadata=GRPC_KEY)

@@ -48,6 +48,23 @@ def test_the_same_seed_gives_the_same_run():
         assert one[key] == two[key]
 
 
+def test_a_copy_serves_only_once_loaded():
+    """--load-s: a load within the step changes nothing (the old assumption); a load of minutes leaves the
+    spikes of cold characters, whose copies are all new, waiting."""
+    runs = {load: simulate(cfg, resolve_inputs(cfg), 300, 1.0)
+            for load, cfg in ((s, small(load_s=s, spikes_per_day=4)) for s in (0.0, 30.0, 600.0))}
+    assert runs[30.0]["demand_served"] == runs[0.0]["demand_served"]
+    assert runs[600.0]["spike_demand_served"] < runs[0.0]["spike_demand_served"]
+    assert runs[600.0]["demand_served"] < runs[0.0]["demand_served"]
+
+
+def test_load_s_comes_from_a_bench_load_json(tmp_path):
+    path = tmp_path / "load.json"
+    path.write_text(json.dumps({"rows": [{"store": {"first_frame_s": 1.5}}, {"store": {"first_frame_s": 2.5}}]}))
+    inputs = resolve_inputs(small(load_json=path))
+    assert (inputs["load_s"], inputs["load_s_source"]) == (2.5, f"bench load: {path}")
+
+
 def test_daily_cycle_peaks_at_20h():
     assert daily_share(20 * 3600, 0.1) == pytest.approx(1.0)
     assert daily_share(8 * 3600, 0.1) == pytest.approx(0.1)

@@ -251,8 +251,10 @@ def test_spliced_full_frames_are_identical_in_every_template_storage(wide_engine
             assert ours.path == path
 
 
-def test_memory_use_follows_where_templates_live(demo_character_package):
-    engines = {storage: Engine.from_package(demo_character_package, max_batch=8, template_storage=storage)
+@pytest.mark.parametrize("prepared", [False, True], ids=["derived", "mapped"])
+def test_memory_use_follows_where_templates_live(demo_character_package, prepared):
+    engines = {storage: Engine.from_package(demo_character_package, max_batch=8, template_storage=storage,
+                                            prepared_templates=prepared)
                for storage in ("device", "host", "compressed")}  # fresh: no full frames served yet
     use = {storage: engine.memory_use() for storage, engine in engines.items()}
     n = engines["device"].num_templates
@@ -260,11 +262,19 @@ def test_memory_use_follows_where_templates_live(demo_character_package):
     inner, crop, staging = 3 * MODEL_INPUT_SIZE**2, 3 * CROP_SIZE**2, 8 * 3 * CROP_SIZE**2
     assert weights > 0 and use["compressed"].device == weights  # off the device: weights only
     assert use["device"].device == weights + n * inner  # resident: one 320x320x3 region a template
-    frames = use["device"].host - n * crop  # decoded full frames and template encodings, the same in every mode
-    assert frames >= 0 and use["host"].host == frames + n * crop + staging
-    assert frames + staging < use["compressed"].host < use["host"].host  # PNGs: more than nothing, less than raw
+    derived = engines["host"].templates.prepared.nbytes  # crops, border strips, template JPEGs, boxes
+    assert derived > n * crop
+    if prepared:  # the node's page cache: shared, so not this process's private host memory
+        assert [use[s].mapped for s in ("device", "host")] == [derived, derived]
+        assert use["compressed"].mapped == derived - n * crop  # its crops are PNGs in private memory instead
+        assert use["host"].host == staging and use["device"].host == 0
+    else:
+        assert [use[s].mapped for s in ("device", "host", "compressed")] == [0, 0, 0]
+        assert use["host"].host == derived + staging and use["device"].host == derived
+    pngs = use["compressed"].templates
+    assert 0 < pngs < n * crop  # PNGs: more than nothing, less than raw
+    assert use["compressed"].host == (0 if prepared else derived - n * crop) + pngs + staging
     assert [use[s].templates for s in ("device", "host")] == [n * (inner + crop), n * crop]
-    assert use["compressed"].templates == use["compressed"].host - frames - staging
     assert engines["device"].memory_bytes() == use["device"].total == use["device"].device + use["device"].host
 
 
@@ -278,6 +288,6 @@ def test_decoded_frames_are_counted_as_they_come_and_go(demo_character_package):
     fixed = engine.memory_use().host - frames.nbytes()
     with ThreadPoolExecutor(4) as pool:  # the same templates at once: some are decoded twice
         list(pool.map(lambda i: engine.composite(i % 6, engine.template_crop(i % 6)), [0, 1, 2, 3, 1, 4, 5, 0] * 4))
-    held = sum(f.nbytes for f in frames._decoded.values()) + sum(len(b) for b in frames._encoded)
+    held = sum(f.nbytes for f in frames._decoded.values())
     assert frames.nbytes() == held and len(frames._decoded) == 2
     assert engine.memory_use().host == fixed + held

@@ -87,7 +87,7 @@ async def test_creates_owned_children_and_follows_the_rollout(cluster, registry,
     (init,), (server,) = pod["initContainers"], pod["containers"]
     assert init["command"] == ["lipsync", "package", "fetch", "alice", "--registry", registry.url,
                                "--version", "1.0.0", "--sha256", entry(registry, "alice", "1.0.0")["sha256"],
-                               "--out", "/models"]
+                               "--out", "/models", "--prepare"]
     args = server["args"]
     assert args[0] == "serve"
     assert [args_value(args, f) for f in ("--port", "--metrics-port", "--http-port", "--models-dir")] == \

@@ -181,6 +181,28 @@ def test_private_registry_needs_its_token(registry_dir, tmp_path, monkeypatch):
         server.close()
 
 
+def test_fetch_prepare_extracts_into_the_store_and_prepares_the_templates(registry_dir, tmp_path, capsys):
+    """The init container's ``lipsync package fetch --prepare``: the pod's first load then maps, not derives."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference_pod.cli import main
+    from inference_pod.core.prepared_templates import HEADER, PreparedTemplates, prepared_dir
+    from inference_pod.package import open_package
+
+    out = tmp_path / "models"
+    assert main(["package", "fetch", "demo", "--registry", file_url(registry_dir), "--version", "1",
+                 "--out", str(out), "--prepare"]) == 0
+    copy = out / ".store" / "demo-1"  # where lipsync serve --models-dir OUT looks first
+    header = prepared_dir(copy) / HEADER
+    assert json.loads(header.read_text())["package"]["version"] == "1"
+    assert f"prepared 6 templates in {prepared_dir(copy)}" in capsys.readouterr().out
+    before = header.stat().st_ino
+    with ThreadPoolExecutor(1) as pool:
+        assert PreparedTemplates.open_or_prepare(open_package(copy), pool).mapped
+    assert header.stat().st_ino == before  # mapped as it was: nothing prepared again
+
+
 def test_unknown_model_is_not_found(http_registry, tmp_path):
     with pytest.raises(ModelNotFound, match="nobody"):
         fetch(http_registry.url, "nobody", None, tmp_path)

@@ -127,6 +127,8 @@ def _schemas(max_batch_items: int) -> dict[str, Any]:
         "memory_bytes": _int("held now: device_memory_bytes + host_memory_bytes (grows as frames are cached)"),
         "device_memory_bytes": _int("of memory_bytes: on the accelerator (weights, device-resident templates)"),
         "host_memory_bytes": _int("of memory_bytes: in host memory (template crops or PNGs, frames, encodings)"),
+        "mapped_memory_bytes": _int("not in memory_bytes: prepared templates mapped from the node's store (page "
+                                    "cache, shared by every process on the node holding the character)"),
         "queue_depth": _int(), "idle_seconds": _num()})
     error = obj({"success": {"const": False}, "error": _str("what went wrong"),
                  "code": {"type": "string", "enum": ERROR_CODES, "description": "the gRPC status name"}})

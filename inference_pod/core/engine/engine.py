@@ -1,7 +1,8 @@
 """Batched SyncTalk_2D inference over (output frame, audio window) items: one character's network,
 templates and compositing on one device (network.py, template_store.py, compositing.py).
 
-Everything a frame needs from its template is prepared once, when the model loads (see template_store).
+Everything a frame needs from its template is prepared once per package version and node, and mapped
+when the model loads (see template_store and core.prepared_templates).
 A batch is then one gather, one cast, one mask multiply and one network call, with the same numbers
 whatever the template storage; on CUDA the device side of it is captured in a CUDA graph per batch-size
 bucket.
@@ -70,6 +71,7 @@ class Engine:
         template_storage: str = "device",
         cpu_pool: Executor | None = None,
         paste: str = "exact",
+        prepared_templates: bool = True,
     ):
         if precision not in PRECISIONS:
             raise InvalidInput(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
@@ -110,8 +112,10 @@ class Engine:
         self._own_pool = cpu_pool is None
         self._cpu_pool = cpu_pool or ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
                                                         thread_name_prefix=f"lipsync-templates-{self.name}")
+        # prepared_templates: map what a package on disk derives from its frames, prepared once per node
+        # (core.prepared_templates); False derives it in memory on every load.
         self.templates = TemplateStore(package, template_storage, self.device, max_batch, frame_budget_bytes,
-                                       self._cpu_pool, self.name)
+                                       self._cpu_pool, self.name, prepared=prepared_templates)
         self.num_templates = self.templates.count
         self.compositor = Compositor(self.templates, jpeg_cache_bytes, paste)
         self._fixed: MemoryUse | None = None  # see _fixed_memory
@@ -229,14 +233,14 @@ class Engine:
         """Bytes this engine holds, on the device and on the host (see MemoryUse)."""
         fixed = self._fixed_memory()
         host = fixed.host + self.templates.frames.nbytes() + self.compositor.nbytes  # the caches grow after load
-        return MemoryUse(device=fixed.device, host=host, templates=fixed.templates)
+        return MemoryUse(device=fixed.device, host=host, templates=fixed.templates, mapped=fixed.mapped)
 
     def _fixed_memory(self) -> MemoryUse:
         """What does not change after load (weights, template store, borders, staging), summed once."""
         if self._fixed is None:
             stored = self.templates.fixed_memory()
             self._fixed = MemoryUse(device=self.network.weight_bytes() + stored.device, host=stored.host,
-                                    templates=stored.templates)
+                                    templates=stored.templates, mapped=stored.mapped)
         return self._fixed
 
     def memory_bytes(self) -> int:

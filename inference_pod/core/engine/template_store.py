@@ -1,11 +1,13 @@
-"""A character's templates as an engine holds them, prepared once at load: every template frame decoded,
-its crop box cut and resized to 328x328 (bicubic), the border strips a spliced JPEG needs, and the full
-frames for compositing (kept decoded within a budget).
+"""A character's templates as an engine holds them: every template frame's crop box, its 328x328 crop
+(bicubic), the border strips a spliced JPEG needs, and the full frames for compositing (decoded on use,
+kept within a budget). All of it is derived once per package version and node and memory-mapped by every
+load after that (see core.prepared_templates); a source that is not a package on disk is derived in memory.
 
 Where the crops then live is the ``template_storage`` setting (see TEMPLATE_STORAGES): resident on the
-device as uint8 ("device": a batch is one gather on the device), in host memory ("host": the batch's crops
-are gathered into a staging buffer, pinned on CUDA, and copied over), or losslessly PNG-encoded in host
-memory ("compressed": the batch's crops are decoded in the CPU pool, then copied over).
+device as uint8 ("device": copied there in one pass; a batch is one gather on the device), in host memory
+("host": the batch's crops are gathered from the mapped file, i.e. the node's page cache, shared by every
+process holding the character, into a staging buffer, pinned on CUDA, and copied over), or losslessly
+PNG-encoded in host memory ("compressed": the batch's crops are decoded in the CPU pool, then copied over).
 """
 
 from __future__ import annotations
@@ -15,29 +17,22 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol
 
 import cv2
 import numpy as np
 import torch
 
-from inference_pod.core.encoding import decode_bgr, encode_png
-from inference_pod.core.jpeg_splice import RegionBorder, frame_grid
+from inference_pod.core.encoding import encode_png
+from inference_pod.core.jpeg_splice import RegionBorder
 from inference_pod.core.memory import MemoryUse
 from inference_pod.core.model import CROP_SIZE, MODEL_INPUT_SIZE
+from inference_pod.core.prepared_templates import PreparedTemplates, TemplateSource, decode_template
 from inference_pod.core.templates import TEMPLATE_STORAGES, pingpong_index
-from inference_pod.errors import InvalidInput, PackageError
+from inference_pod.errors import InvalidInput
 
 INNER = slice(4, 4 + MODEL_INPUT_SIZE)  # the 320x320 region inside the 328 crop
 # PNG level of "compressed" templates: decoding costs about the same at every level, encoding is once.
 PNG_LEVEL = 3
-
-
-class TemplateSource(Protocol):
-    """What the store reads from a character package."""
-
-    def crop_boxes(self) -> Sequence[Sequence[int]] | np.ndarray: ...
-    def frame_bytes(self, index: int) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -51,27 +46,18 @@ class CropBox:
     size: int
 
 
-def decode_template(data: bytes, index: int) -> np.ndarray:
-    frame = decode_bgr(data)
-    if frame is None:
-        raise PackageError(f"template frame {index} cannot be decoded")
-    return frame
-
-
 class TemplateFrames:
-    """Full template frames for compositing: decoded once if they fit the budget, else decoded on use."""
+    """Full template frames for compositing: decoded on use, kept once decoded if they all fit the budget,
+    else the most recently used that do."""
 
-    def __init__(self, encoded: list[bytes], budget_bytes: int, first: np.ndarray):
-        self._encoded = encoded
-        per_frame = first.nbytes
-        self._resident = per_frame * len(encoded) <= budget_bytes
+    def __init__(self, prepared: PreparedTemplates, budget_bytes: int):
+        self._prepared = prepared
+        count = prepared.count
+        per_frame = max(1, int(np.prod(prepared.frame_shape)))
+        self._capacity = count if per_frame * count <= budget_bytes else max(1, budget_bytes // per_frame)
         self._decoded: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._capacity = len(encoded) if self._resident else max(1, budget_bytes // per_frame)
         self._lock = threading.Lock()
-        self._decoded[0] = first
-        # Kept as frames come and go: the model store reads them on every scrape and budget check.
-        self._encoded_bytes = sum(len(b) for b in encoded)
-        self._decoded_bytes = first.nbytes
+        self._decoded_bytes = 0  # kept as frames come and go: read on every scrape and budget check
 
     def get(self, index: int) -> np.ndarray:
         with self._lock:
@@ -79,7 +65,7 @@ class TemplateFrames:
             if frame is not None:
                 self._decoded.move_to_end(index)
                 return frame
-        frame = decode_template(self._encoded[index], index)
+        frame = decode_template(self._prepared.jpeg(index), index)
         with self._lock:
             raced = self._decoded.get(index)  # another thread decoded it meanwhile: replaced, not added
             self._decoded[index] = frame
@@ -89,62 +75,79 @@ class TemplateFrames:
         return frame
 
     def nbytes(self) -> int:
-        return self._decoded_bytes + self._encoded_bytes
+        """Decoded frames (the JPEGs are the prepared templates')."""
+        return self._decoded_bytes
+
+
+class _Borders(Sequence[RegionBorder | None]):
+    """Each template's border strips, built (and checked) on first use, then kept."""
+
+    def __init__(self, prepared: PreparedTemplates):
+        self._prepared = prepared
+        self._built: list[RegionBorder | None] = [None] * prepared.count
+        self._done = np.zeros(prepared.count, dtype=bool)
+
+    def __len__(self) -> int:
+        return self._prepared.count
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not self._done[index]:
+            self._built[index] = self._prepared.border(index)
+            self._done[index] = True
+        return self._built[index]
 
 
 class TemplateStore:
     """One character's templates on one device, stored as ``storage`` says; ``cpu_pool`` decodes them."""
 
     def __init__(self, source: TemplateSource, storage: str, device: torch.device, max_batch: int,
-                 frame_budget_bytes: int, cpu_pool: Executor, name: str = ""):
+                 frame_budget_bytes: int, cpu_pool: Executor, name: str = "", prepared: bool = True):
         if storage not in TEMPLATE_STORAGES:
             raise InvalidInput(f"template storage must be one of {', '.join(TEMPLATE_STORAGES)}, got {storage!r}")
         self.storage = storage
         self.device = device
         self.name = name
         self._cpu_pool = cpu_pool
-        boxes = np.asarray(source.crop_boxes(), dtype=np.int64)
-        n = len(boxes)
-        encoded = [source.frame_bytes(i) for i in range(n)]
-        crops = np.empty((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
-
-        def prepare(i: int) -> tuple[CropBox, RegionBorder | None, np.ndarray | None]:
-            x1, y1, x2, y2 = (int(v) for v in boxes[i])
-            frame = decode_template(encoded[i], i)
-            crop = frame[y1:y2, x1:x2]
-            if crop.size == 0:
-                raise PackageError(f"crop box {i} ({x1}, {y1}, {x2}, {y2}) is empty inside a {frame.shape[1]}x{frame.shape[0]} frame")
-            h, w = crop.shape[:2]
-            crops[i] = cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_CUBIC)
-            box = CropBox(x1, y1, x1 + w, y1 + h, w)
-            region = frame_grid(frame.shape[1], frame.shape[0]).region(box.x1, box.y1, box.x2, box.y2)
-            border = RegionBorder(frame, region, (box.x1, box.y1, box.x2, box.y2)) if region is not None else None
-            return box, border, frame if i == 0 else None  # full frames: see TemplateFrames
-
-        # Decoding thousands of template JPEGs is most of a model's load time; OpenCV releases the GIL.
-        prepared = list(cpu_pool.map(prepare, range(n)))
-        self.boxes: list[CropBox] = [box for box, _, _ in prepared]
-        self.borders: list[RegionBorder | None] = [border for _, border, _ in prepared]  # spliced frames' pixels
-        first = prepared[0][2]
-        assert first is not None  # prepare keeps template 0's full frame
-        self.frames = TemplateFrames(encoded, frame_budget_bytes, first)
+        # Mapped when the source is a package on disk (prepared beside it once per node), else derived here.
+        if prepared and hasattr(source, "root"):
+            self.prepared = PreparedTemplates.open_or_prepare(source, cpu_pool)  # type: ignore[arg-type]
+        else:
+            self.prepared = PreparedTemplates.compute(source, cpu_pool)
+        templates = self.prepared
+        n = templates.count
+        self.boxes: list[CropBox] = [CropBox(*(int(v) for v in row)) for row in templates.boxes]
+        self.borders: Sequence[RegionBorder | None] = _Borders(templates)  # spliced frames' pixels
+        self.frames = TemplateFrames(templates, frame_budget_bytes)
         self.count = n
-        # Host crops: for compositing, and what "host" gathers from; "compressed" keeps their PNGs instead.
-        self._crops: np.ndarray | None = None
+        # "compressed" keeps the crops' PNGs instead (the mapped or derived crops go when this returns).
         self._pngs: list[bytes] | None = None
         self._regions: torch.Tensor | None = None  # device-resident inner regions ("device" only)
         self._staging: torch.Tensor | None = None  # a batch's crops on the host, pinned on CUDA
-        if storage == "compressed":  # the raw crops are dropped when this returns
-            self._pngs = list(cpu_pool.map(lambda crop: encode_png(crop, PNG_LEVEL), crops))
-        else:
-            self._crops = crops
+        if storage == "compressed":
+            self._pngs = list(cpu_pool.map(lambda i: encode_png(templates.crop(i), PNG_LEVEL), range(n)))
+            templates.drop_crops()
         if storage == "device":
-            inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
-            self._regions = inner.to(device) if device.type == "cuda" else inner
+            self._regions = self._to_device(templates, device, cpu_pool)
         else:
             staging = torch.empty((max_batch, CROP_SIZE, CROP_SIZE, 3), dtype=torch.uint8)
             self._staging = staging.pin_memory() if device.type == "cuda" else staging
         self._fixed: MemoryUse | None = None  # see fixed_memory
+
+    @staticmethod
+    def _to_device(templates: PreparedTemplates, device: torch.device, cpu_pool: Executor) -> torch.Tensor:
+        """The crops' inner regions as (N, 3, 320, 320) uint8 on ``device``, copied in one pass of chunks
+        (each crop checked as it is read) rather than through a second full copy on the host."""
+        n = templates.count
+        regions = torch.empty((n, 3, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE), dtype=torch.uint8, device=device)
+        chunk = 256
+        for start in range(0, n, chunk):
+            ids = range(start, min(n, start + chunk))
+            crops = np.stack(list(cpu_pool.map(templates.crop, ids)))
+            inner = torch.from_numpy(np.ascontiguousarray(crops[:, INNER, INNER].transpose(0, 3, 1, 2)))
+            regions[start : start + len(ids)].copy_(inner)
+        return regions
 
     def template_index(self, frame_id: int) -> int:
         return pingpong_index(frame_id, self.count)
@@ -158,9 +161,8 @@ class TemplateStore:
         """The template's 328x328 crop (read-only). Compressed templates are rebuilt: from the template's
         full frame when the caller has it decoded (the load's own crop and resize, so the same pixels),
         else from the PNG."""
-        if self._crops is not None:
-            return self._crops[template_id]
-        assert self._pngs is not None
+        if self._pngs is None:
+            return self.prepared.crop(template_id)
         if frame is not None:
             box = self.boxes[template_id]
             resized: np.ndarray = cv2.resize(frame[box.y1 : box.y2, box.x1 : box.x2], (CROP_SIZE, CROP_SIZE),
@@ -183,9 +185,10 @@ class TemplateStore:
             raise InvalidInput(f"a batch of {b} templates exceeds max batch {len(staging)}")
         batch = staging[:b]
         out, chosen = batch.numpy(), ids.tolist()
-        if self._crops is not None:
+        if self._pngs is None:
+            crop = self.prepared.crop
             for slot, template in enumerate(chosen):  # a copy a crop: faster than index_select on uint8 here
-                out[slot] = self._crops[template]
+                out[slot] = crop(template)
         else:
             pngs = self._pngs
             assert pngs is not None
@@ -205,15 +208,17 @@ class TemplateStore:
         return gathered[:, INNER, INNER].permute(0, 3, 1, 2)
 
     def fixed_memory(self) -> MemoryUse:
-        """What does not change after load (template store, borders, staging), summed once: it walks every
-        template, and the model store asks on every metrics scrape and budget check."""
+        """What does not change after load (template store, borders, staging), summed once: the model
+        store asks on every metrics scrape and budget check. Prepared templates mapped from the store are
+        ``mapped`` (the node's page cache, shared); derived in memory, they are private ``host`` memory."""
         if self._fixed is None:
             on_device = self._regions.numel() if self._regions is not None else 0
-            on_host = self._crops.nbytes if self._crops is not None else 0
-            on_host += sum(len(png) for png in self._pngs) if self._pngs is not None else 0
-            host = on_host + sum(border.nbytes for border in self.borders if border is not None)
-            host += self._staging.numel() if self._staging is not None else 0
-            self._fixed = MemoryUse(device=on_device, host=host, templates=on_device + on_host)
+            pngs = sum(len(png) for png in self._pngs) if self._pngs is not None else 0
+            staging = self._staging.numel() if self._staging is not None else 0
+            derived = self.prepared.nbytes
+            mapped, private = (derived, 0) if self.prepared.mapped else (0, derived)
+            self._fixed = MemoryUse(device=on_device, host=private + pngs + staging, mapped=mapped,
+                                    templates=on_device + pngs + self.prepared.crops_nbytes)
         return self._fixed
 
     def close(self) -> None:
