@@ -214,6 +214,17 @@ class _BenchReceiver(WebRtcReceiver):
         self.audio_decoded = 0  # samples decoded (the timeline above may hold gaps as silence)
         self.first_audio_pts: int | None = None
         self.first_video_pts: int | None = None
+        self.channel.on("close", self._changed.set)  # the pod closed the connection: the reader must notice
+        self.pc.on("connectionstatechange", self._changed.set)
+
+    @property
+    def gone(self) -> str | None:
+        """Why nothing more can arrive (the connection failed or closed, the data channel closed), or None."""
+        if self.pc.connectionState in ("failed", "closed"):
+            return f"the peer connection {self.pc.connectionState}"
+        if self.channel.readyState == "closed":
+            return "the data channel closed"
+        return None
 
     async def changed(self) -> None:
         """Until something more arrives."""
@@ -255,16 +266,24 @@ class WebRtcConnection:
         self._closing: asyncio.Task | None = None
 
     async def send_audio(self, pcm16: bytes) -> None:
-        self.receiver.send_pcm(pcm16)
+        if self._open():
+            self.receiver.send_pcm(pcm16)
 
     async def flush(self) -> None:
-        self.receiver.send("flush")
+        if self._open():
+            self.receiver.send("flush")
 
     async def clear(self) -> None:
-        self.receiver.send("clear")
+        if self._open():
+            self.receiver.send("clear")
 
     async def end(self) -> None:
-        self.receiver.send("session_end")
+        if self._open():
+            self.receiver.send("session_end")
+
+    def _open(self) -> bool:
+        """Whether the data channel takes messages; when it is gone, the events say so (SessionFailed)."""
+        return self.receiver.channel.readyState == "open"
 
     def cancel(self) -> None:
         if self._closing is None:
@@ -313,6 +332,8 @@ class WebRtcConnection:
             if started is not None and media is not None:
                 for frame in self._frames(started, media, final=False):
                     yield frame
+            if receiver.gone:
+                raise SessionFailed(f"WebRTC: {receiver.gone} before session_ended")
             await receiver.changed()
 
     def _frames(self, started: Started, media: dict[str, Any], final: bool) -> list[Frame]:
