@@ -7,6 +7,5 @@ Only names live here, so that ``lipsync`` offers them without importing the benc
 SERVICE_SCENARIOS = ("sequential", "batch5", "batch50", "engine", "concurrent", "multi-sequential",
                      "multi-concurrent", "multi-mixed", "stress", "cache", "outputs", "live")
 
-# What `lipsync bench sessions --transport` may name: one class each in bench.session_transport.TRANSPORTS
-# (WebRTC, issue 19, adds its name to both).
-SESSION_TRANSPORTS = ("grpc",)
+# What `lipsync bench sessions --transport` may name: one class each in bench.session_transport.TRANSPORTS.
+SESSION_TRANSPORTS = ("grpc", "webrtc")

@@ -60,13 +60,15 @@ class BenchServer:
     """``lipsync serve`` in a subprocess; use as a context manager. Its log goes to ``log_path``."""
 
     def __init__(self, models_dir: Path, preload: list[str], *, log_path: Path, device: str = "cpu",
-                 precision: str = "fp32", torch_threads: int = 0, extra_args: tuple[str, ...] = ()):
+                 precision: str = "fp32", torch_threads: int = 0, http_port: int = 0,
+                 extra_args: tuple[str, ...] = ()):
         self.models_dir = models_dir
         self.preload = preload
         self.log_path = log_path
         self.device = device
         self.precision = precision
         self.torch_threads = torch_threads
+        self.http_port = http_port  # 0: no HTTP gateway (gRPC is enough, and no fixed port can clash)
         self.extra_args = extra_args
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
@@ -80,7 +82,7 @@ class BenchServer:
         # stays on loopback and on the port this object knows.
         return [sys.executable, "-m", "inference_pod.cli", "serve", *self.extra_args, "--host", LOOPBACK,
                 "--port", str(self.port),
-                "--metrics-port", "0", "--http-port", "0", "--models-dir", str(self.models_dir), "--device", self.device,
+                "--metrics-port", "0", "--http-port", str(self.http_port), "--models-dir", str(self.models_dir), "--device", self.device,
                 "--precision", self.precision, "--shutdown-grace-s", str(STOP_GRACE_S / 2),
                 "--preload", *self.preload]
 

@@ -99,9 +99,9 @@ KIND_COLORS = (("speaking", "speaking", OURS), ("idle_cached", "idle from the ca
 
 def write_sessions_chart(result: dict, path: Path) -> Path:
     """The PNG of a ``lipsync bench sessions`` run: repeated frames against the 1 % bar, latencies, and
-    what the frames were, per number of sessions at once."""
+    what the frames were, and the CPU each session cost the pod and the client, per number of sessions at once."""
     levels = result["levels"]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 9), constrained_layout=True)
+    fig, axes = plt.subplots(4, 1, figsize=(8, 11.5), constrained_layout=True)
     fig.suptitle(f"lipsync bench sessions: {result['label']}", fontsize=8)
     m = [r["sessions"] for r in levels]
     x = np.arange(len(levels))
@@ -136,9 +136,18 @@ def write_sessions_chart(result: dict, path: Path) -> Path:
     ax.set_ylabel("% of frames")
     ax.set_title("What the frames were", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+
+    ax = axes[3]
+    for key, name, color in (("pod_cpu_per_session", "pod", OURS), ("client_cpu_per_session", "client (receivers)",
+                                                                      THEIRS)):
+        values = [r.get(key) for r in levels]
+        ax.plot(x, [100 * v if v is not None else np.nan for v in values], marker="o", color=color, label=name)
+    ax.set_ylabel("% of a core")
+    ax.set_title("CPU per session (CPU seconds / wall seconds / sessions)", fontsize=9)
+    ax.legend(fontsize=7)
     for ax in axes:
         ax.set_xticks(x, [str(v) for v in m])
-    axes[2].set_xlabel("live sessions at once (25 fps each)")
+    axes[3].set_xlabel("live sessions at once (25 fps each)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=72)
     plt.close(fig)

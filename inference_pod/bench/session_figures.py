@@ -43,10 +43,17 @@ def frame_counts(record: SessionRecord) -> dict[str, int]:
     return counts
 
 
+def ticks_before_media(record: SessionRecord) -> int:
+    """Ticks before the first frame received: none over gRPC; over WebRTC the ticks while the connection was
+    being set up (the tracks start at ``media_started``), not frames lost."""
+    return record.frames[0].tick if record.frames else 0
+
+
 def missing_ticks(record: SessionRecord) -> int:
-    """Ticks never received: the last tick + 1 (the session's ticks when it ended) less the frames seen."""
+    """Ticks never received from the first one on: the last tick + 1 (the session's ticks when it ended) less
+    the ticks before the first frame and the frames seen."""
     ticks = record.ended.ticks if record.ended is not None else (record.frames[-1].tick + 1 if record.frames else 0)
-    return ticks - len(record.frames)
+    return ticks - ticks_before_media(record) - len(record.frames)
 
 
 def speech_latencies(record: SessionRecord) -> list[float]:
@@ -140,7 +147,10 @@ def pixel_sync(records: list[SessionRecord]) -> dict | None:
             "peak_offset_ms": round(1000.0 * peak / fps, 1), "r_at_peak": round(correlations[peak], 3)}
 
 
-def level_row(sessions: int, records: list[SessionRecord], wall_s: float, pod_cpu_s: float | None) -> dict:
+def level_row(sessions: int, records: list[SessionRecord], wall_s: float, pod_cpu_s: float | None,
+              client_cpu_s: float | None = None) -> dict:
+    """``pod_cpu_s``: the pod process's CPU over the level (None when it is not ours to read);
+    ``client_cpu_s``: this process's (the transport's receiving and decoding, and the driver)."""
     ran = [r for r in records if r.started is not None and not r.refused]
     counts = dict.fromkeys(KINDS, 0)
     for r in ran:
@@ -148,6 +158,7 @@ def level_row(sessions: int, records: list[SessionRecord], wall_s: float, pod_cp
             counts[k] += v
     received = sum(len(r.frames) for r in ran)
     missing = sum(missing_ticks(r) for r in ran)
+    before_media = sum(ticks_before_media(r) for r in ran)
     speech = [x for r in ran for x in speech_latencies(r)]
     barge = [barge_ins(r) for r in ran]
     barge_latency = [x for lat, _, _ in barge for x in lat]
@@ -167,7 +178,8 @@ def level_row(sessions: int, records: list[SessionRecord], wall_s: float, pod_cp
         "sessions_ran": len(ran),
         "refused": sum(r.refused for r in records),
         "errors": errors,
-        "ticks": received + missing,
+        "ticks": before_media + received + missing,
+        "ticks_before_media": before_media,
         "frames_received": received,
         "dropped": missing,
         **counts,
@@ -190,4 +202,14 @@ def level_row(sessions: int, records: list[SessionRecord], wall_s: float, pod_cp
         "wall_s": round(wall_s, 2),
         "frames_per_s": round(received / wall_s, 2) if wall_s > 0 else None,
         "pod_cpu_s": None if pod_cpu_s is None else round(pod_cpu_s, 2),
+        "client_cpu_s": None if client_cpu_s is None else round(client_cpu_s, 2),
+        # Cores busy per session over the level: CPU seconds / wall seconds / sessions.
+        "pod_cpu_per_session": _per_session(pod_cpu_s, wall_s, sessions),
+        "client_cpu_per_session": _per_session(client_cpu_s, wall_s, sessions),
     }
+
+
+def _per_session(cpu_s: float | None, wall_s: float, sessions: int) -> float | None:
+    if cpu_s is None or wall_s <= 0 or sessions <= 0:
+        return None
+    return round(cpu_s / wall_s / sessions, 4)

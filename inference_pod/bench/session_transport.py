@@ -1,8 +1,8 @@
 """How ``lipsync bench sessions`` reaches a pod's live sessions: a small interface, and its gRPC transport.
 
-The benchmark drives sessions and measures what comes back through this interface only, so another way in
-(WebRTC, issue 19: audio and video on their own tracks) is one more class here and one more name in
-``TRANSPORTS``. A transport turns what its wire carries into the events below; every time in the benchmark
+The benchmark drives sessions and measures what comes back through this interface only: gRPC (a frame
+carries its audio) and WebRTC (issue 19: decoded video and audio on their own tracks, paired here by RTP
+time), each one class here and one name in ``TRANSPORTS``. A transport turns what its wire carries into the events below; every time in the benchmark
 is the client's ``time.perf_counter()`` when the event arrived, taken by the benchmark, not the transport.
 
 A transport that cannot tell a frame's kind (a video track carries pixels only) gives ``kind=None``; the
@@ -13,12 +13,21 @@ the benchmark's timestamp offset (audio position against pts) measures how well 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+import aiohttp
+import av
 import grpc
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from inference_pod.bench.webrtc_receiver import VIDEO_CLOCK, OfferRefused, WebRtcReceiver
 from inference_pod.client import AsyncLipSyncClient, AsyncLiveSession
 from lipsync.v1 import lipsync_pb2 as pb
 
@@ -188,12 +197,203 @@ class GrpcTransport:
             self._client = None
 
 
-# Name -> factory(target, api_key). WebRTC (issue 19) adds its own here.
-TRANSPORTS = {"grpc": GrpcTransport}
 
 
-def transport(name: str, target: str, api_key: str | None = None) -> SessionTransport:
+# ------------------------------------------------------------------------------------------ WebRTC
+
+
+class _BenchReceiver(WebRtcReceiver):
+    """A viewer that keeps no decoded images (a level's frames would fill the memory): each decoded video
+    frame's RTP timestamp and arrival go to ``frames``, the decoded audio to ``audio`` (48 kHz, by RTP time),
+    every data channel event to ``events``; ``changed`` wakes the connection's reader."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.frames: collections.deque[int] = collections.deque()  # RTP at 90 kHz, from the first frame
+        self.audio = bytearray()  # decoded audio from the track's first packet, 48 kHz mono PCM16
+        self.audio_decoded = 0  # samples decoded (the timeline above may hold gaps as silence)
+        self.first_audio_pts: int | None = None
+        self.first_video_pts: int | None = None
+        self.channel.on("close", self._changed.set)  # the pod closed the connection: the reader must notice
+        self.pc.on("connectionstatechange", self._changed.set)
+
+    @property
+    def gone(self) -> str | None:
+        """Why nothing more can arrive (the connection failed or closed, the data channel closed), or None."""
+        if self.pc.connectionState in ("failed", "closed"):
+            return f"the peer connection {self.pc.connectionState}"
+        if self.channel.readyState == "closed":
+            return "the data channel closed"
+        return None
+
+    async def changed(self) -> None:
+        """Until something more arrives."""
+        self._changed.clear()
+        await self._changed.wait()
+
+    async def _read(self, track: MediaStreamTrack) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                frame = await track.recv()  # decoded by aiortc (its decoder thread), as a player's would be
+                pts = int(frame.pts or 0)
+                if isinstance(frame, av.VideoFrame):
+                    if self.first_video_pts is None:
+                        self.first_video_pts = pts
+                    self.frames.append(pts - self.first_video_pts)
+                elif isinstance(frame, av.AudioFrame):
+                    if self.first_audio_pts is None:
+                        self.first_audio_pts = pts
+                    samples = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1)
+                    at = 2 * (pts - self.first_audio_pts)
+                    if at > len(self.audio):
+                        self.audio.extend(bytes(at - len(self.audio)))
+                    self.audio[at : at + 2 * len(samples)] = samples.astype("<i2").tobytes()
+                    self.audio_decoded += len(samples)
+                self._changed.set()
+
+
+class WebRtcConnection:
+    """One session over ``POST /webrtc/offer``, received and decoded by an aiortc peer on this machine.
+
+    The tracks carry no frame kinds (``kind=None``: the counts come from ``session_ended``). A decoded video
+    frame becomes a ``Frame`` once the decoded audio covers its tick, as a player shows them together: its
+    tick and ``pts`` from its RTP timestamp, mapped through ``media_started`` (the tick both tracks' first
+    packets carry), its ``audio`` the decoded samples whose RTP time falls in that tick. The benchmark's
+    timestamp offset then compares the decoded audio's position with the video's RTP time."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None, options: dict[str, Any]):
+        self.receiver = _BenchReceiver(base_url, model, api_key=api_key, **options)
+        self._closing: asyncio.Task | None = None
+
+    async def send_audio(self, pcm16: bytes) -> None:
+        if self._open():
+            self.receiver.send_pcm(pcm16)
+
+    async def flush(self) -> None:
+        if self._open():
+            self.receiver.send("flush")
+
+    async def clear(self) -> None:
+        if self._open():
+            self.receiver.send("clear")
+
+    async def end(self) -> None:
+        if self._open():
+            self.receiver.send("session_end")
+
+    def _open(self) -> bool:
+        """Whether the data channel takes messages; when it is gone, the events say so (SessionFailed)."""
+        return self.receiver.channel.readyState == "open"
+
+    def cancel(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self.receiver.close())
+
+    async def closed(self) -> None:
+        if self._closing is not None:
+            await asyncio.gather(self._closing, return_exceptions=True)
+
+    async def events(self) -> AsyncIterator[SessionEvent]:
+        receiver = self.receiver
+        try:
+            await receiver.connect()
+        except OfferRefused as exc:
+            if exc.status == 429:
+                raise SessionRefused(str(exc)) from None
+            raise SessionFailed(str(exc)) from None
+        except (OSError, TimeoutError, aiohttp.ClientError) as exc:
+            raise SessionFailed(f"WebRTC: {type(exc).__name__}: {exc}") from None
+        seen_events = 0
+        started: Started | None = None
+        media: dict[str, Any] | None = None
+        while True:
+            events = receiver.received.events
+            while seen_events < len(events):
+                body = events[seen_events]
+                seen_events += 1
+                kind = body.get("type")
+                if kind == "session_started":
+                    started = Started(body["fps"], body["samples_per_tick"], body["lookahead_s"])
+                    yield started
+                elif kind == "media_started":
+                    media = body
+                elif kind == "cleared":
+                    yield Cleared(body["tick"], body["played_samples"], body["dropped_samples"])
+                elif kind == "playback_finished":
+                    yield PlaybackFinished(body["utterance"], body["tick"])
+                elif kind == "error":
+                    raise SessionFailed(f"{body.get('code')}: {body.get('message')}")
+                elif kind == "session_ended":
+                    if started is not None and media is not None:
+                        for frame in self._frames(started, media, final=True):
+                            yield frame
+                    yield Ended(body["ticks"], dict(body["frames"]), body["dropped"])
+                    return
+            if started is not None and media is not None:
+                for frame in self._frames(started, media, final=False):
+                    yield frame
+            if receiver.gone:
+                raise SessionFailed(f"WebRTC: {receiver.gone} before session_ended")
+            await receiver.changed()
+
+    def _frames(self, started: Started, media: dict[str, Any], final: bool) -> list[Frame]:
+        """The decoded video frames whose tick's audio has been decoded (all of them when ``final``)."""
+        receiver = self.receiver
+        out = []
+        per_tick_48k = started.samples_per_tick * 3  # Opus runs at 48 kHz; the session at 16 kHz
+        while receiver.frames:
+            rtp = receiver.frames[0]
+            offset = round(rtp * started.fps / VIDEO_CLOCK)  # ticks after media_started's
+            begin, end = offset * per_tick_48k, (offset + 1) * per_tick_48k
+            if not final and len(receiver.audio) < 2 * end:  # bytes
+                break  # its audio has not arrived yet: a player would wait for it too
+            receiver.frames.popleft()
+            pcm = np.frombuffer(bytes(receiver.audio[2 * begin : 2 * end]), "<i2")[::3]  # back to 16 kHz
+            out.append(Frame(media["tick"] + offset, media["pts"] + rtp / VIDEO_CLOCK, None, False,
+                             pcm.tobytes()))
+        return out
+
+
+class WebRtcTransport:
+    """``POST /webrtc/offer`` on a pod's HTTP gateway (``target``: its base URL); every session its own peer
+    connection, received and decoded in this process. ``options``: codec, width, height, bitrate_kbps."""
+
+    name = "webrtc"
+
+    def __init__(self, target: str, api_key: str | None = None, **options: Any):
+        self.base_url = target if "://" in target else f"http://{target}"
+        self.api_key = api_key
+        self.options = {k: v for k, v in options.items() if v is not None}
+        self._connections: list[WebRtcConnection] = []
+
+    def open(self, model: str, *, keep_images: bool = False) -> WebRtcConnection:
+        connection = WebRtcConnection(self.base_url, model, self.api_key, self.options)  # images: never kept
+        self._connections.append(connection)
+        return connection
+
+    async def __aenter__(self) -> WebRtcTransport:
+        for chatty in ("aioice", "aiortc"):  # every ICE check at INFO: a level's sessions would fill the terminal
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for connection in self._connections:
+            connection.cancel()
+            await connection.closed()
+        self._connections.clear()
+
+
+# Name -> factory(target, api_key, **options): gRPC takes a HOST:PORT, WebRTC the HTTP gateway's URL and its
+# video options (codec, width, height, bitrate_kbps).
+TRANSPORTS: dict[str, Callable[..., SessionTransport]] = {
+    "grpc": lambda target, api_key=None, **options: GrpcTransport(target, api_key),
+    "webrtc": WebRtcTransport,
+}
+
+
+def transport(name: str, target: str, api_key: str | None = None, **options: Any) -> SessionTransport:
     try:
-        return TRANSPORTS[name](target, api_key)
+        factory = TRANSPORTS[name]
     except KeyError:
         raise ValueError(f"unknown transport {name!r}; choose from {', '.join(TRANSPORTS)}") from None
+    return factory(target, api_key, **options)

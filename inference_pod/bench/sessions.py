@@ -6,7 +6,10 @@ M: the share of repeated frames (a frame not ready at its tick), speech and barg
 offset of the output, and the network calls the idle cache saved (``session_figures``); overall the largest
 M whose sessions repeat at most 1 % of their frames. Against ``--target`` (a running pod) or a
 ``lipsync serve`` it starts itself with demo characters (the first of them the trained demo, whose mouth is
-measured from its pixels). The sessions go through a transport (``session_transport``: gRPC; WebRTC later).
+measured from its pixels). The sessions go through a transport (``session_transport``): gRPC, or WebRTC
+(``--transport webrtc``: aiortc peers in this process receive and decode H.264 or VP8 and Opus, as viewers
+would). Per level it also reads the CPU the pod used (its process's, from /proc, when it started the pod)
+and the CPU this process used (the receivers': decoding, and the driver), each per session.
 Writes sessions.json, sessions.md and sessions.png.
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from inference_pod.bench.bench_server import BenchServer
+from inference_pod.bench.bench_server import LOOPBACK, BenchServer, free_port
 from inference_pod.bench.report import machine_info, markdown_table, write_json
 from inference_pod.bench.session_driver import Pattern, SessionRecord, play_session
 from inference_pod.bench.session_figures import level_row
@@ -41,6 +44,7 @@ from inference_pod.tools.demo_character import (
 )
 from inference_pod.tools.lipsync_quality import HELD_OUT_SPEECH
 
+WEBRTC_CODECS = ("h264", "vp8")
 STOP_REPEATED_SHARE = 0.5  # a level repeating more than this ends the escalation: larger M only repeat more
 START_SPREAD_S = 1.0  # sessions of a level open at random moments within this, as independent callers would
 SYNTHETIC_CLIPS = 4
@@ -54,6 +58,9 @@ class SessionsBenchConfig:
     models: tuple[str, ...] = ()  # with target: the characters (sessions take them in turn)
     sync_model: str | None = None  # with target: the trained demo among them, its mouth measured from pixels
     transport: str = "grpc"
+    codec: str | None = None  # webrtc: h264 or vp8 (None: the pod's choice from the offer)
+    video_size: tuple[int, int] | None = None  # webrtc: the video's WxH (None: the character's frame size)
+    bitrate_kbps: int | None = None  # webrtc (None: the pod's default)
     characters: int = 3  # demo characters of the pod it starts
     width: int = 4  # their U-Net base width (the trained demo's is 4)
     frame_size: tuple[int, int] = (256, 256)
@@ -78,6 +85,10 @@ class SessionsBenchConfig:
     def __post_init__(self) -> None:
         if self.transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {self.transport!r}; choose from {', '.join(TRANSPORTS)}")
+        if self.transport != "webrtc" and (self.codec or self.video_size or self.bitrate_kbps):
+            raise ValueError("--codec, --video-size and --bitrate-kbps are WebRTC's: add --transport webrtc")
+        if self.codec is not None and self.codec not in WEBRTC_CODECS:
+            raise ValueError(f"--codec must be one of {', '.join(WEBRTC_CODECS)}, got {self.codec!r}")
         if self.target is not None and not self.models:
             raise ValueError("with --target, name the characters to run sessions of: --models NAME[,NAME...]")
         if self.target is None and (self.models or self.sync_model):
@@ -100,6 +111,14 @@ class SessionsBenchConfig:
     @property
     def pattern(self) -> Pattern:
         return Pattern(self.duration_s, self.gap_s, self.barge_in_share, chunk_ms=self.chunk_ms)
+
+    @property
+    def transport_options(self) -> dict:
+        """What the transport passes on with each session (WebRTC's video options)."""
+        if self.transport != "webrtc":
+            return {}
+        width, height = self.video_size or (None, None)
+        return {"codec": self.codec, "width": width, "height": height, "bitrate_kbps": self.bitrate_kbps}
 
 
 def character_names(count: int) -> list[str]:
@@ -181,20 +200,20 @@ async def _level(link: SessionTransport, m: int, models: list[str], sync_models:
         return await play_session(link.open(records[k].model, keep_images=records[k].keep_images), records[k],
                                   cfg.pattern, clips, rng, phase=(0.5 + k * PHASE_STEP) % 1.0)
 
-    cpu_before = pod_cpu()
+    cpu_before, own_before = pod_cpu(), time.process_time()
     began = time.perf_counter()
     await asyncio.gather(*(one(k) for k in range(m)))
     wall = time.perf_counter() - began
-    cpu_after = pod_cpu()
+    cpu_after, own_cpu_s = pod_cpu(), time.process_time() - own_before  # every thread of this process
     pod_cpu_s = cpu_after - cpu_before if cpu_before is not None and cpu_after is not None else None
     # Decoding the measured sessions' images happens here, after the level: nothing measured waits for it.
-    return level_row(m, records, wall, pod_cpu_s)
+    return level_row(m, records, wall, pod_cpu_s, own_cpu_s)
 
 
 async def _levels(cfg: SessionsBenchConfig, target: str, models: list[str], sync_models: set[str],
                   clips: list[np.ndarray], pod_cpu, log) -> list[dict]:
     rows: list[dict] = []
-    async with transport(cfg.transport, target, cfg.api_key) as link:
+    async with transport(cfg.transport, target, cfg.api_key, **cfg.transport_options) as link:
         log(f"warming up: one session per character for {cfg.warm_up_s:g} s ...")
         await _warm_up(link, models, clips, cfg)
         for m in levels_of(cfg):
@@ -218,11 +237,14 @@ def run(cfg: SessionsBenchConfig, log=print) -> dict:
             models = [c["name"] for c in characters]
             sync_models = {models[0]} if cfg.trained_demo else set()
             log("starting lipsync serve on 127.0.0.1 ...")
+            http_port = free_port() if cfg.transport == "webrtc" else 0  # WebRTC offers go to the HTTP gateway
             server = stack.enter_context(BenchServer(
                 workdir / "models", models, log_path=workdir / "server.log", device=cfg.device,
-                precision=cfg.precision, torch_threads=cfg.torch_threads,
+                precision=cfg.precision, torch_threads=cfg.torch_threads, http_port=http_port,
                 extra_args=("--max-sessions", "0", *cfg.server_args)))
             target, pod_cpu = server.target, server.cpu_seconds
+            if http_port:
+                target = f"http://{LOOPBACK}:{http_port}"
         else:
             characters = [{"name": m, "weights": "trained demo" if m == cfg.sync_model else "unknown"}
                           for m in cfg.models]
@@ -271,7 +293,12 @@ def _label(cfg: SessionsBenchConfig, machine: dict) -> str:
     device = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} CPUs)"
     own = (f", {cfg.characters} characters {cfg.frame_size[0]}x{cfg.frame_size[1]} width {cfg.width}"
            if cfg.target is None else f", target {cfg.target}")
-    return f"{device}, {cfg.device} {cfg.precision}, torch {machine['torch']}, {cfg.transport}{own}"
+    video = ""
+    if cfg.transport == "webrtc":
+        size = f"{cfg.video_size[0]}x{cfg.video_size[1]}" if cfg.video_size else "the characters' size"
+        video = f" ({cfg.codec or 'codec from the offer'} {size}" + (
+            f" {cfg.bitrate_kbps} kbit/s)" if cfg.bitrate_kbps else ")")
+    return f"{device}, {cfg.device} {cfg.precision}, torch {machine['torch']}, {cfg.transport}{video}{own}"
 
 
 def _config_dict(cfg: SessionsBenchConfig) -> dict:
@@ -298,10 +325,15 @@ def _sync(row: dict) -> str | None:
     return f"{sync['peak_offset_frames']:+d} ({sync['peak_offset_ms']:+.0f} ms), r={sync['r_at_0']:.2f}"
 
 
+def _cores(value) -> str | None:
+    return None if value is None else f"{100 * value:.0f} %"
+
+
 def _row_line(row: dict) -> str:
     return (f"repeated {_pct(row['repeated_share'])}, speech p50/p99 {_pair(row['speech_latency'])} ms, barge-in "
             f"p50/p99 {_pair(row['barge_in_latency'])} ms, idle cache saved {row['network_calls_saved']} calls, "
-            f"{row['refused']} refused, errors {row['errors'] or 'none'}")
+            f"{row['refused']} refused, errors {row['errors'] or 'none'}; CPU per session: pod "
+            f"{_cores(row['pod_cpu_per_session'])}, client {_cores(row['client_cpu_per_session'])} of a core")
 
 
 COLUMNS = [
@@ -310,6 +342,7 @@ COLUMNS = [
     ("speech", "speech latency p50 / p99 ms"), ("barge", "barge-in latency p50 / p99 ms"),
     ("sync", "A/V offset, pixels: frames, r"), ("av_timestamp_offset_ms", "A/V offset, timestamps ms"),
     ("dropped", "dropped"), ("failed", "refused / failed"),
+    ("pod_cpu", "pod CPU / session (of a core)"), ("client_cpu", "client CPU / session (of a core)"),
 ]
 
 
@@ -317,7 +350,9 @@ def render_markdown(result: dict) -> str:
     rows = [{**r, "repeated_pct": _pct(r["repeated_share"]), "speaking_pct": _pct(r["speaking_share"]),
              "saved": f"{r['network_calls_saved']} ({_pct(r['saved_share'])})",
              "speech": _pair(r["speech_latency"]), "barge": _pair(r["barge_in_latency"]), "sync": _sync(r),
-             "failed": f"{r['refused']} / {sum(r['errors'].values())}"} for r in result["levels"]]
+             "failed": f"{r['refused']} / {sum(r['errors'].values())}",
+             "pod_cpu": _cores(r.get("pod_cpu_per_session")), "client_cpu": _cores(r.get("client_cpu_per_session"))}
+            for r in result["levels"]]
     cfg = result["config"]
     load = result["machine"].get("load_average_before")
     lines = [

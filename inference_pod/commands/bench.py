@@ -264,6 +264,12 @@ def _register_sessions(bench: argparse._SubParsersAction) -> None:
                                         "from the pixels for the A/V offset)")
     s.add_argument("--transport", choices=SESSION_TRANSPORTS, default="grpc", help="how sessions reach the pod "
                                                                                    "(default grpc)")
+    s.add_argument("--codec", choices=("h264", "vp8"), help="with --transport webrtc: the video codec (default: the "
+                                                           "pod's pick from the offer, H.264)")
+    s.add_argument("--video-size", type=_size, help="with --transport webrtc: the video's WxH, e.g. 1280x720 "
+                                                    "(default: the characters' frame size)")
+    s.add_argument("--bitrate-kbps", type=positive_int, help="with --transport webrtc: the video bitrate (default: "
+                                                             "the pod's)")
     s.add_argument("--sessions", type=_int_list, default="1,2,4,8", help="sessions at once, one level each "
                                                                          "(default 1,2,4,8)")
     s.add_argument("--duration-s", type=positive_float, default=20.0, help="seconds of replies per level (default 20)")
@@ -305,7 +311,8 @@ def run_sessions(args: argparse.Namespace) -> int:
     try:
         cfg = SessionsBenchConfig(
             target=args.target, api_key=args.api_key, models=args.models or (), sync_model=args.sync_model,
-            transport=args.transport, characters=args.characters, width=args.width, frame_size=args.frame_size,
+            transport=args.transport, codec=args.codec, video_size=args.video_size, bitrate_kbps=args.bitrate_kbps,
+            characters=args.characters, width=args.width, frame_size=args.frame_size,
             templates=args.templates, device=args.device, precision=args.precision, torch_threads=threads,
             server_args=tuple(args.server_args), sessions=args.sessions, duration_s=args.duration_s,
             warm_up_s=args.warm_up_s, gap_s=args.gap_s, barge_in_share=args.barge_in_share, chunk_ms=args.chunk_ms,
