@@ -316,11 +316,13 @@ def run_sessions(args: argparse.Namespace) -> int:
             templates=args.templates, device=args.device, precision=args.precision, torch_threads=threads,
             server_args=tuple(args.server_args), sessions=args.sessions, duration_s=args.duration_s,
             warm_up_s=args.warm_up_s, gap_s=args.gap_s, barge_in_share=args.barge_in_share, chunk_ms=args.chunk_ms,
-            max_repeated_share=args.max_repeated_share, stop_repeated_share=args.stop_repeated_share, seed=args.seed, out_dir=args.out_dir,
+            max_repeated_share=args.max_repeated_share, stop_repeated_share=args.stop_repeated_share, seed=args.seed,
+            out_dir=args.out_dir,
             progress=not args.no_progress)
     except ValueError as exc:
         raise InvalidInput(f"bench sessions: {exc}") from None
     _report(run(cfg))
+    return 0
 
 
 def run_load(args: argparse.Namespace) -> int:
