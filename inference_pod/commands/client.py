@@ -295,6 +295,11 @@ def run_session(client, args) -> int:
                                idle_after=args.idle_after, unpaced=args.unpaced, jpeg_quality=args.quality)
         mux(frames, sound, summary["fps"], args.out)
     _print({**summary, "out": str(args.out)})
+    ticks, repeated = summary.get("ticks", 0), summary.get("repeated", 0)
+    if not args.unpaced and repeated * 4 > ticks:  # a still face in the mp4: say why, and what to do
+        print(f"lipsync: {repeated} of {ticks} frames were repeated: the pod did not render {summary['fps']} "
+              "frames/s in time (a CPU pod cannot; a busy one may not) — --unpaced renders every frame",
+              file=sys.stderr)
     return 0
 
 
