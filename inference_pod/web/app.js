@@ -1,15 +1,19 @@
 // The live page: a session opens as soon as the page connects, so the avatar idles from the start; Speak
-// (the microphone) or Play file gives it a voice; Stop barges in. The session's transport (transport.js),
-// the playout of its frames and audio on one timeline (playout.js) and the voices (voice.js) are separate,
-// so another transport can replace the WebSocket one without touching the rest.
+// (the microphone) or Play file gives it a voice; Stop barges in. The session goes over WebRTC (webrtc.js:
+// a <video> element plays its tracks) or, where WebRTC cannot connect, over the WebSocket (transport.js,
+// whose frames and audio playout.js puts on one timeline); ?transport=webrtc or ?transport=ws forces one.
+// The voices (voice.js) are the same for both.
 import { Playout } from "./playout.js";
 import { WebSocketSession } from "./transport.js";
 import { decodeFile, microphone, playPcm } from "./voice.js";
+import { WebRtcSession } from "./webrtc.js";
 
 const $ = (id) => document.getElementById(id);
 const SAMPLE_RATE = 16000;
+const FORCED = new URLSearchParams(location.search).get("transport"); // "webrtc", "ws", or null: WebRTC first
+const TRANSPORT_NAMES = { webrtc: "WebRTC", ws: "WebSocket" };
 
-const page = { session: null, voice: null, connecting: 0, shown: 0 };
+const page = { session: null, voice: null, connecting: 0, shown: 0, lookahead: 0 };
 const playout = new Playout($("screen"), { sampleRate: SAMPLE_RATE, onShow: showFrame });
 
 function report(text, error = false) {
@@ -56,21 +60,22 @@ async function connect({ relist = true } = {}) {
   page.session = null;
   playout.restart();
   page.shown = 0;
-  for (const id of ["frames", "shown-speaking", "shown-idle", "shown-repeated", "rebased"]) $(id).textContent = "0";
+  for (const id of ["frames", "shown-speaking", "shown-idle", "shown-repeated", "rebased", "dropped"]) {
+    $(id).textContent = "0";
+  }
+  $("voice-s").textContent = "0.00 s";
   updateControls();
   setState("connecting");
   report("connecting");
   try {
     if (relist) await listModels();
     if (attempt !== page.connecting) return;
-    const model = $("model").value;
-    const session = (page.session = new WebSocketSession({ apiKey: $("api-key").value.trim() }));
-    session.onFrame = (frame) => { if (page.session === session) playout.push(frame); };
-    session.onEvent = (event) => { if (page.session === session) onEvent(event); };
-    const started = await session.start({ model, sampleRate: SAMPLE_RATE });
+    const { started, transport, fellBack } = await openSession($("model").value, attempt);
     if (attempt !== page.connecting) return;
-    $("delay").textContent = `${Math.round(1000 * (started.lookahead_s + playout.delay))} ms`;
-    report(`session with ${started.model} (${started.model_version}), ${started.fps} frames/s`);
+    page.lookahead = started.lookahead_s;
+    if (transport === "ws") $("delay").textContent = `${Math.round(1000 * (started.lookahead_s + playout.delay))} ms`;
+    report(`session with ${started.model} (${started.model_version}), ${started.fps} frames/s over ` +
+           `${TRANSPORT_NAMES[transport]}${fellBack ? ` (fell back: ${fellBack})` : ""}`);
   } catch (err) {
     if (attempt !== page.connecting) return;
     page.session = null;
@@ -78,6 +83,42 @@ async function connect({ relist = true } = {}) {
     report(err.message, true);
   }
   updateControls();
+}
+
+// WebRTC unless forced otherwise; the WebSocket where WebRTC cannot connect (fallback: an older pod, no route
+// for UDP). Errors the WebSocket would share (a key, capacity) are not retried there.
+async function openSession(model, attempt) {
+  let fellBack = null;
+  if (FORCED !== "ws") {
+    try {
+      const session = new WebRtcSession({ apiKey: $("api-key").value.trim(), video: $("video") });
+      return { started: await begin(session, "webrtc", model), transport: "webrtc", fellBack };
+    } catch (err) {
+      if (FORCED === "webrtc" || !err.fallback || attempt !== page.connecting) throw err;
+      fellBack = err.message;
+    }
+  }
+  const session = new WebSocketSession({ apiKey: $("api-key").value.trim() });
+  return { started: await begin(session, "ws", model), transport: "ws", fellBack };
+}
+
+async function begin(session, transport, model) {
+  page.session = session;
+  $("transport").textContent = TRANSPORT_NAMES[transport];
+  document.body.dataset.transport = transport;
+  session.onFrame = (frame) => { if (page.session === session) playout.push(frame); };
+  session.onEvent = (event) => { if (page.session === session) onEvent(event); };
+  return session.start({ model, sampleRate: SAMPLE_RATE });
+}
+
+// Over WebRTC the <video> element plays the frames: the page reads what it played (webrtc.js's getStats).
+function showMedia(media) {
+  $("frames").textContent = String(media.framesDecoded);
+  $("dropped").textContent = String(media.framesDropped);
+  $("voice-s").textContent = `${media.voiceSeconds.toFixed(2)} s`;
+  $("delay").textContent = `${Math.round(1000 * page.lookahead + media.jitterMs)} ms`;
+  document.body.dataset.framesDecoded = String(media.framesDecoded);
+  setState(media.voiced ? "speaking" : "idle");
 }
 
 function showFrame(frame) {
@@ -95,7 +136,11 @@ function showFrame(frame) {
 }
 
 function onEvent(event) {
-  if (event.type === "cleared") {
+  if (event.type === "media") {
+    showMedia(event);
+  } else if (event.type === "media_started") {
+    setState("idle");
+  } else if (event.type === "cleared") {
     playout.cleared(event.tick);
     report(`stopped: ${(event.played_samples / SAMPLE_RATE).toFixed(2)} s of the voice had played`);
   } else if (event.type === "playback_finished") {
@@ -130,7 +175,8 @@ async function speak(startVoice, what) {
   if (!session) return;
   if (page.voice) bargeIn();
   try {
-    await playout.context.resume(); // a click allows sound: from now on frames follow the audio clock
+    if (session.unmute) session.unmute(); // a click allows sound: over WebRTC the <video> plays the voice,
+    await playout.context.resume(); // over the WebSocket Web Audio does (frames follow its clock from now)
     page.voice = await startVoice((pcm) => session.sendAudio(pcm));
     report(what);
   } catch (err) {

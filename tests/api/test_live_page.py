@@ -1,13 +1,15 @@
 """The live page at / of a real pod: its files over HTTP, and (when Chromium is installed) a headless browser
-that opens a live session with the trained demo, plays a file into it, barges in, then speaks into a fake
-microphone and barges in again."""
+that opens a live session with the trained demo, over the WebSocket (forced) and over WebRTC (the page's
+choice), plays a file into it, barges in, then speaks into a fake microphone and barges in again."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import re
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from aiohttp import ClientSession, WSMsgType, web
 from serving_support import LOOPBACK, ServerThread, free_port, models_dir_with
 
 from inference_pod.api.http.live_page import WEB_FILES
@@ -25,6 +28,7 @@ from inference_pod.serving.settings import Settings
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KEY = "page-key"
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "images" / "live-page-session.png"
+WEBRTC_SCREENSHOT = SCREENSHOT.with_name("live-page-webrtc.png")
 
 
 def _settings(models: Path, keys: Path, max_sessions: int = 4) -> Settings:
@@ -90,6 +94,18 @@ def _canvas(driver) -> np.ndarray:
     return cv2.imdecode(data, cv2.IMREAD_COLOR)
 
 
+def _video(driver) -> np.ndarray:
+    """The picture the page's <video> element shows now."""
+    url = driver.execute_script("""
+        const video = document.getElementById('video');
+        const canvas = document.createElement('canvas');
+        canvas.width = video.videoWidth || 1; canvas.height = video.videoHeight || 1;
+        canvas.getContext('2d').drawImage(video, 0, 0);
+        return canvas.toDataURL('image/png');""")
+    data = np.frombuffer(base64.b64decode(url.split(",", 1)[1]), dtype=np.uint8)
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
 def _mouth_darkness(frame: np.ndarray) -> float:
     """Share of the demo's mouth box (drawn at 0.55-0.7 of the height, 0.39-0.61 of the width) darker than the skin."""
     h, w = frame.shape[:2]
@@ -97,14 +113,14 @@ def _mouth_darkness(frame: np.ndarray) -> float:
     return float((mouth < 0.6 * np.median(mouth)).mean())
 
 
-def _chromium(fake_microphone: Path | None = None):
+def _chromium(fake_microphone: Path | None = None, *flags: str):
     """Headless Chromium that plays sound without a click, with a fake microphone playing a WAV file."""
     from selenium import webdriver
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=760,1080",
-                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream"):
+                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream", *flags):
         options.add_argument(flag)
     if fake_microphone is not None:
         options.add_argument("--use-fake-device-for-media-stream")
@@ -129,6 +145,7 @@ def _page(driver) -> dict:
         const text = (id) => document.getElementById(id).textContent;
         const status = document.getElementById('status');
         return {state: document.body.dataset.state, tick: Number(document.body.dataset.lastTick ?? -1),
+                transport: text('transport'), frames: Number(text('frames')),
                 speaking: Number(text('shown-speaking')), idle: Number(text('shown-idle')),
                 repeated: Number(text('shown-repeated')), voice_s: parseFloat(text('voice-s')),
                 lag_ms: parseFloat(text('lag')), rebased: Number(text('rebased')),
@@ -174,11 +191,11 @@ def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, 
     pod = ServerThread(_settings(models, keys_file))
     driver = _chromium(voice)
     try:
-        _connect(driver, f"http://{LOOPBACK}:{pod.server.gateway.port}/")
+        _connect(driver, f"http://{LOOPBACK}:{pod.server.gateway.port}/?transport=ws")
 
         # Idle from the start: frames of kind idle, no voice. (Sixty of them: the pod has warmed up.)
         idle = _until(driver, lambda p: p["idle"] >= 60 and p["state"] == "idle", "idle frames")
-        assert idle["speaking"] == 0 and idle["voice_s"] == 0, idle
+        assert idle["speaking"] == 0 and idle["voice_s"] == 0 and idle["transport"] == "WebSocket", idle
         closed = max(_mouth_darkness(_canvas(driver)) for _ in range(5))
 
         # A file plays as a voice would: frames carrying its voice come back (made in time: speaking; or, on
@@ -186,6 +203,8 @@ def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, 
         driver.find_element("id", "file").send_keys(str(voice))
         speaking = _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
         assert speaking["status"] == "playing voice.wav", speaking
+        assert driver.find_element("id", "screen").is_displayed()
+        assert not driver.find_element("id", "video").is_displayed()
         # The screenshot mid-word: the mouth open if the pod shows one within a few seconds (a pace, not a
         # result: not asserted; tests/api/test_session.py measures the lips).
         deadline = time.monotonic() + 8
@@ -224,6 +243,170 @@ def _save_small_png(source: Path, target: Path) -> None:
     image = image[: content[-1] + 24] if len(content) else image
     target.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(target), image, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+
+
+def _trained_demo_and_voice(tmp_path: Path) -> tuple[Path, Path, float]:
+    """A models folder with the trained demo, and 16 s of held-out speech as a WAV (Stop comes mid-file)."""
+    from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
+    from inference_pod.tools.lipsync_quality import held_out_speech
+    from inference_pod.tools.synctalk_dataset import encode_wav_pcm16
+
+    models = tmp_path / "models"
+    models.mkdir()
+    build_demo_package("demo", models / "demo-1.zip", width=TRAINED.width, speech=default_speech(), trained=True)
+    voice = tmp_path / "voice.wav"
+    speech = np.concatenate([held_out_speech()] * 2)
+    voice.write_bytes(encode_wav_pcm16(speech))
+    return models, voice, len(speech) / 16000
+
+
+def _webrtc_stop_returns_to_idle(driver) -> dict:
+    """Stop over WebRTC: the player's audio goes silent (idle) and stays so while the video keeps playing."""
+    driver.find_element("id", "stop").click()
+    stopped = _until(driver, lambda p: p["status"].startswith("stopped") and p["state"] == "idle", "idle after Stop")
+    later = _until(driver, lambda p: p["frames"] >= stopped["frames"] + 25, "a second of video after Stop")
+    assert later["state"] == "idle" and later["voice_s"] == stopped["voice_s"], (stopped, later)
+    return later
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def test_the_page_plays_a_session_over_webrtc_in_a_video_element(tmp_path, keys_file):
+    models, voice, voice_s = _trained_demo_and_voice(tmp_path)
+    pod = ServerThread(_settings(models, keys_file))
+    driver = _chromium(voice)
+    try:
+        _connect(driver, f"http://{LOOPBACK}:{pod.server.gateway.port}/")  # the page's own choice: WebRTC
+
+        # The <video> element plays the session's tracks: frames decoded, silence (idle), no voice yet.
+        idle = _until(driver, lambda p: p["frames"] >= 25 and p["state"] == "idle", "a second of idle video")
+        assert idle["transport"] == "WebRTC" and idle["voice_s"] == 0, idle
+        assert idle["status"].endswith("frames/s over WebRTC"), idle
+        assert driver.find_element("id", "video").is_displayed()
+        assert not driver.find_element("id", "screen").is_displayed()
+        assert driver.execute_script("return document.getElementById('video').srcObject.getTracks().length") == 2
+        closed = max(_mouth_darkness(_video(driver)) for _ in range(5))
+
+        # A file, sent over the data channel in real time: the player's audio turns to voice (speaking).
+        driver.find_element("id", "file").send_keys(str(voice))
+        speaking = _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
+        assert speaking["status"] == "playing voice.wav", speaking
+        # The screenshot mid-word: the mouth open if the pod shows one within a few seconds (a pace: not asserted).
+        deadline = time.monotonic() + 8
+        while _mouth_darkness(_video(driver)) <= closed + 0.02 and time.monotonic() < deadline:
+            _until(driver, lambda p: p["state"] in ("speaking", "idle"), "the video playing", timeout_s=5)
+        driver.save_screenshot(str(tmp_path / "live-page-webrtc.png"))
+        after_file = _webrtc_stop_returns_to_idle(driver)
+        assert "of the voice had played" in after_file["status"], after_file
+        assert float(after_file["status"].split()[1]) < voice_s, after_file["status"]
+
+        # The fake microphone, as the connection's audio track: speaking again, and Stop again.
+        driver.find_element("id", "mic").click()
+        _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > after_file["voice_s"],
+               "the microphone's voice coming back")
+        _webrtc_stop_returns_to_idle(driver)
+        if os.environ.get("LIPSYNC_UPDATE_SCREENSHOT"):
+            _save_small_png(tmp_path / "live-page-webrtc.png", WEBRTC_SCREENSHOT)
+    finally:
+        driver.quit()
+        pod.close()
+
+
+class _IngressBeforeWebRtc:
+    """A reverse proxy in front of the pod that forwards what a pod had before WebRTC (the page, /models, /ws)
+    and answers POST /webrtc/offer with a plain 404, as an older pod or an ingress without the route does.
+    It keeps the Host the page asked for, as ingresses do (the pod checks the page's origin against it)."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream = f"http://{LOOPBACK}:{upstream_port}"
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._serve, args=(started,), daemon=True)
+        self.thread.start()
+        assert started.wait(30), "the proxy did not start"
+
+    def _serve(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        started.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        self.client = ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self._forward)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, LOOPBACK, self.port).start()
+
+    def _headers(self, request: web.Request) -> dict[str, str]:
+        names = ("Host", "Origin", "X-API-Key", "Content-Type")
+        return {name: request.headers[name] for name in names if name in request.headers}
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if request.path.startswith("/webrtc/"):
+            raise web.HTTPNotFound()
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self._websocket(request)
+        async with self.client.request(request.method, self.upstream + request.path_qs, data=await request.read(),
+                                       headers=self._headers(request)) as reply:
+            return web.Response(status=reply.status, body=await reply.read(),
+                                headers={"Content-Type": reply.headers.get("Content-Type", "text/plain")})
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        page = web.WebSocketResponse()
+        await page.prepare(request)
+        async with self.client.ws_connect(self.upstream + request.path_qs, headers=self._headers(request)) as pod:
+            async def upstream() -> None:
+                async for message in page:
+                    if message.type == WSMsgType.TEXT:
+                        await pod.send_str(message.data)
+                    elif message.type == WSMsgType.BINARY:
+                        await pod.send_bytes(message.data)
+                await pod.close()
+
+            sending = asyncio.ensure_future(upstream())
+            async for message in pod:
+                if message.type == WSMsgType.TEXT:
+                    await page.send_str(message.data)
+                elif message.type == WSMsgType.BINARY:
+                    await page.send_bytes(message.data)
+            sending.cancel()
+        await page.close()
+        return page
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.runner.cleanup()
+            await self.client.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+def test_a_page_without_the_webrtc_route_falls_back_to_the_websocket(tmp_path, keys_file):
+    pod = ServerThread(_settings(models_dir_with(tmp_path / "models", "demo-1"), keys_file))
+    ingress = _IngressBeforeWebRtc(pod.server.gateway.port)
+    driver = _chromium()
+    try:
+        _connect(driver, f"http://{LOOPBACK}:{ingress.port}/")
+        shown = _until(driver, lambda p: p["idle"] >= 10, "the WebSocket session's idle frames")
+        assert shown["transport"] == "WebSocket" and shown["state"] == "idle", shown
+        assert shown["status"].endswith("frames/s over WebSocket (fell back: POST /webrtc/offer: HTTP 404)"), shown
+        # Forced to WebRTC (?transport=webrtc): no fallback, the reason in one line.
+        _connect(driver, f"http://{LOOPBACK}:{ingress.port}/?transport=webrtc")
+        deadline = time.monotonic() + 60
+        while not ((shown := _page(driver))["error"] and shown["state"] == "disconnected"):
+            assert time.monotonic() < deadline, f"no error line for the missing WebRTC route: {shown}"
+        assert (shown["transport"], shown["status"]) == ("WebRTC", "POST /webrtc/offer: HTTP 404"), shown
+    finally:
+        driver.quit()
+        ingress.close()
+        pod.close()
 
 
 @pytest.mark.timeout(300)

@@ -1,7 +1,7 @@
 """The live page: plain HTML, CSS and JavaScript from inference_pod/web/, served by the HTTP gateway.
 
 ``/`` is the page; ``/web/<file>`` its scripts (ES modules), AudioWorklet and style sheet. They are public like
-/openapi.json: the page holds no secret, and every call it makes (/models, the /ws session) sends the API key typed
+/openapi.json: the page holds no secret, and every call it makes (/models, the /webrtc/offer or /ws session) sends the API key typed
 into it, checked as for any other client. Only the files listed here are served.
 """
 
@@ -15,6 +15,7 @@ WEB_FILES = {
     "index.html": "text/html",
     "app.js": "text/javascript",
     "transport.js": "text/javascript",
+    "webrtc.js": "text/javascript",
     "playout.js": "text/javascript",
     "voice.js": "text/javascript",
     "worklet.js": "text/javascript",
