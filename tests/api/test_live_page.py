@@ -5,21 +5,19 @@ choice), plays a file into it, barges in, then speaks into a fake microphone and
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import re
-import shutil
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from aiohttp import ClientSession, WSMsgType, web
+from live_page_support import browser_missing, canvas, chromium, mouth_darkness, page, until, video
 from serving_support import LOOPBACK, ServerThread, free_port, models_dir_with
 
 from inference_pod.api.http.live_page import WEB_FILES
@@ -75,107 +73,30 @@ def test_page_and_its_files_are_served_without_third_party_scripts(tmp_path, key
         pod.close()
 
 
-def _browser_missing() -> str | None:
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        return "selenium is not installed (pip install -e '.[test]')"
-    for exe in ("chromium", "chromedriver"):
-        if shutil.which(exe) is None:
-            return f"{exe} is not installed (apt-get install chromium chromium-driver; make test does it)"
-    if shutil.which("espeak-ng") is None:
-        return "espeak-ng is not installed (make setup)"
-    return None
-
-
-def _canvas(driver) -> np.ndarray:
-    url = driver.execute_script("return document.getElementById('screen').toDataURL('image/png');")
-    data = np.frombuffer(base64.b64decode(url.split(",", 1)[1]), dtype=np.uint8)
-    return cv2.imdecode(data, cv2.IMREAD_COLOR)
-
-
-def _video(driver) -> np.ndarray:
-    """The picture the page's <video> element shows now."""
-    url = driver.execute_script("""
-        const video = document.getElementById('video');
-        const canvas = document.createElement('canvas');
-        canvas.width = video.videoWidth || 1; canvas.height = video.videoHeight || 1;
-        canvas.getContext('2d').drawImage(video, 0, 0);
-        return canvas.toDataURL('image/png');""")
-    data = np.frombuffer(base64.b64decode(url.split(",", 1)[1]), dtype=np.uint8)
-    return cv2.imdecode(data, cv2.IMREAD_COLOR)
-
-
-def _mouth_darkness(frame: np.ndarray) -> float:
-    """Share of the demo's mouth box (drawn at 0.55-0.7 of the height, 0.39-0.61 of the width) darker than the skin."""
-    h, w = frame.shape[:2]
-    mouth = cv2.cvtColor(frame[int(0.54 * h) : int(0.72 * h), int(0.36 * w) : int(0.64 * w)], cv2.COLOR_BGR2GRAY)
-    return float((mouth < 0.6 * np.median(mouth)).mean())
-
-
-def _chromium(fake_microphone: Path | None = None, *flags: str):
-    """Headless Chromium that plays sound without a click, with a fake microphone playing a WAV file."""
-    from selenium import webdriver
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = shutil.which("chromium")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=760,1080",
-                 "--autoplay-policy=no-user-gesture-required", "--use-fake-ui-for-media-stream", *flags):
-        options.add_argument(flag)
-    if fake_microphone is not None:
-        options.add_argument("--use-fake-device-for-media-stream")
-        options.add_argument(f"--use-file-for-fake-audio-capture={fake_microphone}")
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=shutil.which("chromedriver")))
-
-
 def _connect(driver, url: str) -> None:
     """Opens the page, which connects at once; this pod wants a key, which the page says in one line."""
     driver.get(url)
     deadline = time.monotonic() + 60
-    while not (shown := _page(driver))["error"]:
+    while not (shown := page(driver))["error"]:
         assert time.monotonic() < deadline, f"no error line for the missing key: {shown}"
     assert shown["status"] == "this pod asks for an API key: type it, then Connect", shown
     driver.find_element("id", "api-key").send_keys(KEY)
     driver.find_element("id", "refresh").click()
 
 
-def _page(driver) -> dict:
-    """What the page shows, read together."""
-    return driver.execute_script("""
-        const text = (id) => document.getElementById(id).textContent;
-        const status = document.getElementById('status');
-        return {state: document.body.dataset.state, tick: Number(document.body.dataset.lastTick ?? -1),
-                transport: text('transport'), frames: Number(text('frames')),
-                speaking: Number(text('shown-speaking')), idle: Number(text('shown-idle')),
-                repeated: Number(text('shown-repeated')), voice_s: parseFloat(text('voice-s')),
-                lag_ms: parseFloat(text('lag')), rebased: Number(text('rebased')),
-                status: status.textContent, error: status.className === 'error'};""")
-
-
-def _until(driver, condition: Callable[[dict], bool], what: str, timeout_s: float = 180) -> dict:
-    """Waits until the page shows ``condition``; an error line on the page fails at once."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        shown = _page(driver)
-        assert not shown["error"], f"the page shows an error while waiting for {what}: {shown['status']!r}"
-        if condition(shown):
-            return shown
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s: the page shows {shown}"
-
-
 def _stop_returns_to_idle(driver) -> dict:
     """Stop: the avatar is idle again (frames after the clear), keeps idling, and no error shows."""
     driver.find_element("id", "stop").click()
-    stopped = _until(driver, lambda p: p["status"].startswith("stopped") and p["state"] == "idle", "idle after Stop")
+    stopped = until(driver, lambda p: p["status"].startswith("stopped") and p["state"] == "idle", "idle after Stop")
     # Idle frames keep coming after the barge-in, with no speaking one among them and no voice.
-    later = _until(driver, lambda p: p["idle"] >= stopped["idle"] + 10, "idle frames after Stop")
+    later = until(driver, lambda p: p["idle"] >= stopped["idle"] + 10, "idle frames after Stop")
     assert later["state"] == "idle", later
     assert (later["speaking"], later["voice_s"]) == (stopped["speaking"], stopped["voice_s"]), (stopped, later)
     return later
 
 
 @pytest.mark.timeout(600)  # Chromium, a trained demo and seconds of voice at whatever pace a busy CPU allows
-@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+@pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, keys_file):
     from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech
     from inference_pod.tools.lipsync_quality import held_out_speech
@@ -189,46 +110,45 @@ def test_a_session_on_the_page_idles_speaks_a_file_and_stops_mid_word(tmp_path, 
     voice.write_bytes(encode_wav_pcm16(speech))
 
     pod = ServerThread(_settings(models, keys_file))
-    driver = _chromium(voice)
+    driver = chromium(voice)
     try:
         _connect(driver, f"http://{LOOPBACK}:{pod.server.gateway.port}/?transport=ws")
 
         # Idle from the start: frames of kind idle, no voice. (Sixty of them: the pod has warmed up.)
-        idle = _until(driver, lambda p: p["idle"] >= 60 and p["state"] == "idle", "idle frames")
+        idle = until(driver, lambda p: p["idle"] >= 60 and p["state"] == "idle", "idle frames")
         assert idle["speaking"] == 0 and idle["voice_s"] == 0 and idle["transport"] == "WebSocket", idle
-        closed = max(_mouth_darkness(_canvas(driver)) for _ in range(5))
+        closed = max(mouth_darkness(canvas(driver)) for _ in range(5))
 
         # A file plays as a voice would: frames carrying its voice come back (made in time: speaking; or, on
         # a CPU too busy for the clock, repeated) and the page schedules that voice with Web Audio.
         driver.find_element("id", "file").send_keys(str(voice))
-        speaking = _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
+        speaking = until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
         assert speaking["status"] == "playing voice.wav", speaking
         assert driver.find_element("id", "screen").is_displayed()
         assert not driver.find_element("id", "video").is_displayed()
         # The screenshot mid-word: the mouth open if the pod shows one within a few seconds (a pace, not a
         # result: not asserted; tests/api/test_session.py measures the lips).
         deadline = time.monotonic() + 8
-        while _mouth_darkness(_canvas(driver)) <= closed + 0.02 and time.monotonic() < deadline:
-            _until(driver, lambda p: p["state"] == "speaking", "the state speaking until Stop", timeout_s=5)
-        shown = _page(driver)  # reported, not asserted (a pace): how far the picture trails its voice
+        while mouth_darkness(canvas(driver)) <= closed + 0.02 and time.monotonic() < deadline:
+            until(driver, lambda p: p["state"] == "speaking", "the state speaking until Stop", timeout_s=5)
+        shown = page(driver)  # reported, not asserted (a pace): how far the picture trails its voice
         print(f"picture after its voice {shown['lag_ms']} ms, timeline moved {shown['rebased']} times; frames "
               f"speaking/idle/repeated {shown['speaking']}/{shown['idle']}/{shown['repeated']}")
         driver.save_screenshot(str(tmp_path / "live-page.png"))
         after_file = _stop_returns_to_idle(driver)
         assert "of the voice had played" in after_file["status"], after_file
-        # Stopped mid-file. (Not `0 <`: the session forgets the played part of an utterance whose chunks came
-        # with gaps once it is trimmed, so its count may be short on a busy machine.)
-        assert float(after_file["status"].split()[1]) < len(speech) / 16000, after_file["status"]
+        # Stopped mid-file: some of the voice had played, not all of it.
+        assert 0 < float(after_file["status"].split()[1]) < len(speech) / 16000, after_file["status"]
 
         # The microphone: speaking again, and Stop again.
         driver.find_element("id", "mic").click()
-        _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > after_file["voice_s"],
+        until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > after_file["voice_s"],
                "the microphone's voice coming back")
         _stop_returns_to_idle(driver)
 
         # Connect again: a new session, shown from its first ticks (the old one's barge-in is forgotten).
         driver.find_element("id", "refresh").click()
-        again = _until(driver, lambda p: p["idle"] >= 10, "the new session's idle frames")
+        again = until(driver, lambda p: p["idle"] >= 10, "the new session's idle frames")
         assert again["state"] == "idle" and again["tick"] < 100 and again["voice_s"] == 0, again
         if os.environ.get("LIPSYNC_UPDATE_SCREENSHOT"):  # refresh the one in docs/ (a small PNG)
             _save_small_png(tmp_path / "live-page.png", SCREENSHOT)
@@ -263,38 +183,38 @@ def _trained_demo_and_voice(tmp_path: Path) -> tuple[Path, Path, float]:
 def _webrtc_stop_returns_to_idle(driver) -> dict:
     """Stop over WebRTC: the player's audio goes silent (idle) and stays so while the video keeps playing."""
     driver.find_element("id", "stop").click()
-    stopped = _until(driver, lambda p: p["status"].startswith("stopped") and p["state"] == "idle", "idle after Stop")
-    later = _until(driver, lambda p: p["frames"] >= stopped["frames"] + 25, "a second of video after Stop")
+    stopped = until(driver, lambda p: p["status"].startswith("stopped") and p["state"] == "idle", "idle after Stop")
+    later = until(driver, lambda p: p["frames"] >= stopped["frames"] + 25, "a second of video after Stop")
     assert later["state"] == "idle" and later["voice_s"] == stopped["voice_s"], (stopped, later)
     return later
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+@pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 def test_the_page_plays_a_session_over_webrtc_in_a_video_element(tmp_path, keys_file):
     models, voice, voice_s = _trained_demo_and_voice(tmp_path)
     pod = ServerThread(_settings(models, keys_file))
-    driver = _chromium(voice)
+    driver = chromium(voice)
     try:
         _connect(driver, f"http://{LOOPBACK}:{pod.server.gateway.port}/")  # the page's own choice: WebRTC
 
         # The <video> element plays the session's tracks: frames decoded, silence (idle), no voice yet.
-        idle = _until(driver, lambda p: p["frames"] >= 25 and p["state"] == "idle", "a second of idle video")
+        idle = until(driver, lambda p: p["frames"] >= 25 and p["state"] == "idle", "a second of idle video")
         assert idle["transport"] == "WebRTC" and idle["voice_s"] == 0, idle
         assert idle["status"].endswith("frames/s over WebRTC"), idle
         assert driver.find_element("id", "video").is_displayed()
         assert not driver.find_element("id", "screen").is_displayed()
         assert driver.execute_script("return document.getElementById('video').srcObject.getTracks().length") == 2
-        closed = max(_mouth_darkness(_video(driver)) for _ in range(5))
+        closed = max(mouth_darkness(video(driver)) for _ in range(5))
 
         # A file, sent over the data channel in real time: the player's audio turns to voice (speaking).
         driver.find_element("id", "file").send_keys(str(voice))
-        speaking = _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
+        speaking = until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
         assert speaking["status"] == "playing voice.wav", speaking
         # The screenshot mid-word: the mouth open if the pod shows one within a few seconds (a pace: not asserted).
         deadline = time.monotonic() + 8
-        while _mouth_darkness(_video(driver)) <= closed + 0.02 and time.monotonic() < deadline:
-            _until(driver, lambda p: p["state"] in ("speaking", "idle"), "the video playing", timeout_s=5)
+        while mouth_darkness(video(driver)) <= closed + 0.02 and time.monotonic() < deadline:
+            until(driver, lambda p: p["state"] in ("speaking", "idle"), "the video playing", timeout_s=5)
         driver.save_screenshot(str(tmp_path / "live-page-webrtc.png"))
         after_file = _webrtc_stop_returns_to_idle(driver)
         assert "of the voice had played" in after_file["status"], after_file
@@ -302,7 +222,7 @@ def test_the_page_plays_a_session_over_webrtc_in_a_video_element(tmp_path, keys_
 
         # The fake microphone, as the connection's audio track: speaking again, and Stop again.
         driver.find_element("id", "mic").click()
-        _until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > after_file["voice_s"],
+        until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > after_file["voice_s"],
                "the microphone's voice coming back")
         _webrtc_stop_returns_to_idle(driver)
         if os.environ.get("LIPSYNC_UPDATE_SCREENSHOT"):
@@ -387,20 +307,20 @@ class _IngressBeforeWebRtc:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+@pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 def test_a_page_without_the_webrtc_route_falls_back_to_the_websocket(tmp_path, keys_file):
     pod = ServerThread(_settings(models_dir_with(tmp_path / "models", "demo-1"), keys_file))
     ingress = _IngressBeforeWebRtc(pod.server.gateway.port)
-    driver = _chromium()
+    driver = chromium()
     try:
         _connect(driver, f"http://{LOOPBACK}:{ingress.port}/")
-        shown = _until(driver, lambda p: p["idle"] >= 10, "the WebSocket session's idle frames")
+        shown = until(driver, lambda p: p["idle"] >= 10, "the WebSocket session's idle frames")
         assert shown["transport"] == "WebSocket" and shown["state"] == "idle", shown
         assert shown["status"].endswith("frames/s over WebSocket (fell back: POST /webrtc/offer: HTTP 404)"), shown
         # Forced to WebRTC (?transport=webrtc): no fallback, the reason in one line.
         _connect(driver, f"http://{LOOPBACK}:{ingress.port}/?transport=webrtc")
         deadline = time.monotonic() + 60
-        while not ((shown := _page(driver))["error"] and shown["state"] == "disconnected"):
+        while not ((shown := page(driver))["error"] and shown["state"] == "disconnected"):
             assert time.monotonic() < deadline, f"no error line for the missing WebRTC route: {shown}"
         assert (shown["transport"], shown["status"]) == ("WebRTC", "POST /webrtc/offer: HTTP 404"), shown
     finally:
@@ -410,18 +330,18 @@ def test_a_page_without_the_webrtc_route_falls_back_to_the_websocket(tmp_path, k
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+@pytest.mark.skipif(browser_missing() is not None, reason=browser_missing() or "")
 def test_a_page_past_the_pods_sessions_says_so_in_one_line(tmp_path, keys_file):
     pod = ServerThread(_settings(models_dir_with(tmp_path / "models", "demo-1"), keys_file, max_sessions=1))
     url = f"http://{LOOPBACK}:{pod.server.gateway.port}/"
-    driver = _chromium()
+    driver = chromium()
     try:
         _connect(driver, url)
-        _until(driver, lambda p: p["state"] == "idle", "the first page's session idling")
+        until(driver, lambda p: p["state"] == "idle", "the first page's session idling")
         driver.switch_to.new_window("tab")  # a second viewer: past --max-sessions 1
         _connect(driver, url)
         deadline = time.monotonic() + 60
-        while not ((shown := _page(driver))["error"] and shown["state"] == "disconnected"):
+        while not ((shown := page(driver))["error"] and shown["state"] == "disconnected"):
             assert time.monotonic() < deadline, f"no error line for the refused session: {shown}"
         assert shown["status"].startswith("RESOURCE_EXHAUSTED: this pod already runs its maximum of 1 live "
                                           "session"), shown

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,6 +159,7 @@ class Served:
     target: str  # gRPC host:port
     page: str  # the live page's URL
     output: list[str]  # stdout so far
+    page_dir: Path  # a folder of the test's for files the page is given
 
 
 def page_answers(served: Served) -> None:
@@ -174,16 +176,48 @@ def grpc_answers(served: Served) -> None:
         assert (frame.width, frame.height) == (256, 256) and frame.image
 
 
-# What is checked while the pod serves, in order, each given the pod. A browser session playing a file into the
-# live page (WebRTC, WebSocket fallback) goes here once the page has one.
-WHILE_SERVING: list[Callable[[Served], None]] = [page_answers, grpc_answers]
+def the_page_plays_a_file_and_the_mouth_moves(served: Served) -> None:
+    """The live page in headless Chromium, as a newcomer opens it: its session idles, a file played into it
+    comes back as voice and the avatar's mouth opens (its transport is tests/api/test_live_page.py's subject:
+    the WebSocket here, which needs no ICE), then Stop returns it to idle."""
+    from live_page_support import browser_missing, canvas, chromium, mouth_darkness, until
+
+    from inference_pod.tools.lipsync_quality import held_out_speech
+    from inference_pod.tools.synctalk_dataset import encode_wav_pcm16
+
+    if (missing := browser_missing()) is not None:
+        pytest.skip(missing)
+    voice = Path(served.page_dir) / "voice.wav"
+    voice.write_bytes(encode_wav_pcm16(held_out_speech()))
+    driver = chromium()
+    try:
+        driver.get(served.page + "?transport=ws")
+        until(driver, lambda p: p["idle"] >= 25 and p["state"] == "idle", "a second of idle frames")
+        closed = max(mouth_darkness(canvas(driver)) for _ in range(5))
+        driver.find_element("id", "file").send_keys(str(voice))
+        until(driver, lambda p: p["state"] == "speaking" and p["voice_s"] > 0, "the state speaking")
+        # The mouth opens on some frame while the file plays (a real-time session on this CPU shows fewer
+        # distinct frames, yet speaking ones among them): sampled until the file has played, never paced.
+        widest = closed
+        deadline = time.monotonic() + 60
+        while widest <= closed + 0.05:
+            assert time.monotonic() < deadline, f"the mouth never opened while the file played ({widest:.3f})"
+            widest = max(widest, mouth_darkness(canvas(driver)))
+        driver.find_element("id", "stop").click()
+        until(driver, lambda p: p["status"].startswith("stopped") and p["state"] == "idle", "idle after Stop")
+    finally:
+        driver.quit()
+
+
+# What is checked while the pod serves, in order, each given the pod.
+WHILE_SERVING: list[Callable[[Served], None]] = [page_answers, grpc_answers, the_page_plays_a_file_and_the_mouth_moves]
 
 
 def start_make_serve(workdir: Path, *flags: str) -> tuple[subprocess.Popen, list[str]]:
     """What ``make serve SERVE_FLAGS=...`` runs, started in ``workdir``; its stdout lines collect in the list as
     they come, its stderr (the pod's log) goes to ``workdir/serve.log``."""
     argv = make_recipe("serve", SERVE_FLAGS=" ".join(flags))
-    assert argv[3:6] == ["serve", "--demo", "--host"], argv
+    assert argv[3:5] == ["serve", "--demo"] and "--host" in argv, argv
     with open(workdir / "serve.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=workdir, env=ENV, stdout=subprocess.PIPE, stderr=log, text=True)
     lines: list[str] = []
@@ -211,7 +245,7 @@ def test_make_serve_answers_until_ctrl_c_then_drains_and_exits_0(tmp_path):
         text = "".join(lines)
         assert f"  gRPC       localhost:{port} " in text and f"  live page  http://localhost:{http_port}/ " in text, text
         assert "no Redis needed" in text and "demo (serving)" in text, text
-        served = Served(proc, f"localhost:{port}", f"http://localhost:{http_port}/", lines)
+        served = Served(proc, f"localhost:{port}", f"http://localhost:{http_port}/", lines, tmp_path)
         for check in WHILE_SERVING:
             check(served)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
