@@ -153,6 +153,7 @@ def _bench_storages(package, features: np.ndarray, cfg: EngineBenchConfig, pool:
         rows.append({
             "template_storage": storage, "batch": batch, "templates": engine.num_templates,
             "rounds": cfg.storage_rounds, "device_bytes": use[storage].device, "host_bytes": use[storage].host,
+            "mapped_bytes": use[storage].mapped, "mapped_mb": use[storage].mapped / 1e6,  # prepared, page cache
             "template_bytes": use[storage].templates, "template_kb_each": use[storage].templates / engine.num_templates / 1000,
             "device_mb": use[storage].device / 1e6, "host_mb": use[storage].host / 1e6,
             "gather_ms": 1000 * float(np.median(gather[storage])),

@@ -45,7 +45,7 @@ from inference_pod.bench.report import machine_info, markdown_table, write_json
 from lipsync_operator.placement import MIB, Model, Pod, place, pods_needed
 
 DEFAULT_POD_FPS = 400.0          # assumption: one GPU pod, width 32 fp16, batched (see the module docstring)
-MODEL_INPUT, CROP = 320, 328     # the engine's resident template (device) and crop (host) sides
+MODEL_INPUT = 320               # the side of the engine's resident templates (device)
 FRAME_CACHE_BYTES = 1 << 30      # Engine's default frame_budget_bytes: decoded full frames kept per model
 UNET_PARAMS_W32 = 12_251_587     # LipSyncUNet("ave", 32)
 ENCODER_PARAMS = 2_817_101       # AveAudioEncoder (fp32 in the engine)
@@ -104,13 +104,14 @@ class PoolBenchConfig:
 
 def footprint_bytes(frame_count: int, image_size: tuple[int, int], jpeg_bytes: int, unet_params: int,
                     precision: str = "fp16", encoder: bool = True) -> int:
-    """What Engine.memory_bytes reports for a loaded character: weights, resident templates (device), crops
-    for compositing, the encoded frames and up to FRAME_CACHE_BYTES of decoded full frames."""
+    """What Engine.memory_bytes reports for a loaded character, the private memory a pod's budget counts:
+    weights, resident templates (device), the encoded frames and up to FRAME_CACHE_BYTES of decoded full
+    frames. The 328 crops for compositing are mapped from the node's prepared store (page cache, shared by
+    the node's pods): not in the budget, so not here."""
     weights = unet_params * (4 if precision == "fp32" else 2) + (ENCODER_PARAMS * 4 if encoder else 0)
     templates = frame_count * MODEL_INPUT * MODEL_INPUT * 3
-    crops = frame_count * CROP * CROP * 3
     decoded = min(frame_count * image_size[0] * image_size[1] * 3, FRAME_CACHE_BYTES)
-    return weights + templates + crops + frame_count * jpeg_bytes + decoded
+    return weights + templates + frame_count * jpeg_bytes + decoded
 
 
 def footprint_from_package(path: Path, precision: str) -> tuple[int, dict]:

@@ -165,8 +165,10 @@ def test_render_progress_bar_shows_the_rate_after_warm_up(demo_package, tmp_path
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     bar = capsys.readouterr().err.strip().splitlines()[-1].split("\r")[-1]
     assert "100%" in bar and "frame/s" in bar and "left" in bar, bar
-    unpacked = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # beside it: the source zip's stamp
-    assert [p.name.startswith("demo-1-") for p in unpacked] == [True]  # --cache-dir
+    folders = sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir())  # files: the zip's stamp
+    unpacked = [name for name in folders if not name.endswith(".templates")]  # beside it: its prepared templates
+    assert [name.startswith("demo-1-") for name in unpacked] == [True], folders  # --cache-dir
+    assert folders == [f".{unpacked[0]}.templates", unpacked[0]], folders
 
 
 def test_render_paste_feather_writes_the_engines_feathered_frames(demo_package, tmp_path, one_torch_thread):
