@@ -199,8 +199,8 @@ def the_page_plays_a_file_and_the_mouth_moves(served: Served) -> None:
         # The mouth opens on some frame while the file plays (a real-time session on this CPU shows fewer
         # distinct frames, yet speaking ones among them): sampled until the file has played, never paced.
         widest = closed
-        deadline = time.monotonic() + 60
-        while widest <= closed + 0.05:
+        deadline = time.monotonic() + 90
+        while widest <= closed + 0.02:
             assert time.monotonic() < deadline, f"the mouth never opened while the file played ({widest:.3f})"
             widest = max(widest, mouth_darkness(canvas(driver)))
         driver.find_element("id", "stop").click()
@@ -234,7 +234,10 @@ def start_make_serve(workdir: Path, *flags: str) -> tuple[subprocess.Popen, list
 @pytest.mark.timeout(600)  # a new process imports torch, builds the demo and loads it: minutes on a busy machine
 def test_make_serve_answers_until_ctrl_c_then_drains_and_exits_0(tmp_path):
     port, http_port = free_port(), free_port()
-    proc, lines = start_make_serve(tmp_path, "--port", str(port), "--http-port", str(http_port))
+    # A second of frames rendered ahead (the live page test's slack): a CPU beside the test suite shows some of
+    # the file's speaking frames on time.
+    proc, lines = start_make_serve(tmp_path, "--port", str(port), "--http-port", str(http_port),
+                                   "--session-render-ahead-ms", "1000")
     log = tmp_path / "serve.log"
     try:
         def ready() -> bool:
