@@ -23,7 +23,7 @@ import numpy as np
 import soundfile
 from conditions import wait_until
 
-from inference_pod.tools.demo_character import build_demo_package, speech_like_audio
+from inference_pod.tools.demo_character import TRAINED, build_demo_package, default_speech, speech_like_audio
 
 LOOPBACK = "127.0.0.1"
 
@@ -62,6 +62,13 @@ def package(key: str) -> Path:
             name, version, seed = PACKAGE_SPECS[key]
             _built[key] = build_package(_built["__root__"], name, version, seed)
         return _built[key]
+
+
+def trained_demo_models(folder: Path) -> Path:
+    """``folder`` holding the trained demo ("demo", its committed width-4 weights and own voice): the character
+    whose mouth follows speech, for the tests that measure lips from pixels."""
+    build_demo_package("demo", folder / "demo.zip", width=TRAINED.width, speech=default_speech(), trained=True)
+    return folder
 
 
 def models_dir_with(root: Path, *keys: str) -> Path:

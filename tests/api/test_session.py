@@ -26,14 +26,14 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from conditions import wait_until_async
-from serving_support import LOOPBACK, free_port, models_dir_with, speech_pcm16
+from serving_support import LOOPBACK, free_port, models_dir_with, speech_pcm16, trained_demo_models
 
 from inference_pod.app import Pod
 from inference_pod.client import AsyncLipSyncClient
 from inference_pod.core.encoding import decode_image
 from inference_pod.core.engine import CropBox
 from inference_pod.serving.settings import Settings
-from inference_pod.tools.demo_character import build_demo_package, default_speech, mouth_track, speech_track
+from inference_pod.tools.demo_character import mouth_track, speech_track
 from inference_pod.tools.lipsync_quality import (
     HELD_OUT_SPEECH,
     MIN_CORRELATION,
@@ -155,9 +155,7 @@ def placed_at(timeline: np.ndarray, speech: np.ndarray) -> int:
 
 @pytest.fixture(scope="module")
 def trained_models(tmp_path_factory) -> Path:
-    models = tmp_path_factory.mktemp("session-models")
-    build_demo_package("demo", models / "demo.zip", width=4, speech=default_speech(), trained=True)
-    return models
+    return trained_demo_models(tmp_path_factory.mktemp("session-models"))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
