@@ -281,10 +281,13 @@ def build_strict(factory: Callable[[], M], state: Mapping[str, torch.Tensor], wh
     only a state dict whose real tensors fit gets a module built, and that module is the size of the tensors."""
     state = normalize_state_dict(state)
     with torch.device("meta"):
-        shapes = factory().state_dict()
-    check_fits(shapes, state, what)
-    module = factory()
-    module.load_state_dict(state, strict=True)
+        module = factory()
+    check_fits(module.state_dict(), state, what)
+    # The checkpoint's tensors become the module's (assign): no random initialisation to overwrite, no copy.
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer a checkpoint never holds
+        raise CheckpointError(f"{what}: {left[0]} is not in the checkpoint")
     return module
 
 

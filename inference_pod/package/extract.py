@@ -74,6 +74,7 @@ def extract_package(zip_path, dest_dir, limits: PackageLimits = PackageLimits())
             validate_contents(tmp, manifest, tensors=True, decode_frames=False)
             _install(tmp, dest_dir, digest, manifest)
             _write_stamp(zip_path, dest_dir)
+            _write_checked(dest_dir, {"manifest": digest, "members": _check_sizes(dest_dir, manifest)})
         except OSError as exc:
             if not is_disk_full(exc):
                 raise
@@ -174,10 +175,17 @@ def open_package(path, cache_dir=None, limits: PackageLimits = PackageLimits()) 
     """
     path = Path(path)
     if path.is_dir():
-        manifest = read_manifest(path, limits)
         with error_context(str(path)):
-            _check_sizes(path, manifest)
-            validate_contents(path, manifest, tensors=False, decode_frames=False)
+            manifest_bytes = _read_file_limited(path / MANIFEST, limits.max_manifest_bytes)
+            manifest = Manifest.from_json(manifest_bytes)
+            fingerprint = _check_sizes(path, manifest)
+            checked = {"manifest": hashlib.sha256(manifest_bytes).hexdigest(), "members": fingerprint}
+            # Frame headers are what costs here (a file opened per template): skipped when every member is
+            # still the very file (inode, size, ctime) that passed them last time.
+            unchanged = _read_checked(path) == checked
+            validate_contents(path, manifest, tensors=False, decode_frames=False, frame_headers=not unchanged)
+            if not unchanged:
+                _write_checked(path, checked)
         return CharacterPackage(path, manifest)
     with error_context(str(path)):
         manifest_bytes, manifest = _zip_manifest(path, limits)
@@ -354,13 +362,44 @@ def _file_sha256(path: Path) -> str:
     return sha.hexdigest()
 
 
-def _check_sizes(root: Path, manifest: Manifest) -> None:
+def _check_sizes(root: Path, manifest: Manifest) -> str:
+    """Every member present as a plain file of its manifest size; returns a digest of the members' identities
+    (inode, size, ctime: a rewrite or replacement changes it, and ctime cannot be set back)."""
+    identity = hashlib.sha256()
+    base = os.fspath(root)
     for member, expected in sorted(manifest.members.items()):
-        path = root / member
-        if path.is_symlink() or not path.is_file():
+        try:
+            st = os.lstat(os.path.join(base, member))  # one call per member: thousands of frames
+        except OSError:
+            raise PackageError(f"missing member {member}") from None
+        if not stat.S_ISREG(st.st_mode):
             raise PackageError(f"missing member {member}")
-        if path.stat().st_size != expected["size"]:
-            raise PackageError(f"size mismatch for {member}: manifest {expected['size']} bytes, file {path.stat().st_size}")
+        if st.st_size != expected["size"]:
+            raise PackageError(f"size mismatch for {member}: manifest {expected['size']} bytes, file {st.st_size}")
+        identity.update(f"{member}\0{st.st_ino}\0{st.st_size}\0{st.st_ctime_ns}\n".encode())
+    return identity.hexdigest()
+
+
+def _checked_path(root: Path) -> Path:
+    return root.with_name(f".{root.name}.checked")
+
+
+def _read_checked(root: Path) -> dict | None:
+    try:
+        return json.loads(_checked_path(root).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_checked(root: Path, checked: dict) -> None:
+    """Remember that ``root``'s members passed the structural checks (a read-only store just rechecks)."""
+    path = _checked_path(root)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(checked))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _holds(root: Path, manifest_digest: str, manifest: Manifest) -> bool:

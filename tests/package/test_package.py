@@ -107,9 +107,11 @@ def demo_members(demo_package) -> dict[str, bytes]:
 
 
 def _listing(directory: Path) -> list[str]:
-    """What a directory holds, less the stamps (``.{copy}.source``: the zip a copy was extracted from, as it
-    was then) that extraction leaves beside each copy on purpose; anything partial or temporary still shows."""
-    return sorted(p.name for p in directory.iterdir() if not (p.name.startswith(".") and p.name.endswith(".source")))
+    """What a directory holds, less the stamps that extraction leaves beside each copy on purpose
+    (``.{copy}.source``: the zip it came from, as it was then; ``.{copy}.checked``: the members that passed the
+    structural checks); anything partial or temporary still shows."""
+    return sorted(p.name for p in directory.iterdir()
+                  if not (p.name.startswith(".") and p.name.endswith((".source", ".checked"))))
 
 
 # ------------------------------------------------------------------------------------------ round trip
@@ -177,6 +179,37 @@ def test_open_package_zip_uses_cache_and_directories_open_directly(written, tmp_
     with pytest.raises(InvalidInput, match="template frame 4 is out of range 0..3"):
         direct.frame_bytes(4)
     assert direct.frame_bytes(np.int64(0)) == inputs["frames"][0]
+
+
+def _read_calls() -> int:
+    """This process's read system calls so far (``/proc/self/io``): what opening a package really touched."""
+    io_counts = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(io_counts["syscr"])
+
+
+def test_a_checked_directory_reopens_without_reading_its_frames_until_one_changes(tmp_path):
+    frames = 300
+    inputs = {**_inputs(frames=frames), "crop_boxes": np.tile([[2, 3, 40, 38]], (frames, 1)).astype(np.int32)}
+    write_package(tmp_path / "many.zip", **inputs)
+    root = extract_package(tmp_path / "many.zip", tmp_path / "store" / "many").root
+    before = _read_calls()
+    open_package(root)  # extraction left the proof that every member passed
+    assert _read_calls() - before < frames / 10
+
+    frame = root / "frames/000007.jpg"
+    frame.write_bytes(frame.read_bytes())  # same bytes, rewritten: no longer the file that was checked
+    before = _read_calls()
+    open_package(root)
+    assert _read_calls() - before >= frames
+
+    small = _frame(7, size=(W // 2, H // 2))
+    padded = small + b"\0" * (frame.stat().st_size - len(small))  # the checked size, other dimensions
+    frame.write_bytes(padded)
+    with pytest.raises(PackageError, match=f"frames/000007.jpg is {W // 2}x{H // 2}, the manifest says {W}x{H}"):
+        open_package(root)
+    frame.unlink()
+    with pytest.raises(PackageError, match="missing member frames/000007.jpg"):
+        open_package(root)
 
 
 def test_verify_checks_zip_and_directory(written, tmp_path):

@@ -117,7 +117,7 @@ class TemplateStore:
             self.prepared = PreparedTemplates.compute(source, cpu_pool)
         templates = self.prepared
         n = templates.count
-        self.boxes: list[CropBox] = [CropBox(*(int(v) for v in row)) for row in templates.boxes]
+        self.boxes: list[CropBox] = [CropBox(*row) for row in np.asarray(templates.boxes).tolist()]
         self.borders: Sequence[RegionBorder | None] = _Borders(templates)  # spliced frames' pixels
         self.frames = TemplateFrames(templates, frame_budget_bytes)
         self.count = n
