@@ -64,7 +64,7 @@ def encode_png(bgr: np.ndarray, compression: int) -> bytes:
     return buf.tobytes()
 
 
-def decode_bgr(data: bytes) -> np.ndarray | None:
+def decode_bgr(data: bytes | memoryview) -> np.ndarray | None:
     """A JPEG or PNG as (H, W, 3) uint8 BGR, like cv2.imread; None when it does not decode."""
     image: np.ndarray | None = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     return image

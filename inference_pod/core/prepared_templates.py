@@ -14,6 +14,8 @@ On disk (``prepared_dir``: ``.{package dir}.templates`` beside the extracted pac
     crops.u8           (N, 328, 328, 3) uint8, raw: what ``host`` storage gathers from, mapped
     borders.u8         the strips, raw
     frames.jpg         the template JPEGs, raw
+    png-level{L}/      added by the first ``compressed`` load (its own header, the crops' PNGs back to back,
+                       their offsets and crc32s): later compressed loads map it instead of encoding again
 
 Checked cheaply: opening reads the header and the small files in full (their crc32s, the package's
 manifest hash, the format version, every size) and maps the large ones; a template's blocks (crop, strips,
@@ -47,7 +49,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from inference_pod.core.encoding import decode_bgr
+from inference_pod.core.encoding import decode_bgr, encode_png
 from inference_pod.core.jpeg_splice import RegionBorder, SpliceRegion, frame_grid
 from inference_pod.core.templates import TEMPLATE_CROP_SIZE as CROP_SIZE
 from inference_pod.errors import PackageError
@@ -59,6 +61,7 @@ PREPARED_VERSION = 1
 HEADER = "header.json"
 SMALL_FILES = ("boxes.npy", "regions.npy", "border_offsets.npy", "jpeg_offsets.npy", "checksums.npy")
 CROPS, BORDERS, JPEGS = "crops.u8", "borders.u8", "frames.jpg"
+PNGS, PNG_OFFSETS, PNG_CHECKSUMS = "crops.png", "offsets.npy", "checksums.npy"  # in png-level{L}/
 CROP_SHAPE = (CROP_SIZE, CROP_SIZE, 3)
 NO_REGION = -1
 
@@ -79,7 +82,7 @@ class PackageOnDisk(TemplateSource, Protocol):
     def manifest(self) -> Any: ...  # name, version, frame_count
 
 
-def decode_template(data: bytes, index: int) -> np.ndarray:
+def decode_template(data: bytes | memoryview, index: int) -> np.ndarray:
     frame = decode_bgr(data)
     if frame is None:
         raise PackageError(f"template frame {index} cannot be decoded")
@@ -242,6 +245,34 @@ class PreparedTemplates:
             self._repair(index, ("crop", "border strips", "JPEG")[block])
         checked[index, block] = True
 
+    def rederive(self, index: int) -> Derived:
+        """Template ``index`` derived again from the package's own frame."""
+        if self._source is None:
+            raise PackageError(f"prepared template {index} is damaged and there is no package to rebuild it from")
+        box = np.asarray(self._source.crop_boxes())[index]
+        return Derived(self._source.frame_bytes(index), box, index)
+
+    def pngs(self, level: int, pool: Executor) -> PngCrops:
+        """The crops as PNGs at zlib ``level``: mapped from the prepared directory (written there by the first
+        load that asks, under the preparation lock), else encoded in memory. Call before ``drop_crops``."""
+        if self.directory is not None:
+            directory = _png_dir(self.directory, level)
+            opened = _open_pngs(self, directory, level)
+            if opened is not None:
+                return opened
+            try:
+                with _preparing(self.directory):
+                    opened = _open_pngs(self, directory, level)  # another process may have written them
+                    if opened is None:
+                        _write_pngs(self, directory, level, pool)
+                        opened = _open_pngs(self, directory, level)
+            except OSError as exc:
+                log.warning("cannot write the PNGs of %s (%s): encoding them in memory for this load",
+                            self.directory, exc.strerror or exc)
+            if opened is not None:
+                return opened
+        return PngCrops(list(pool.map(lambda i: encode_png(self.crop(i), level), range(self.count))))
+
     def _repair(self, index: int, what: str) -> None:
         """A damaged block: this load rebuilds the template from the package; the next load re-prepares."""
         with self._lock:
@@ -249,8 +280,7 @@ class PreparedTemplates:
                 return
             if self._source is None:
                 raise PackageError(f"prepared template {index}'s {what} is damaged")
-            box = np.asarray(self._source.crop_boxes())[index]
-            self._repaired[index] = Derived(self._source.frame_bytes(index), box, index)
+            self._repaired[index] = self.rederive(index)
             log.warning("prepared templates in %s: template %d's %s is damaged; rebuilt from the package for "
                         "this load, and the directory removed so that the next load prepares it again",
                         self.directory, index, what)
@@ -301,6 +331,115 @@ class PreparedTemplates:
         if isinstance(opened, PreparedTemplates):
             return opened
         raise PackageError(f"templates prepared in {directory} cannot be opened: {opened}")
+
+
+class PngCrops:
+    """The crops as PNGs (``compressed`` storage): mapped from the prepared directory's ``png-level{L}/``
+    (written by the first compressed load of the package on the node), or encoded in memory when there is
+    no prepared directory to write to. Mapped PNGs are checked against their crc32 on first use; a damaged
+    one is encoded again from the package's frame for this load, and the PNG directory removed."""
+
+    def __init__(self, blob: np.ndarray | list[bytes], offsets: np.ndarray | None = None,
+                 checksums: np.ndarray | None = None, templates: PreparedTemplates | None = None,
+                 level: int = 0, directory: Path | None = None):
+        self._blob, self._offsets, self._checksums = blob, offsets, checksums
+        self._templates, self._level, self.directory = templates, level, directory
+        self._checked = np.zeros(len(self), dtype=bool) if checksums is not None else None
+        self._repaired: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def mapped(self) -> bool:
+        return self._offsets is not None
+
+    @property
+    def nbytes(self) -> int:
+        if isinstance(self._blob, list):
+            return sum(len(png) for png in self._blob)
+        return int(self._blob.nbytes + (self._offsets.nbytes if self._offsets is not None else 0))
+
+    def __len__(self) -> int:
+        return len(self._blob) if isinstance(self._blob, list) else len(self._offsets) - 1  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> bytes | memoryview:
+        if isinstance(self._blob, list):
+            return self._blob[index]
+        assert self._offsets is not None and self._checksums is not None and self._checked is not None
+        repaired = self._repaired.get(index)
+        if repaired is not None:
+            return repaired
+        png = self._blob[self._offsets[index] : self._offsets[index + 1]]
+        if not self._checked[index]:
+            if _crc(png) != int(self._checksums[index]):
+                return self._repair(index)
+            self._checked[index] = True
+        return png.data
+
+    def _repair(self, index: int) -> bytes:
+        """A damaged PNG: encoded again from the package's frame; the next compressed load rewrites them all."""
+        with self._lock:
+            if index not in self._repaired:
+                assert self._templates is not None
+                self._repaired[index] = encode_png(self._templates.rederive(index).crop, self._level)
+                log.warning("prepared PNG of template %d in %s is damaged; encoded again for this load, and the "
+                            "PNGs removed so that the next compressed load writes them again", index, self.directory)
+                if self.directory is not None:
+                    discard(self.directory)
+            return self._repaired[index]
+
+
+def _png_dir(directory: Path, level: int) -> Path:
+    return directory / f"png-level{level}"
+
+
+def _write_pngs(templates: PreparedTemplates, directory: Path, level: int, pool: Executor) -> None:
+    """Encode every crop at ``level`` into ``directory``, atomically (a temporary sibling, renamed)."""
+    n = templates.count
+    tmp = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}.partial")
+    tmp.mkdir()
+    try:
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        checksums = np.zeros(n, dtype=np.uint32)
+        with open(tmp / PNGS, "wb") as blob:
+            for i, png in enumerate(pool.map(lambda i: encode_png(templates.crop(i), level), range(n))):
+                blob.write(png)
+                offsets[i + 1] = offsets[i] + len(png)
+                checksums[i] = zlib.crc32(png)
+        np.save(tmp / PNG_OFFSETS, offsets, allow_pickle=False)
+        np.save(tmp / PNG_CHECKSUMS, checksums, allow_pickle=False)
+        header = {"level": level, "count": n, "files": {PNG_OFFSETS: {"crc32": _crc(offsets)},
+                                                         PNG_CHECKSUMS: {"crc32": _crc(checksums)}}}
+        (tmp / HEADER).write_text(json.dumps(header, indent=1))
+        _install(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_pngs(templates: PreparedTemplates, directory: Path, level: int) -> PngCrops | None:
+    """The mapped PNGs in ``directory``, or None when they are missing, of another level or damaged."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        header = json.loads(_read_at(fd, HEADER))
+        if header.get("level") != level or header.get("count") != templates.count:
+            return None
+        small = {}
+        for name in (PNG_OFFSETS, PNG_CHECKSUMS):
+            with _open_at(fd, name) as fh:
+                small[name] = np.load(fh, allow_pickle=False)
+            if _crc(small[name]) != header["files"][name]["crc32"]:
+                return None
+        offsets = small[PNG_OFFSETS]
+        if offsets.shape != (templates.count + 1,) or small[PNG_CHECKSUMS].shape != (templates.count,):
+            return None
+        blob = _map_at(fd, PNGS, {"dtype": "uint8", "shape": [int(offsets[-1])]})
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    return PngCrops(blob, offsets, small[PNG_CHECKSUMS], templates, level, directory)
 
 
 class _Parts:

@@ -264,16 +264,16 @@ def test_memory_use_follows_where_templates_live(demo_character_package, prepare
     assert use["device"].device == weights + n * inner  # resident: one 320x320x3 region a template
     derived = engines["host"].templates.prepared.nbytes  # crops, border strips, template JPEGs, boxes
     assert derived > n * crop
+    pngs = use["compressed"].templates
+    assert 0 < pngs < n * crop  # PNGs: more than nothing, less than raw
     if prepared:  # the node's page cache: shared, so not this process's private host memory
         assert [use[s].mapped for s in ("device", "host")] == [derived, derived]
-        assert use["compressed"].mapped == derived - n * crop  # its crops are PNGs in private memory instead
-        assert use["host"].host == staging and use["device"].host == 0
+        assert use["compressed"].mapped == derived - n * crop + pngs  # its crops mapped as PNGs instead
+        assert use["host"].host == use["compressed"].host == staging and use["device"].host == 0
     else:
         assert [use[s].mapped for s in ("device", "host", "compressed")] == [0, 0, 0]
         assert use["host"].host == derived + staging and use["device"].host == derived
-    pngs = use["compressed"].templates
-    assert 0 < pngs < n * crop  # PNGs: more than nothing, less than raw
-    assert use["compressed"].host == (0 if prepared else derived - n * crop) + pngs + staging
+        assert use["compressed"].host == derived - n * crop + pngs + staging  # PNGs in private memory
     assert [use[s].templates for s in ("device", "host")] == [n * (inner + crop), n * crop]
     assert engines["device"].memory_bytes() == use["device"].total == use["device"].device + use["device"].host
 

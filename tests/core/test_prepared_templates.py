@@ -105,6 +105,34 @@ def test_a_flipped_byte_is_caught_served_right_and_prepared_again(wide_zips, tmp
     assert again.mapped and again._crops.tobytes() == computed._crops.tobytes()
 
 
+def test_compressed_loads_map_the_pngs_the_first_one_wrote_and_survive_a_damaged_one(wide_zips, tmp_path, pool):
+    from inference_pod.core.engine.template_store import PNG_LEVEL
+
+    package = extract_package(wide_zips["1"], tmp_path / "wide-1")
+    computed = PreparedTemplates.compute(package, pool)
+    crops = [computed.crop(t)[4:-4, 4:-4].tobytes() for t in range(6)]  # the inner regions template_crop gives
+    expected = computed.pngs(PNG_LEVEL, pool)
+    assert not expected.mapped  # nowhere to write: encoded in memory, as every compressed load did before
+    first = Engine.from_package(package, max_batch=4, template_storage="compressed")
+    pngs = prepared_dir(package.root) / f"png-level{PNG_LEVEL}" / "crops.png"
+    assert first.templates._pngs.mapped and pngs.is_file()
+    written = pngs.stat().st_mtime_ns
+    second = Engine.from_package(open_package(package.root), max_batch=4, template_storage="compressed")
+    assert second.templates._pngs.mapped and pngs.stat().st_mtime_ns == written  # mapped, not encoded again
+    assert [bytes(second.templates._pngs[i]) for i in range(6)] == [expected[i] for i in range(6)]
+    use = second.memory_use()
+    assert use.mapped >= second.templates._pngs.nbytes > 0  # page cache, not this process's memory
+
+    data = bytearray(pngs.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    pngs.write_bytes(bytes(data))
+    damaged = Engine.from_package(open_package(package.root), max_batch=4, template_storage="compressed")
+    assert [damaged.template_crop(t).tobytes() for t in range(6)] == crops
+    assert not pngs.exists()  # so that the next compressed load writes them again
+    again = Engine.from_package(open_package(package.root), max_batch=4, template_storage="compressed")
+    assert again.templates._pngs.mapped and pngs.read_bytes() == b"".join(expected[i] for i in range(6))
+
+
 @pytest.mark.parametrize("damage", ["small file", "truncated", "no header", "format version"])
 def test_a_damaged_directory_is_prepared_again_at_open(wide_zips, tmp_path, pool, damage):
     package = extract_package(wide_zips["1"], tmp_path / "wide-1")

@@ -22,11 +22,10 @@ import cv2
 import numpy as np
 import torch
 
-from inference_pod.core.encoding import encode_png
 from inference_pod.core.jpeg_splice import RegionBorder
 from inference_pod.core.memory import MemoryUse
 from inference_pod.core.model import CROP_SIZE, MODEL_INPUT_SIZE
-from inference_pod.core.prepared_templates import PreparedTemplates, TemplateSource, decode_template
+from inference_pod.core.prepared_templates import PngCrops, PreparedTemplates, TemplateSource, decode_template
 from inference_pod.core.templates import TEMPLATE_STORAGES, pingpong_index
 from inference_pod.errors import InvalidInput
 
@@ -122,11 +121,11 @@ class TemplateStore:
         self.frames = TemplateFrames(templates, frame_budget_bytes)
         self.count = n
         # "compressed" keeps the crops' PNGs instead (the mapped or derived crops go when this returns).
-        self._pngs: list[bytes] | None = None
+        self._pngs: PngCrops | None = None
         self._regions: torch.Tensor | None = None  # device-resident inner regions ("device" only)
         self._staging: torch.Tensor | None = None  # a batch's crops on the host, pinned on CUDA
         if storage == "compressed":
-            self._pngs = list(cpu_pool.map(lambda i: encode_png(templates.crop(i), PNG_LEVEL), range(n)))
+            self._pngs = templates.pngs(PNG_LEVEL, cpu_pool)
             templates.drop_crops()
         if storage == "device":
             self._regions = self._to_device(templates, device, cpu_pool)
@@ -213,11 +212,15 @@ class TemplateStore:
         ``mapped`` (the node's page cache, shared); derived in memory, they are private ``host`` memory."""
         if self._fixed is None:
             on_device = self._regions.numel() if self._regions is not None else 0
-            pngs = sum(len(png) for png in self._pngs) if self._pngs is not None else 0
+            pngs = self._pngs.nbytes if self._pngs is not None else 0
             staging = self._staging.numel() if self._staging is not None else 0
             derived = self.prepared.nbytes
             mapped, private = (derived, 0) if self.prepared.mapped else (0, derived)
-            self._fixed = MemoryUse(device=on_device, host=private + pngs + staging, mapped=mapped,
+            if self._pngs is not None and self._pngs.mapped:
+                mapped += pngs
+            else:
+                private += pngs
+            self._fixed = MemoryUse(device=on_device, host=private + staging, mapped=mapped,
                                     templates=on_device + pngs + self.prepared.crops_nbytes)
         return self._fixed
 
