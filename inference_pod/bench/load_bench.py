@@ -7,6 +7,8 @@ Each configuration, each step in a fresh process (a cold interpreter, as a new p
 - ``store``: the same from the prepared store (what every later load on the node does), while the ``zip``
   process still holds the character: the second process's private and shared memory, from
   ``/proc/PID/smaps_rollup`` and its mapping of the crops (``/proc/PID/smaps``);
+- ``pod``: a running ``lipsync serve`` over that store: ``LoadModel``, then its first frame (``GenerateFrame``,
+  a full frame), timed by the client over gRPC: what a user of a pod sees;
 - ``store`` again for each other template storage (memory by storage mode);
 - ``derived`` (``--derived``): from the store with preparation off, every template decoded and derived in
   the load, as every load did before prepared templates;
@@ -177,6 +179,24 @@ def synthetic_package(work: Path, size: tuple[int, int], count: int, distinct: i
     return out
 
 
+def pod_first_frame(store: Path, copy: Path, storage: str, work: Path) -> dict[str, float]:
+    """``lipsync serve --models-dir store`` (nothing preloaded): LoadModel of the prepared copy, then one
+    full frame, each timed from the client's side."""
+    from inference_pod.bench.bench_server import BenchServer
+    from inference_pod.client import LipSyncClient
+    from inference_pod.package import read_manifest
+
+    name = read_manifest(copy).name
+    with BenchServer(store, [], log_path=work / "pod.log", extra_args=("--template-storage", storage)) as server, \
+            LipSyncClient(server.target, timeout=600.0) as client:
+        started = time.perf_counter()
+        loaded = client.load_model(name)
+        load_s = time.perf_counter() - started
+        client.generate_frame(name, 1)
+        first_s = time.perf_counter() - started
+    return {"load_s": load_s, "first_frame_s": first_s, "source": loaded.source, "server_load_ms": loaded.load_ms}
+
+
 def bare_decode_s(package: Path, count: int) -> float:
     """Every template JPEG decoded once, one after the other, from the extracted copy."""
     from inference_pod.core.prepared_templates import decode_template
@@ -214,6 +234,8 @@ def run_one(cfg: LoadBenchConfig, size: tuple[int, int], count: int, work: Path)
             second.close()
     finally:
         first.close()
+    say("  a running pod over the prepared store: LoadModel, then the first frame over gRPC")
+    row["pod"] = pod_first_frame(store, copy, main, work)
     row["storages"] = {}
     for storage in cfg.storages[1:]:
         # The node's first compressed load encodes the crops' PNGs into the prepared directory; later ones map them.
@@ -244,16 +266,17 @@ def markdown(result: dict[str, Any]) -> str:
     mib = 2**20
     lines = [f"machine: {result['machine']['cpu']} ({result['machine']['cpu_count']} CPUs), "
              f"template storage {result['config']['storages'][0]} for the timings", "",
-             "| character | zip -> first frame | prepared store: load / first frame | derived in the load: load / "
-             "first frame | bare JPEG decode, 1 thread | 2nd process: private / crops private | its crops resident "
-             "(PSS; 1st process's PSS) | load avg |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| character | zip -> first frame | prepared store: load / first frame | a pod: LoadModel / first frame "
+             "| derived in the load: load / first frame | bare JPEG decode, 1 thread | 2nd process: private / crops "
+             "private | its crops resident (PSS; 1st process's PSS) | load avg |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         store, first = row["store"]["memory"], row["store"]["first_memory"]
         derived = f"{_load_s(row['derived']):.2f} s / {row['derived']['first_frame_s']:.2f} s" if "derived" in row else "-"
         lines.append(
             f"| {row['size']} x {row['templates']} | {row['zip']['first_frame_s']:.2f} s "
-            f"| {_load_s(row['store']):.2f} s / {row['store']['first_frame_s']:.2f} s | {derived} | {row['decode_s']:.2f} s "
+            f"| {_load_s(row['store']):.2f} s / {row['store']['first_frame_s']:.2f} s "
+            f"| {row['pod']['load_s']:.2f} s / {row['pod']['first_frame_s']:.2f} s | {derived} | {row['decode_s']:.2f} s "
             f"| {store['private'] / mib:.0f} MiB / {store['crops_private'] / mib:.1f} MiB "
             f"| {store['crops_rss'] / mib:.0f} MiB (PSS {store['crops_pss'] / mib:.0f}, first process "
             f"{first['crops_pss'] / mib:.0f}) | {row['load_average']:.1f} |")

@@ -24,5 +24,6 @@ def test_bench_load_measures_both_paths_and_the_shared_crops(tmp_path, capsys):
     assert second["crops_pss"] < second["crops_rss"] and first["crops_pss"] < first["crops_rss"]
     assert row["derived"]["private_bytes"] > row["store"]["private_bytes"] + crops  # derived: a private copy
     assert row["storages"]["compressed"]["mapped_bytes"] < row["store"]["mapped_bytes"]
+    assert row["pod"]["source"] == "store" and 0 < row["pod"]["load_s"] < row["pod"]["first_frame_s"]
     assert row["decode_s"] > 0 and "| 64x64 x 30 |" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["load.json"]  # the synthetic character is gone
