@@ -179,7 +179,7 @@ def synthetic_package(work: Path, size: tuple[int, int], count: int, distinct: i
     return out
 
 
-def pod_first_frame(store: Path, copy: Path, storage: str, work: Path) -> dict[str, float]:
+def pod_first_frame(store: Path, copy: Path, storage: str, work: Path) -> dict[str, Any]:
     """``lipsync serve --models-dir store`` (nothing preloaded): LoadModel of the prepared copy, then one
     full frame, each timed from the client's side."""
     from inference_pod.bench.bench_server import BenchServer
