@@ -63,6 +63,10 @@ def test_load_s_comes_from_a_bench_load_json(tmp_path):
     path.write_text(json.dumps({"rows": [{"store": {"first_frame_s": 1.5}}, {"store": {"first_frame_s": 2.5}}]}))
     inputs = resolve_inputs(small(load_json=path))
     assert (inputs["load_s"], inputs["load_s_source"]) == (2.5, f"bench load: {path}")
+    pod_measured = {"rows": [{"store": {"first_frame_s": 1.5}, "pod": {"first_frame_s": 1.9}},
+                             {"store": {"first_frame_s": 1.0}, "pod": {"first_frame_s": 1.2}}]}
+    path.write_text(json.dumps(pod_measured))
+    assert resolve_inputs(small(load_json=path))["load_s"] == 1.9  # what a pod's user waited, where measured
 
 
 def test_daily_cycle_peaks_at_20h():
