@@ -21,6 +21,8 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from inference_pod.api.http.webrtc_consent import keep_consent
+
 VIDEO_CLOCK = 90000  # RTP clock of every video codec
 AUDIO_CLOCK = 48000  # Opus
 PCM_MESSAGE_BYTES = 16000  # pushed audio is cut into data channel messages of at most this (0.5 s)
@@ -80,6 +82,7 @@ class WebRtcReceiver:
         self.pc.addTransceiver("video", direction="recvonly")
         self.pc.addTransceiver("audio", direction="recvonly")
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        keep_consent(self.pc)  # a receiver starved of CPU answers late, not never: so may the pod
         body = {"model_name": self.model, "sdp": self.pc.localDescription.sdp, "type": "offer", **self.options}
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
         async with aiohttp.ClientSession() as http, \

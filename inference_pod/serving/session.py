@@ -339,6 +339,7 @@ class Session:
         self._next_render = 0
         self._features_lock = asyncio.Lock()
         self._features_job: asyncio.Future[dict[int, np.ndarray]] | None = None  # the one in flight
+        self._features_epoch = 0  # the epoch the job in flight was started in
         self._epoch = 0  # bumped by clear: work started before it is stale
         self._utterances: collections.deque[_Utterance] = collections.deque([_Utterance(1)])
         self._utterance_starts: collections.deque[tuple[int, float]] = collections.deque(maxlen=64)
@@ -581,14 +582,19 @@ class Session:
         started = time.perf_counter()
         async with self._features_lock:  # one feature job per session at a time, in tick order
             while epoch == self._epoch:
-                if self._features_job is None:
-                    self._features_job = self._start_features(tick, epoch)
-                    if self._features_job is None:
+                job = self._features_job
+                if job is None:
+                    job = self._start_features(tick, epoch)
+                    if job is None:
                         break
                 # Shielded: a frame that misses its tick is cancelled, but the features it asked for are
                 # the next frames' too, so the job finishes and keeps its result (no work thrown away and
                 # redone by the next tick, which would never catch up on a loaded pod).
-                await asyncio.shield(self._features_job)
+                await asyncio.shield(job)
+                # Awaiting a job that is already done returns without yielding, possibly before the job's
+                # done callback has run (a loaded loop runs the job's completion and this task in one pass):
+                # settle it here, or this loop spins forever and starves every session on the event loop.
+                self._settle_features(job)
         if epoch != self._epoch:
             raise asyncio.CancelledError  # cleared while its features were computed
         features_s = time.perf_counter() - started
@@ -602,15 +608,18 @@ class Session:
         if job is None:
             return None
         future = asyncio.get_running_loop().run_in_executor(self.cpu_pool, job)
-
-        def done(finished: asyncio.Future[dict[int, np.ndarray]]) -> None:
-            # Runs before any waiter resumes: the features are in the timeline when they look.
-            self._features_job = None
-            if not finished.cancelled() and finished.exception() is None and epoch == self._epoch:
-                self.timeline.add_features(finished.result())
-
-        future.add_done_callback(done)
+        self._features_job, self._features_epoch = future, epoch
+        future.add_done_callback(self._settle_features)
         return future
+
+    def _settle_features(self, job: asyncio.Future[dict[int, np.ndarray]]) -> None:
+        """A finished feature job: no longer in flight, and its features in the timeline unless a clear made
+        them stale. Once per job, by whichever comes first: its done callback or a waiter that found it done."""
+        if job is not self._features_job:
+            return  # settled already
+        self._features_job = None
+        if not job.cancelled() and job.exception() is None and self._features_epoch == self._epoch:
+            self.timeline.add_features(job.result())
 
 
 __all__ = ["ENDED_BY_CLIENT", "ENDED_DRAINING", "AudioChunk", "Admission", "Clear", "Cleared", "End", "Ended", "Flush", "IdleFrames",

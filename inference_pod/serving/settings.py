@@ -154,6 +154,9 @@ class Settings:
     webrtc_encode_threads: int = field(default=0, metadata={
         "help": "threads that encode WebRTC video (H.264/VP8), shared by every WebRTC session; a session whose "
                 "frames wait for them drops frames, others keep their pace (0: number of CPUs)"})
+    webrtc_consent_expiry_s: float = field(default=30.0, metadata={
+        "help": "a WebRTC peer that answers none of the pod's ICE consent checks for this long is gone: its "
+                "session ends and its slot is freed (RFC 7675's 30 s; late answers still count)"})
     shutdown_grace_s: float = field(default=30.0, metadata={
         "help": "on SIGTERM, how long in-flight calls get to finish"})
     log_level: str = field(default="INFO", metadata={"help": "log level", "choices": LOG_LEVELS})
@@ -192,7 +195,8 @@ class Settings:
             if getattr(self, name) < 1:
                 problems.append(f"--{_flag(name)} must be >= 1")
         for name in ("max_sessions", "session_render_ahead_ms", "max_batch_delay_ms", "frame_cache_ttl", "feature_cache_ttl", "memory_budget_mb",
-                     "memory_cache_mb", "encode_threads", "webrtc_encode_threads", "shutdown_grace_s",
+                     "memory_cache_mb", "encode_threads", "webrtc_encode_threads", "webrtc_consent_expiry_s",
+                     "shutdown_grace_s",
                      "max_audio_seconds"):
             if getattr(self, name) < 0:
                 problems.append(f"--{_flag(name)} must be >= 0")

@@ -10,8 +10,12 @@ peer's reading), so a busy CPU drops no frame; the small pod's test runs paced, 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
+import signal
+import sys
+import textwrap
 from pathlib import Path
 
 import aiohttp
@@ -227,3 +231,59 @@ async def test_an_offer_from_a_page_the_pod_does_not_allow_is_refused(small_pod)
                       headers={"Origin": "https://elsewhere.example"}) as response:
         answer = await response.json()
     assert response.status == 403 and "--allowed-origins" in answer["error"], answer
+
+
+# ------------------------------------------------------------------------------------------ a peer that vanishes
+
+VANISHING_VIEWER = textwrap.dedent("""
+    import asyncio, sys
+    from inference_pod.bench.webrtc_receiver import WebRtcReceiver
+
+    async def main():
+        receiver = WebRtcReceiver(sys.argv[1], "demo", unpaced=True, width=64, height=48)
+        await receiver.connect()
+        await receiver.until(lambda r: len(r.video) >= 5, what="5 frames")
+        print("watching", flush=True)
+        await asyncio.Event().wait()  # until killed: no DTLS close, no ICE answer, nothing
+
+    asyncio.run(main())
+""")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def pod_with_one_slot(tmp_path):
+    models = models_dir_with(tmp_path / "models", "demo-1")
+    async with running(settings_for(models, preload=["demo"], max_sessions=1, webrtc_consent_expiry_s=3)) as pod:
+        yield pod
+
+
+async def test_a_viewer_that_vanishes_ends_its_session_and_frees_its_slot(pod_with_one_slot):
+    """An unpaced session's viewer is killed (no goodbye of any kind): the pod's consent checks go unanswered
+    for --webrtc-consent-expiry-s, the connection closes, and the session ends although its video track was
+    waiting for the viewer to read. Its slot is free again: the next viewer is admitted and plays."""
+    server = pod_with_one_slot
+    viewer = await asyncio.create_subprocess_exec(sys.executable, "-c", VANISHING_VIEWER, base_url(server),
+                                                  stdout=asyncio.subprocess.PIPE)
+    try:
+        assert viewer.stdout is not None
+        line = await asyncio.wait_for(viewer.stdout.readline(), 120)
+        assert line == b"watching\n", line
+        assert server.data_plane.sessions_active
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            viewer.send_signal(signal.SIGKILL)
+        await viewer.wait()
+    # The pod's consent expiry is 3 s here; the deadline leaves a loaded machine plenty of room, and is far
+    # short of the 30 s that aioice's own checks (one unretransmitted try every 5 s, six misses) would take.
+    await wait_until_async(lambda: not server.data_plane.sessions_active,
+                           what="the vanished viewer's session to end", timeout=20)
+    await wait_until_async(lambda: not server.gateway.webrtc.sessions, what="its peer connection to close")
+
+    receiver = WebRtcReceiver(base_url(server), "demo", width=64, height=48)
+    try:
+        await receiver.connect()
+        await receiver.until(lambda r: len(r.video) >= 5, what="5 frames for the next viewer")
+        receiver.send("session_end")
+        await receiver.event("session_ended")
+    finally:
+        await receiver.close()

@@ -33,6 +33,7 @@ ENV_VALUES = {
     "ice_server": ("stun:stun.example.com:3478,turn:user:pa:ss@turn.example.com:3478?transport=tcp",
                    ["stun:stun.example.com:3478", "turn:user:pa:ss@turn.example.com:3478?transport=tcp"]),
     "webrtc_encode_threads": ("2", 2),
+    "webrtc_consent_expiry_s": ("12.5", 12.5),
 }
 
 

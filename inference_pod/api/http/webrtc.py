@@ -18,7 +18,8 @@ Frames are taken from the session as raw pixels (``format: raw``): measured on t
 JPEG would cost an encode in the pod and a decode here before the video encoder, for nothing. A peer that
 cannot take frames at the session's pace loses its own oldest unencoded frames (the video track keeps the
 newest two); the session and every other peer keep their pace. The session ends when the peer connection
-closes or fails, when it never connects (CONNECT_TIMEOUT_S), on ``session_end``, or when the pod stops.
+closes or fails (a peer that answers no ICE consent check for ``--webrtc-consent-expiry-s`` is gone:
+``webrtc_consent``), when it never connects (CONNECT_TIMEOUT_S), on ``session_end``, or when the pod stops.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
 from inference_pod.api.http.shapes import field, reject_unknown
+from inference_pod.api.http.webrtc_consent import keep_consent
 from inference_pod.api.http.websocket import session_output_json
 from inference_pod.core.encoding import OutputSpec
 from inference_pod.errors import InvalidInput, LipSyncError, echo, reply_for
@@ -501,8 +503,15 @@ class WebRtcSession:
         await self.connected.wait()
 
     def on_state(self) -> None:
+        """A failed or closed connection ends the session now: its tracks stop too, so a frame waiting for
+        room in an unpaced track (whose sender no longer reads) does not hold the session open."""
         if self.pc.connectionState in ("failed", "closed"):
+            if not self._ended:
+                log.info("WebRTC session %s: the peer connection %s", self.id, self.pc.connectionState)
             self.end()
+            for track in (self.video, self.audio):
+                if track is not None:
+                    track.stop()
 
 
 class WebRtcDoor:
@@ -540,6 +549,7 @@ class WebRtcDoor:
                 raise InvalidInput(f"the offer cannot be answered: {exc}") from None
             except Exception as exc:  # aiortc's own errors (no common codec, a missing ICE or DTLS line)
                 raise InvalidInput(f"the offer cannot be answered: {type(exc).__name__}: {exc}") from None
+            keep_consent(pc, self.data_plane.settings.webrtc_consent_expiry_s)  # before ICE can complete
             if audio.mid is not None:  # the offer has audio: the session's voice goes there
                 session.audio = voice
             # The session once the offer is known to be good: a pod at --max-sessions refuses here (429).
