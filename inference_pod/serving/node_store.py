@@ -103,8 +103,19 @@ class CopyLease:
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
-        if fd is not None:
+        if fd is None:
+            return
+        try:
+            if not self.copy.exists():
+                # Nothing to protect (an extraction failed): the lease file goes if no one else holds it.
+                # Whoever waits for it finds another inode at its path and locks that instead.
+                with suppress(OSError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if _same_file(fd, lease_path(self.copy)):
+                        lease_path(self.copy).unlink()
+                return
             _touch(fd)  # the last use: a collection waits stale_after_s from here
+        finally:
             os.close(fd)  # closing drops the lock
 
 
