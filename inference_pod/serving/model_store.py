@@ -37,7 +37,7 @@ from inference_pod.serving.catalog import (
     package_identity,
 )
 from inference_pod.serving.metrics import Metrics
-from inference_pod.serving.node_store import STALE_AFTER_S, CopyLease, collect_garbage
+from inference_pod.serving.node_store import COLLECT_EVERY_S, STALE_AFTER_S, CopyLease, collect_garbage
 from inference_pod.serving.protocols import FrameBatcher, InferenceEngine
 from inference_pod.serving.registry import RegistryClient
 
@@ -104,6 +104,7 @@ class ModelStore:
     def __init__(self, *, models_dir: Path, extract_dir: Path, metrics: Metrics, engine_factory: EngineFactory,
                  batcher_factory: BatcherFactory, registry: RegistryClient | None = None,
                  memory_budget_bytes: int = 0, stale_after_s: float = STALE_AFTER_S,
+                 collect_every_s: float = COLLECT_EVERY_S,
                  on_loaded: Callable[[LoadedModel], Awaitable[None]] | None = None,
                  on_unloaded: Callable[[str], Awaitable[None]] | None = None):
         self.catalog = Catalog(models_dir, extract_dir)
@@ -112,6 +113,8 @@ class ModelStore:
         self.registry = registry
         self.memory_budget_bytes = memory_budget_bytes
         self.stale_after_s = stale_after_s  # how long an unused superseded copy stays (node_store.py)
+        self.collect_every_s = collect_every_s  # besides after each unload; 0: only then
+        self._collector: asyncio.Task[None] | None = None
         self._metrics = metrics
         self._engine_factory = engine_factory
         self._batcher_factory = batcher_factory
@@ -223,6 +226,7 @@ class ModelStore:
         log.info("loaded %s %s from %s in %.2fs (%.1f MiB)", name, model.version, source, elapsed, model.memory().total / 2**20)
         if previous is not None:
             self._retire_later(previous)
+        self._collect_periodically()
         if self._on_loaded is not None:
             await self._on_loaded(model)
         await self._enforce_budget(keep=name)
@@ -333,6 +337,19 @@ class ModelStore:
             lease.release()
             raise
 
+    def _collect_periodically(self) -> None:
+        """From the first load on: a copy released an hour ago is stale only then, and the pod that replaced
+        another on a rolling update may never unload anything itself."""
+        if self._collector is not None or self._closed or self.collect_every_s <= 0:
+            return
+
+        async def collect() -> None:
+            while not self._closed:
+                await asyncio.sleep(self.collect_every_s)
+                await self.collect_garbage()
+
+        self._collector = asyncio.get_running_loop().create_task(collect(), name="collect-store")
+
     async def collect_garbage(self) -> None:
         """Remove the store's superseded copies and leftovers that no process on the node uses
         (node_store.py); failures are logged, never raised: this is housekeeping."""
@@ -394,6 +411,10 @@ class ModelStore:
 
     async def close(self) -> None:
         self._closed = True
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
         for task, _ in list(self._loads.values()):
             with contextlib.suppress(BaseException):
                 await task

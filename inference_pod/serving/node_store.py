@@ -5,7 +5,8 @@ A **lease** is a shared ``flock`` on ``.{copy}.lease`` beside an extracted copy,
 before it opens (or extracts) the copy until its model is unloaded; the kernel drops it when the process
 dies, so a crashed pod never pins a copy. The lease file's mtime is the copy's last use.
 
-**Garbage collection** (``collect_garbage``) removes only what it can prove unused:
+**Garbage collection** (``collect_garbage``; a serving process runs it after each unload and every
+``COLLECT_EVERY_S`` from its first load) removes only what it can prove unused:
 
 - an extracted copy of an older version, when a newer version of the same character is in the store, the
   copy's lease can be taken exclusively (no process on the node holds it: this one's resident models hold
@@ -45,6 +46,7 @@ from inference_pod.serving.registry import version_key
 log = logging.getLogger(__name__)
 
 STALE_AFTER_S = 3600.0  # a copy unused for an hour is old enough to go, if a newer version is there
+COLLECT_EVERY_S = 600.0  # how often a serving process collects, besides after each unload
 
 _HEX = r"[0-9a-f]{32}"
 _TEMPLATES = re.compile(r"^\.(?P<copy>.+)\.templates$")
@@ -206,17 +208,38 @@ def _remove_file(path: Path, removed: list[Path]) -> None:
         removed.append(path)
 
 
+# A copy's (name, version) by its manifest's (path, inode, mtime): a pool's store holds hundreds of
+# characters, and their manifests (one line per frame) are read once, not at every collection.
+_identities: dict[tuple[Path, int, int], tuple[str, str]] = {}
+
+
+def _identity(copy: Path) -> tuple[str, str] | None:
+    try:
+        st = (copy / MANIFEST).stat()
+    except OSError:
+        return None
+    key = (copy, st.st_ino, st.st_mtime_ns)
+    known = _identities.get(key)  # collections may run in several threads at once: one lookup, no re-read
+    if known is None:
+        try:
+            manifest = read_manifest(copy)
+        except (LipSyncError, OSError):
+            return None  # what we cannot read we do not judge
+        if len(_identities) > 4096:
+            _identities.clear()
+        known = _identities[key] = (manifest.name, manifest.version)
+    return known
+
+
 def _superseded_copies(store_dir: Path) -> list[Path]:
     """Extracted copies with a newer version of the same character beside them."""
     by_name: dict[str, list[tuple[str, Path]]] = {}
     for path in sorted(store_dir.iterdir()):
-        if path.name.startswith(".") or not (path / MANIFEST).is_file():
+        if path.name.startswith("."):
             continue
-        try:
-            manifest = read_manifest(path)
-        except (LipSyncError, OSError):
-            continue  # what we cannot read we do not judge
-        by_name.setdefault(manifest.name, []).append((manifest.version, path))
+        identity = _identity(path)
+        if identity is not None:
+            by_name.setdefault(identity[0], []).append((identity[1], path))
     out: list[Path] = []
     for versions in by_name.values():
         versions.sort(key=lambda v: version_key(v[0]), reverse=True)

@@ -214,6 +214,22 @@ async def test_a_replaced_version_is_collected_after_its_unload_unless_another_p
     await pod_b.close()
 
 
+async def test_the_pod_that_replaced_another_collects_its_version_without_unloading_anything(tmp_path):
+    """A rolling update: the old pod served version 1 and is gone; the new pod only ever loaded version 2."""
+    models = models_dir_with(tmp_path / "models", "demo-1")
+    shared = tmp_path / "node-store"
+    old_pod = pod_store(models, shared)
+    assert (await old_pod.get("demo")).version == "1"
+    await old_pod.close()
+    models_dir_with(models, "demo-2")
+    new_pod = pod_store(models, shared)
+    new_pod.collect_every_s = 0.05
+    assert (await new_pod.get("demo")).version == "2"
+    await wait_until_async(lambda: not (shared / "demo-1").exists(), what="version 1's copy collected")
+    assert (shared / "demo-2").is_dir() and prepared_dir(shared / "demo-2").is_dir()
+    await new_pod.close()
+
+
 def test_two_init_containers_racing_to_fetch_and_prepare_one_package(tmp_path):
     """Two ``lipsync package fetch --prepare`` into one node store at once: both succeed, one complete copy
     and one prepared directory result, and no watcher ever sees a partial copy or a partial prepared dir."""
