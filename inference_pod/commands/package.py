@@ -163,9 +163,15 @@ def _prepare(zip_path: Path, store_dir: Path) -> None:
     from inference_pod.core.prepared_templates import prepare_package
     from inference_pod.package import extract_package, read_manifest
     from inference_pod.serving.model_store import store_copy
+    from inference_pod.serving.node_store import CopyLease
 
     started = time.perf_counter()
     manifest = read_manifest(zip_path)
-    package = extract_package(zip_path, store_copy(store_dir, manifest))
-    prepared = prepare_package(package)
+    copy = store_copy(store_dir, manifest)
+    lease = CopyLease.take(copy)  # a node store's collection leaves a copy alone while it is being made
+    try:
+        package = extract_package(zip_path, copy)
+        prepared = prepare_package(package)
+    finally:
+        lease.release()
     print(f"prepared {manifest.frame_count} templates in {prepared} ({time.perf_counter() - started:.1f} s)")

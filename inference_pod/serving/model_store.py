@@ -21,6 +21,7 @@ from inference_pod.core.memory import MemoryUse
 from inference_pod.errors import LipSyncError, ModelNotFound, PackageError, StorageFull, Unavailable
 from inference_pod.package import (
     AUDIO_ENCODER,
+    MANIFEST,
     CharacterPackage,
     Manifest,
     check_extracted_source,
@@ -30,11 +31,13 @@ from inference_pod.package import (
 )
 from inference_pod.serving.catalog import (
     Catalog,
+    LocalPackage,
     PackageIdentity,
     check_model_name,
     package_identity,
 )
 from inference_pod.serving.metrics import Metrics
+from inference_pod.serving.node_store import COLLECT_EVERY_S, STALE_AFTER_S, CopyLease, collect_garbage
 from inference_pod.serving.protocols import FrameBatcher, InferenceEngine
 from inference_pod.serving.registry import RegistryClient
 
@@ -57,6 +60,7 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     users: int = 0
+    lease: CopyLease | None = None  # on its extracted copy: no process on the node removes it meanwhile
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -99,7 +103,8 @@ def store_copy(store_dir: Path, manifest: Manifest) -> Path:
 class ModelStore:
     def __init__(self, *, models_dir: Path, extract_dir: Path, metrics: Metrics, engine_factory: EngineFactory,
                  batcher_factory: BatcherFactory, registry: RegistryClient | None = None,
-                 memory_budget_bytes: int = 0,
+                 memory_budget_bytes: int = 0, stale_after_s: float = STALE_AFTER_S,
+                 collect_every_s: float = COLLECT_EVERY_S,
                  on_loaded: Callable[[LoadedModel], Awaitable[None]] | None = None,
                  on_unloaded: Callable[[str], Awaitable[None]] | None = None):
         self.catalog = Catalog(models_dir, extract_dir)
@@ -107,6 +112,9 @@ class ModelStore:
         self.extract_dir = self.catalog.extract_dir
         self.registry = registry
         self.memory_budget_bytes = memory_budget_bytes
+        self.stale_after_s = stale_after_s  # how long an unused superseded copy stays (node_store.py)
+        self.collect_every_s = collect_every_s  # besides after each unload; 0: only then
+        self._collector: asyncio.Task[None] | None = None
         self._metrics = metrics
         self._engine_factory = engine_factory
         self._batcher_factory = batcher_factory
@@ -186,10 +194,11 @@ class ModelStore:
     async def _load(self, name: str, version: str | None) -> tuple[LoadedModel, str]:
         started = time.perf_counter()
         try:
-            package, source, identity = await self._find_package(name, version)  # counts failures per tier
+            package, source, identity, lease = await self._find_package(name, version)  # counts failures per tier
             try:
                 engine = await asyncio.to_thread(self._engine_factory, package)
             except Exception as exc:
+                lease.release()
                 self._metrics.model_loads.labels(model=name, source=source, result="error").inc()
                 if isinstance(exc, PackageError):  # weights that do not fit: so they stay until the file changes
                     self._remember_failure(identity, exc)
@@ -206,7 +215,8 @@ class ModelStore:
                 log.exception("loading %s failed", name)
             raise Unavailable(f"model {name!r} cannot be loaded: {exc}") from exc
         model = LoadedModel(name=name, version=package.manifest.version, engine=engine,
-                            batcher=self._batcher_factory(name, engine), manifest=package.manifest, source=source)
+                            batcher=self._batcher_factory(name, engine), manifest=package.manifest, source=source,
+                            lease=lease)
         previous = self._resident.pop(name, None)
         self._resident[name] = model
         elapsed = time.perf_counter() - started
@@ -216,14 +226,16 @@ class ModelStore:
         log.info("loaded %s %s from %s in %.2fs (%.1f MiB)", name, model.version, source, elapsed, model.memory().total / 2**20)
         if previous is not None:
             self._retire_later(previous)
+        self._collect_periodically()
         if self._on_loaded is not None:
             await self._on_loaded(model)
         await self._enforce_budget(keep=name)
         return model, source
 
     async def _find_package(self, name: str, version: str | None
-                            ) -> tuple[CharacterPackage, str, PackageIdentity | None]:
-        """(package, tier, its file's identity); each tier falls through to the next on failure."""
+                            ) -> tuple[CharacterPackage, str, PackageIdentity | None, CopyLease]:
+        """(package, tier, its file's identity, a lease on its extracted copy); each tier falls through to the
+        next on failure (a store copy collected since the scan falls through to its zip)."""
         errors: list[LipSyncError] = []
         catalog = await self.catalog.scan()
         local = [p for p in catalog.get(name, []) if not version or p.version == version]
@@ -234,11 +246,12 @@ class ModelStore:
                 try:
                     self._raise_known_failure(identity)
                     if pkg.tier == "store":
-                        source = self.catalog.zip_of(pkg.name, pkg.version)
-                        if source is not None:  # the copy is served; a zip damaged since is reported, not hidden
-                            await asyncio.to_thread(check_extracted_source, source, pkg.path)
-                        return await asyncio.to_thread(open_package, pkg.path), "store", identity
-                    return await asyncio.to_thread(self._extract, pkg.path, pkg.manifest), "zip", identity
+                        found = await self._open_store_copy(pkg)
+                        if found is None:
+                            continue
+                        return found[0], "store", identity, found[1]
+                    package, lease = await asyncio.to_thread(self._extract, pkg.path, pkg.manifest)
+                    return package, "zip", identity, lease
                 except StorageFull as exc:
                     self._metrics.model_loads.labels(model=name, source=pkg.tier, result="error").inc()
                     raise self._storage_full(name, exc) from None
@@ -260,7 +273,8 @@ class ModelStore:
             manifest = await asyncio.to_thread(read_manifest, zip_path)
             if manifest.name != name:
                 raise PackageError(f"the registry's package for {name!r} contains model {manifest.name!r}")
-            return await asyncio.to_thread(self._extract, zip_path, manifest), "registry", identity
+            package, lease = await asyncio.to_thread(self._extract, zip_path, manifest)
+            return package, "registry", identity, lease
         except ModelNotFound as exc:
             if errors:
                 raise errors[0] from None  # the local package's problem says more than "not in the registry"
@@ -298,8 +312,52 @@ class ModelStore:
         return StorageFull(f"model {name!r} cannot be loaded: {exc}: free space there, or give the pod a larger "
                            "disk (--store-dir for extracted packages, --models-dir for downloads)")
 
-    def _extract(self, zip_path: Path, manifest: Manifest) -> CharacterPackage:
-        return extract_package(zip_path, store_copy(self.extract_dir, manifest))
+    async def _open_store_copy(self, pkg: LocalPackage) -> tuple[CharacterPackage, CopyLease] | None:
+        """The extracted copy, leased before it is opened; None if it was collected since the scan."""
+        lease = await asyncio.to_thread(CopyLease.take, pkg.path)
+        try:
+            if not (pkg.path / MANIFEST).is_file():
+                lease.release()
+                return None
+            source = self.catalog.zip_of(pkg.name, pkg.version)
+            if source is not None:  # the copy is served; a zip damaged since is reported, not hidden
+                await asyncio.to_thread(check_extracted_source, source, pkg.path)
+            return await asyncio.to_thread(open_package, pkg.path), lease
+        except BaseException:
+            lease.release()
+            raise
+
+    def _extract(self, zip_path: Path, manifest: Manifest) -> tuple[CharacterPackage, CopyLease]:
+        """Extracted into the store, under a lease on the copy (taken before the copy exists)."""
+        copy = store_copy(self.extract_dir, manifest)
+        lease = CopyLease.take(copy)
+        try:
+            return extract_package(zip_path, copy), lease
+        except BaseException:
+            lease.release()
+            raise
+
+    def _collect_periodically(self) -> None:
+        """From the first load on: a copy released an hour ago is stale only then, and the pod that replaced
+        another on a rolling update may never unload anything itself."""
+        if self._collector is not None or self._closed or self.collect_every_s <= 0:
+            return
+
+        async def collect() -> None:
+            while not self._closed:
+                await asyncio.sleep(self.collect_every_s)
+                await self.collect_garbage()
+
+        self._collector = asyncio.get_running_loop().create_task(collect(), name="collect-store")
+
+    async def collect_garbage(self) -> None:
+        """Remove the store's superseded copies and leftovers that no process on the node uses
+        (node_store.py); failures are logged, never raised: this is housekeeping."""
+        try:
+            await asyncio.to_thread(collect_garbage, self.extract_dir, self.models_dir,
+                                    stale_after_s=self.stale_after_s)
+        except Exception:
+            log.exception("collecting the store %s failed", self.extract_dir)
 
     # -------------------------------------------------------------------------------------- unloading
 
@@ -331,7 +389,11 @@ class ModelStore:
         await model.wait_idle()
         await model.batcher.close()
         model.engine.close()
+        if model.lease is not None:
+            model.lease.release()
         log.info("unloaded %s %s", model.name, model.version)
+        if not self._closed:
+            await self.collect_garbage()  # a version replaced or unloaded may now be no one's
 
     async def _enforce_budget(self, keep: str) -> None:
         if self.memory_budget_bytes <= 0:
@@ -349,6 +411,10 @@ class ModelStore:
 
     async def close(self) -> None:
         self._closed = True
+        if self._collector is not None:
+            self._collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._collector
         for task, _ in list(self._loads.values()):
             with contextlib.suppress(BaseException):
                 await task

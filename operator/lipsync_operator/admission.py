@@ -1,5 +1,5 @@
 """What a LipSyncModel or LipSyncPool may name, by the operator's own configuration, checked before it writes
-or fetches anything: its name (its children carry it), its image and its registry.
+or fetches anything: its name (its children carry it), its image, its registry and its node store.
 
 Each refusal is an InvalidSpec with one line for the user: the resource's status shows it (Degraded,
 reason InvalidSpec), nothing is applied and no connection is opened. The API server's CRD schema refuses
@@ -58,14 +58,24 @@ def check_registries(spec: dict, config: OperatorConfig) -> None:
                 raise InvalidSpec(f"spec.package.{field}: {exc}") from None
 
 
+def check_node_store(spec: dict, config: OperatorConfig) -> None:
+    """A node-local store is a host directory: only where the operator's configuration names its root."""
+    if (spec.get("runtime") or {}).get("nodeStore", {}).get("enabled") and not config.node_store_root:
+        raise InvalidSpec("spec.runtime.nodeStore.enabled needs a node store root in the operator's "
+                          "configuration (chart value inference.nodeStore.root); none is set, so pods may not share a "
+                          "host directory")
+
+
 def check_model(lsm: dict, spec: dict, config: OperatorConfig) -> None:
     """Raises InvalidSpec; ``spec`` is the normalised spec (lipsync_operator.spec.normalize)."""
     check_name("LipSyncModel", lsm["metadata"]["name"], "its Service and its pods' labels")
     check_image(spec, config)
     check_registries(spec, config)
+    check_node_store(spec, config)
 
 
 def check_pool(lsp: dict, spec: dict, config: OperatorConfig) -> None:
     """Raises InvalidSpec; ``spec`` is the normalised spec (lipsync_operator.spec.normalize_pool)."""
     check_name("LipSyncPool", lsp["metadata"]["name"], "its pods' labels")
     check_image(spec, config)
+    check_node_store(spec, config)

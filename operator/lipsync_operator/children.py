@@ -104,6 +104,29 @@ def fetch_args(package: PackageRef) -> list[str]:
             "--version", package.version, "--sha256", package.sha256, "--out", MODELS_DIR, "--prepare"]
 
 
+def node_store_volume(namespace: str, config: OperatorConfig) -> dict:
+    """The models volume of pods with runtime.nodeStore: the node's directory for their namespace, shared by
+    every such pod on the node (same files, so one copy in the page cache). Created by the kubelet if absent."""
+    return {"name": "models", "hostPath": {"path": config.node_store_path(namespace), "type": "DirectoryOrCreate"}}
+
+
+def node_store_owner(image: str, pull_policy: str) -> dict:
+    """The kubelet creates a hostPath directory owned by root, and fsGroup does not apply to hostPath volumes:
+    this init container hands the directory (not its contents) to the pods' user. It runs as root with
+    CHOWN as its one capability, no shell, and nothing else mounted."""
+    return {
+        "name": "own-node-store",
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": ["chown", f"{RUN_AS}:{RUN_AS}", MODELS_DIR],
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": False, "runAsUser": 0, "runAsGroup": 0,
+                            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]}},
+        "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}],
+    }
+
+
 def _redis_env(spec: dict, config: OperatorConfig) -> list[dict]:
     cache = spec["cache"]
     if not cache["enabled"]:
@@ -151,8 +174,10 @@ def deployment(owner: dict, spec: dict, package: PackageRef, config: OperatorCon
     if rt.get("iceServersSecret"):  # WebRTC's STUN/TURN servers: TURN credentials stay in the Secret
         env.append(_secret_env("LIPSYNC_ICE_SERVER", rt["iceServersSecret"]))
     mounts: list[dict[str, Any]] = [models_mount, tmp_mount, {"name": "dshm", "mountPath": "/dev/shm"}]
+    node_store = bool((rt.get("nodeStore") or {}).get("enabled"))
     volumes: list[dict[str, Any]] = [
-        {"name": "models", "emptyDir": {"sizeLimit": res["modelsVolume"]}},
+        node_store_volume(owner["metadata"]["namespace"], config) if node_store
+        else {"name": "models", "emptyDir": {"sizeLimit": res["modelsVolume"]}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res["sharedMemory"]}},
     ]
@@ -190,7 +215,7 @@ def deployment(owner: dict, spec: dict, package: PackageRef, config: OperatorCon
                             "seccompProfile": {"type": "RuntimeDefault"}},
         # preStop + the server's drain + a margin before SIGKILL.
         "terminationGracePeriodSeconds": PRESTOP_SECONDS + rt["drainSeconds"] + 10,
-        "initContainers": [fetch],
+        "initContainers": [*([node_store_owner(image, rt["imagePullPolicy"])] if node_store else []), fetch],
         "containers": [server],
         "volumes": volumes,
         "topologySpreadConstraints": [{

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -41,6 +42,25 @@ def _labels(text: str) -> dict[str, str]:
     return out
 
 
+# An absolute host path of plain segments: no "." or "..", nothing a shell or a YAML reader treats specially.
+NODE_STORE_ROOT = re.compile(r"^(/[A-Za-z0-9_][A-Za-z0-9._-]*)+/?$")
+# Directories a node store must not be under: the pods' init container makes its directory theirs.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/root", "/run", "/sbin", "/sys",
+               "/usr", "/var/run", "/var/lib/kubelet", "/var/lib/containerd", "/var/lib/docker")
+
+
+def check_node_store_root(root: str) -> None:
+    """Raises ValueError naming the setting: the operator refuses to start with a root that could hand a
+    system directory to the pods."""
+    if not NODE_STORE_ROOT.match(root) or len(root) > 200:
+        raise ValueError(f"{ENV_PREFIX}NODE_STORE_ROOT={root!r} is not an absolute path of plain segments "
+                         "(letters, digits, '.', '_', '-'; no '.' or '..' segments)")
+    clean = root.rstrip("/")
+    if any(clean == d or clean.startswith(d + "/") for d in SYSTEM_DIRS):
+        raise ValueError(f"{ENV_PREFIX}NODE_STORE_ROOT={root!r} is a system directory; use a directory of "
+                         "its own, such as /var/lib/lipsync/store")
+
+
 @dataclass(frozen=True)
 class OperatorConfig:
     registry_url: str = ""                 # default package registry for resources that name none
@@ -58,10 +78,20 @@ class OperatorConfig:
     allowed_registries: tuple[str, ...] = ()
     # Image repositories a resource may run (``repo`` or ``prefix/*``), besides inference_image's own.
     allowed_images: tuple[str, ...] = ()
+    # The node directory under which resources with runtime.nodeStore share extracted packages, one
+    # subdirectory per namespace (docs/KUBERNETES.md, "A node-local store"): empty means none may.
+    node_store_root: str = ""
 
     def __post_init__(self) -> None:
         self.registry_policy()   # a malformed entry stops the operator at start, with the entry named
         self.image_policy()
+        if self.node_store_root:
+            check_node_store_root(self.node_store_root)
+
+    def node_store_path(self, namespace: str) -> str:
+        """The host directory a namespace's pods share: the root's subdirectory of that name, so that one
+        namespace's pods never see another's packages."""
+        return f"{self.node_store_root.rstrip('/')}/{namespace}"
 
     def registry_policy(self) -> RegistryPolicy:
         """The allow-list the operator fetches under: the default registry (named exactly) and the entries."""
@@ -98,6 +128,7 @@ class OperatorConfig:
             pod_grpc_port=get("POD_GRPC_PORT", defaults.pod_grpc_port),
             allowed_registries=_list(env.get(ENV_PREFIX + "ALLOWED_REGISTRIES", "")),
             allowed_images=_list(env.get(ENV_PREFIX + "ALLOWED_IMAGES", "")),
+            node_store_root=get("NODE_STORE_ROOT", defaults.node_store_root),
         )
 
     def backoff(self, retry: int) -> float:

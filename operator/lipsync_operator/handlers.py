@@ -62,9 +62,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Log
     memo.pools = PoolController(kube, config)
     # the Redis host only: the chart's default URL carries the password
     redis_host = urlsplit(config.default_redis_url).hostname if config.default_redis_url else None
-    logger.info("lipsync-operator: registry=%r image=%r redis host=%r; allowed registries: %s; allowed images: %s",
-                config.registry_url or None, config.inference_image, redis_host,
-                config.registry_policy().describe(), config.image_policy().describe())
+    logger.info("lipsync-operator: registry=%r image=%r redis host=%r; allowed registries: %s; allowed images: %s; "
+                "node store root: %s", config.registry_url or None, config.inference_image, redis_host,
+                config.registry_policy().describe(), config.image_policy().describe(),
+                config.node_store_root or "none (runtime.nodeStore refused)")
 
 
 @kopf.on.cleanup()

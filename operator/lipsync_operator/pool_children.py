@@ -67,7 +67,9 @@ def pool_deployment(owner: dict, spec: dict, config: OperatorConfig) -> dict:
     server = pod["spec"]["containers"][0]
     if server["args"][-2:-1] == ["--preload"]:
         server["args"] = server["args"][:-2]
-    pod["spec"].pop("initContainers", None)
+    init = [c for c in pod["spec"].pop("initContainers", []) if c["name"] != "fetch-package"]
+    if init:  # a node store's owner step stays
+        pod["spec"]["initContainers"] = init
     pod["metadata"]["labels"] = _pool_metadata(owner)["labels"]
     pod["metadata"]["annotations"] = {k: v for k, v in pod["metadata"]["annotations"].items()
                                       if not k.startswith("synctalk.io/package")}

@@ -38,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "runtime.drainSeconds": 30,
     "runtime.maxSessions": 4,
     "runtime.startupTimeoutSeconds": 600,
+    "runtime.nodeStore.enabled": False,
     "resources": {},
     "resources.gpu": {},
     "resources.gpu.resourceName": "nvidia.com/gpu",

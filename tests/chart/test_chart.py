@@ -45,7 +45,8 @@ NON_DEFAULT = {
                  "priorityClassName": "system-cluster-critical",
                  "allowedRegistries": ["*.models.example.com", "https://cdn.example.com/lipsync/"],
                  "allowedImages": ["registry.example.com/ml/*"]},
-    "inference": {"image": {"repository": "registry.example.com/ml/lipsync-inference", "tag": "cuda12"}},
+    "inference": {"image": {"repository": "registry.example.com/ml/lipsync-inference", "tag": "cuda12"},
+                  "nodeStore": {"root": "/mnt/nvme0/lipsync"}},
     "registry": {"url": "http://model-registry.studio.svc:8000/"},
     "serviceAccount": {"create": True, "name": "lsm-operator", "annotations": {"iam": "role"}},
     "rbac": {"scope": "namespace", "readPackageSecrets": False},
@@ -130,6 +131,7 @@ def test_the_operator_reads_what_the_chart_sets(chart):
     assert config.default_redis_url.startswith("redis://:correct-horse-battery-staple@")
     assert config.allowed_registries == ("*.models.example.com", "https://cdn.example.com/lipsync/")
     assert config.allowed_images == ("registry.example.com/ml/*",)
+    assert config.node_store_path("studio") == "/mnt/nvme0/lipsync/studio"
     policy = config.registry_policy()
     policy.check("http://model-registry.studio.svc:8000/models/")      # registry.url: always allowed
     policy.check("https://eu.models.example.com/")
@@ -149,6 +151,7 @@ def test_by_default_the_operator_fetches_from_registry_url_only_and_runs_the_inf
     assert config.image_policy().allows(f"lipsync-inference:{chart.metadata['appVersion']}")
     assert config.image_policy().allows("docker.io/library/lipsync-inference:other")
     assert not config.image_policy().allows("docker.io/attacker/miner:latest")
+    assert config.node_store_root == ""   # no resource may share a host directory until one is named
 
 
 def test_kopf_accepts_the_operator_arguments(chart):
@@ -406,6 +409,9 @@ def test_helm_lint_is_clean():
     ({"operator": {"allowedRegistries": ["ftp://models"]}}, "/operator/allowedRegistries/0"),
     ({"operator": {"allowedRegistries": ["a b"]}}, "/operator/allowedRegistries/0"),
     ({"operator": {"allowedImages": ["Attacker/Miner"]}}, "/operator/allowedImages/0"),
+    ({"inference": {"nodeStore": {"root": "var/lib/lipsync"}}}, "/inference/nodeStore/root"),
+    ({"inference": {"nodeStore": {"root": "/var/lib/../../etc"}}}, "/inference/nodeStore/root"),
+    ({"inference": {"nodeStore": {"path": "/var/lib/lipsync"}}}, "/inference/nodeStore"),
 ])
 def test_values_schema_refuses_bad_values(chart, values, where):
     with pytest.raises(helm.HelmValuesError) as info:

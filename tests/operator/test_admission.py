@@ -147,3 +147,26 @@ async def test_a_pool_with_an_unusable_name_or_image_is_refused(cluster, registr
     await eventually(lambda: cluster.get(DEPLOYMENTS, "fine"), what="the valid pool's Deployment")
     await eventually(lambda: (condition(cluster.get(LSP, "fine"), "Degraded") or {}).get("status") == "False")
     assert cluster.get(DEPLOYMENTS, "p" * 64) is None and cluster.get(DEPLOYMENTS, "miners") is None
+
+
+async def test_a_node_store_needs_the_operators_root(cluster, registry, start_operator, monkeypatch):
+    monkeypatch.setenv("LIPSYNC_OPERATOR_POOL_INTERVAL_SECONDS", "0.3")
+    await start_operator()
+    await apply_model(cluster, "shared", {"package": {"name": "alice"}, "runtime": {"nodeStore": {"enabled": True}}})
+    await create_object(cluster, LSP, pool("shared-pool", runtime={"device": "cpu", "nodeStore": {"enabled": True}}))
+    await apply_model(cluster, "own", {"package": {"name": "alice"}})
+    assert "needs a node store root" in await eventually(lambda: invalid_spec(cluster, LSM, "shared"))
+    assert "inference.nodeStore.root" in await eventually(lambda: invalid_spec(cluster, LSP, "shared-pool"))
+    await eventually(lambda: cluster.get(DEPLOYMENTS, "own"), what="the model without a node store")
+    assert cluster.get(DEPLOYMENTS, "shared") is None and cluster.get(DEPLOYMENTS, "shared-pool") is None
+
+
+async def test_with_a_root_a_node_store_model_shares_its_namespaces_directory(cluster, registry, start_operator,
+                                                                            monkeypatch):
+    monkeypatch.setenv("LIPSYNC_OPERATOR_NODE_STORE_ROOT", "/var/lib/lipsync/store")
+    await start_operator()
+    await apply_model(cluster, "shared", {"package": {"name": "alice"}, "runtime": {"nodeStore": {"enabled": True}}})
+    dep = await eventually(lambda: cluster.get(DEPLOYMENTS, "shared"), what="the node store model's Deployment")
+    volumes = dep["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "models", "hostPath": {"path": f"/var/lib/lipsync/store/{NAMESPACE}",
+                                           "type": "DirectoryOrCreate"}} in volumes

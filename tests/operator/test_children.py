@@ -148,3 +148,51 @@ def test_the_inference_cli_accepts_what_the_operator_runs(name):
     assert (fetch.name, fetch.registry, fetch.version, fetch.sha256) == \
         (PACKAGE.name, PACKAGE.registry, PACKAGE.version, PACKAGE.sha256)
     assert str(fetch.out) == children.MODELS_DIR
+
+
+NODE_STORE_CONFIG = OperatorConfig(registry_url=CONFIG.registry_url, inference_image="lipsync-inference:1",
+                                   node_store_root="/var/lib/lipsync/store")
+
+
+@pytest.mark.parametrize("version", ["1.29", "1.37"])
+def test_a_node_store_shares_the_namespaces_host_directory_as_models(version):
+    spec = normalize({"package": {"name": "alice"}, "runtime": {"nodeStore": {"enabled": True}}})
+    dep = children.deployment(OWNER, spec, PACKAGE, NODE_STORE_CONFIG)
+    pod = dep["spec"]["template"]["spec"]
+    models = next(v for v in pod["volumes"] if v["name"] == "models")
+    # One directory per namespace: a tenant never maps another namespace's packages.
+    assert models == {"name": "models", "hostPath": {"path": "/var/lib/lipsync/store/studio",
+                                                     "type": "DirectoryOrCreate"}}
+    owner_step, fetch = pod["initContainers"]
+    assert fetch["name"] == "fetch-package" and "--prepare" in fetch["command"]
+    # The kubelet creates the directory as root: one step hands it (not its contents) to the pods' user,
+    # with CHOWN as its only capability.
+    assert owner_step["command"] == ["chown", f"{children.RUN_AS}:{children.RUN_AS}", children.MODELS_DIR]
+    assert owner_step["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["CHOWN"]}
+    assert owner_step["securityContext"]["allowPrivilegeEscalation"] is False
+    assert owner_step["volumeMounts"] == [{"name": "models", "mountPath": children.MODELS_DIR}]
+    assert all(m["name"] == "models" and m["mountPath"] == children.MODELS_DIR
+               for c in (fetch, pod["containers"][0]) for m in c["volumeMounts"] if m["name"] == "models")
+    kubernetes_validate.validate(dep, version, strict=True)
+
+
+def test_without_a_node_store_each_pod_has_its_own_models_volume():
+    for spec in ({"package": {"name": "alice"}},
+                 {"package": {"name": "alice"}, "runtime": {"nodeStore": {"enabled": False}}}):
+        pod = children.deployment(OWNER, normalize(spec), PACKAGE, NODE_STORE_CONFIG)["spec"]["template"]["spec"]
+        models = next(v for v in pod["volumes"] if v["name"] == "models")
+        assert models == {"name": "models", "emptyDir": {"sizeLimit": "4Gi"}}
+        assert [c["name"] for c in pod["initContainers"]] == ["fetch-package"]
+
+
+@pytest.mark.parametrize("root", ["relative/store", "/", "/var/lib/../../etc", "/etc/lipsync", "/proc",
+                                  "/var/lib/kubelet/pods", "/data/$(whoami)", "/data/ store"])
+def test_the_operator_refuses_a_node_store_root_that_is_not_a_plain_own_directory(root):
+    with pytest.raises(ValueError, match="LIPSYNC_OPERATOR_NODE_STORE_ROOT"):
+        OperatorConfig.from_env({"LIPSYNC_OPERATOR_NODE_STORE_ROOT": root})
+
+
+def test_the_node_store_root_comes_from_the_environment():
+    config = OperatorConfig.from_env({"LIPSYNC_OPERATOR_NODE_STORE_ROOT": "/mnt/nvme0/lipsync/"})
+    assert config.node_store_path("studio") == "/mnt/nvme0/lipsync/studio"
+    assert OperatorConfig.from_env({}).node_store_root == ""

@@ -115,3 +115,15 @@ def test_a_pooled_models_status_says_copies_and_why_not():
     assert conds["PackageAvailable"]["status"] == "True"      # kept
     kept = compose_model_status(full, generation=1, package_condition=KEEP, problem=None, pool="studio")
     assert (kept["copies"], kept["readyCopies"]) == (0, 0)
+
+
+def test_pool_pods_share_the_node_store_and_keep_its_owner_step():
+    config = OperatorConfig(registry_url=CONFIG.registry_url, inference_image="lipsync-inference:1",
+                            node_store_root="/var/lib/lipsync/store")
+    dep = pool_deployment(POOL, pool_spec(runtime={"nodeStore": {"enabled": True}}), config)
+    pod = dep["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["own-node-store"]   # no package to fetch
+    assert {"name": "models", "hostPath": {"path": "/var/lib/lipsync/store/ns", "type": "DirectoryOrCreate"}} \
+        in pod["volumes"]
+    for version in ("1.29", "1.37"):
+        kubernetes_validate.validate(dep, version, strict=True)
