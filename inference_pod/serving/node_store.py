@@ -54,8 +54,8 @@ _TEMPLATES_LOCK = re.compile(r"^\.(?P<copy>.+)\.templates\.lock$")
 _TEMPLATES_PARTIAL = re.compile(rf"^\.(?P<copy>.+)\.templates\.{_HEX}\.partial$")
 _COPY_PARTIAL = re.compile(rf"^\.(?P<copy>.+)\.{_HEX}\.partial$")
 _OLD = re.compile(rf"^\..+\.{_HEX}\.old$")
-_STAMP = re.compile(r"^\.(?P<copy>.+)\.source$")
-_STAMP_TMP = re.compile(rf"^\..+\.source\.{_HEX}\.tmp$")
+_STAMP = re.compile(r"^\.(?P<copy>.+)\.(?:source|checked)$")  # the zip it came from; members that passed
+_STAMP_TMP = re.compile(rf"^\..+\.(?:source|checked)\.{_HEX}\.tmp$")
 _LEASE = re.compile(r"^\.(?P<copy>.+)\.lease$")
 _DOWNLOAD_PART = re.compile(rf"^\..+\.zip\.{_HEX}\.part$")
 
@@ -276,6 +276,7 @@ def collect_garbage(store_dir: Path, models_dir: Path | None = None, *, stale_af
                     continue
                 _remove_dir(templates_dir(copy), done.removed)
                 _remove_file(store_dir / f".{copy.name}.source", done.removed)
+                _remove_file(store_dir / f".{copy.name}.checked", done.removed)
                 _remove_dir(copy, done.removed)  # last: a copy that is gone has nothing left beside it
                 _remove_file(_templates_lock(copy), done.removed)
                 _remove_file(lease_path(copy), done.removed)  # lessees re-check the inode they locked

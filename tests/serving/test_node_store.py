@@ -91,6 +91,7 @@ def test_a_superseded_copy_goes_only_when_no_process_leases_it_and_it_is_stale(t
     done = collect_garbage(store, stale_after_s=HOUR)
     assert old in done.removed and not old.exists() and not prepared_dir(old).exists()
     assert not lease_path(old).exists()
+    assert not [p.name for p in store.iterdir() if p.name.startswith(".demo-1.")]  # its stamps went with it
     assert new.is_dir() and other.is_dir()   # the newest version of each character stays
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["demo-2", "other-1"]
     assert not [p for p in store.iterdir() if p.name.endswith(".old")]
@@ -288,7 +289,7 @@ def test_two_init_containers_racing_to_fetch_and_prepare_one_package(tmp_path):
     assert problems == []
     assert watched[0] > 0 and watched[1] > 0   # the watcher did look at both while they existed
     assert sorted(p.name for p in (out / ".store").iterdir()) == sorted(
-        ["big-1", ".big-1.templates", ".big-1.templates.lock", ".big-1.source", ".big-1.lease"])
+        ["big-1", ".big-1.templates", ".big-1.templates.lock", ".big-1.source", ".big-1.checked", ".big-1.lease"])
     assert [p.name for p in out.iterdir() if p.name != ".store"] == ["big-1.zip"]
     header = json.loads((prepared / HEADER).read_text())
     assert header["count"] == 120 and header["package"]["version"] == "1"
