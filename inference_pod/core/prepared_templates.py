@@ -538,14 +538,16 @@ def _install(tmp: Path, directory: Path) -> None:
     os.replace(tmp, directory)
 
 
-def discard(directory: Path) -> None:
-    """Remove a prepared directory: renamed away first (atomic), so no load opens it half-deleted."""
-    old = directory.with_name(f"{directory.name}.{uuid.uuid4().hex}.old")
+def discard(directory: Path) -> bool:
+    """Remove a directory of the store: renamed away first (atomic: no one opens it half-deleted), then
+    deleted. False when it was not there."""
+    old = directory.with_name(f".{directory.name.lstrip('.')}.{uuid.uuid4().hex}.old")
     try:
         os.replace(directory, old)
     except FileNotFoundError:
-        return
+        return False
     shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 @contextmanager

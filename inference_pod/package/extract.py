@@ -151,19 +151,28 @@ def _zip_stamp(zip_path: Path) -> dict | None:
 
 
 def _read_stamp(dest_dir: Path) -> dict | None:
+    return _read_json(_stamp_path(dest_dir))
+
+
+def _write_stamp(zip_path: Path, dest_dir: Path) -> None:
+    _write_json(_stamp_path(dest_dir), _zip_stamp(zip_path))  # read-only store: the zip is re-read next time
+
+
+def _read_json(path: Path) -> dict | None:
+    """A stamp beside a copy, or None when it is absent or unreadable (as if never written)."""
     try:
-        return json.loads(_stamp_path(dest_dir).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
 
 
-def _write_stamp(zip_path: Path, dest_dir: Path) -> None:
-    stamp = _stamp_path(dest_dir)
-    tmp = stamp.with_name(f"{stamp.name}.{uuid.uuid4().hex}.tmp")
+def _write_json(path: Path, data: dict | None) -> None:
+    """A stamp written atomically; on a read-only or full store none is written, and the work is redone."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(json.dumps(_zip_stamp(zip_path)))
-        os.replace(tmp, stamp)
-    except OSError:  # a read-only store still serves; the zip is re-read next time
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
         tmp.unlink(missing_ok=True)
 
 
@@ -385,21 +394,12 @@ def _checked_path(root: Path) -> Path:
 
 
 def _read_checked(root: Path) -> dict | None:
-    try:
-        return json.loads(_checked_path(root).read_text())
-    except (OSError, ValueError):
-        return None
+    return _read_json(_checked_path(root))
 
 
 def _write_checked(root: Path, checked: dict) -> None:
     """Remember that ``root``'s members passed the structural checks (a read-only store just rechecks)."""
-    path = _checked_path(root)
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(checked))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    _write_json(_checked_path(root), checked)
 
 
 def _holds(root: Path, manifest_digest: str, manifest: Manifest) -> bool:

@@ -33,12 +33,12 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference_pod.core.prepared_templates import discard
 from inference_pod.errors import LipSyncError
 from inference_pod.package import MANIFEST, read_manifest
 from inference_pod.serving.registry import version_key
@@ -192,14 +192,8 @@ def _last_use(copy: Path) -> float:
 
 
 def _remove_dir(path: Path, removed: list[Path]) -> None:
-    """Renamed away first (atomic: no one opens it half-deleted), then deleted."""
-    old = path.with_name(f".{path.name.lstrip('.')}.{uuid.uuid4().hex}.old")
-    try:
-        os.replace(path, old)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(old, ignore_errors=True)
-    removed.append(path)
+    if discard(path):
+        removed.append(path)
 
 
 def _remove_file(path: Path, removed: list[Path]) -> None:
