@@ -162,18 +162,20 @@ def test_a_lease_taken_while_its_copy_is_collected_sees_it_whole_or_gone(tmp_pat
     stop = threading.Event()
     copy = store / "demo-1"
 
+    go = threading.Semaphore(0)  # one round of leases per copy extracted, racing its collection
+
     def lessee():
-        while not stop.is_set():
-            lease = CopyLease.take(copy)
-            try:
-                if copy.exists():
-                    members = read_manifest(copy).members
-                    missing = [m for m in members if not (copy / m).is_file()]
-                    if missing:
-                        errors.append(f"leased copy lacks {missing[:3]}")
-            finally:
-                lease.release()
-            time.sleep(0.001)  # pacing, not synchronisation: leave the collection moments without a lessee
+        while go.acquire(timeout=60) and not stop.is_set():
+            for _ in range(3):
+                lease = CopyLease.take(copy)
+                try:
+                    if copy.exists():
+                        members = read_manifest(copy).members
+                        missing = [m for m in members if not (copy / m).is_file()]
+                        if missing:
+                            errors.append(f"leased copy lacks {missing[:3]}")
+                finally:
+                    lease.release()
 
     thread = threading.Thread(target=lessee)
     thread.start()
@@ -183,12 +185,14 @@ def test_a_lease_taken_while_its_copy_is_collected_sees_it_whole_or_gone(tmp_pat
             if collected >= 3:
                 break
             extracted(store, "demo-1")
+            go.release()  # the lessee's round overlaps the ageing and the collection, or ends before them
             age(copy, 2 * HOUR)
             with suppress(FileNotFoundError):  # the lessee's release removes it while the copy is gone
                 age(lease_path(copy), 2 * HOUR)
             collected += copy in collect_garbage(store, stale_after_s=HOUR).removed
     finally:
         stop.set()
+        go.release()
         thread.join(timeout=60)
     assert errors == []
     assert collected > 0   # the race was run: some collections did remove the copy

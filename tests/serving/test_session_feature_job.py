@@ -30,10 +30,12 @@ SCRIPT = textwrap.dedent("""
         # Runs nothing until told: finish() runs every held job and completes its future, on this thread.
         def __init__(self):
             self.held = []
+            self.submitted = asyncio.Event()  # submit is called on the loop's thread (run_in_executor)
 
         def submit(self, fn, *args):
             future = concurrent.futures.Future()
             self.held.append((future, fn, args))
+            self.submitted.set()
             return future
 
         def finish(self):
@@ -56,14 +58,19 @@ SCRIPT = textwrap.dedent("""
                 tick = 10
                 holder = asyncio.create_task(session._speaking(tick, 0))
                 waiter = asyncio.create_task(session._speaking(tick + 1, 0))
-                while not jobs.held:  # the holder asked for the features; the waiter waits for the lock
-                    await asyncio.sleep(0)
+                # The holder asks for the features; the waiter waits for the lock.
+                await asyncio.wait_for(jobs.submitted.wait(), timeout=60)
                 # One pass: the holder is cancelled (it missed its tick) and the worker finishes the job.
                 holder.cancel()
                 jobs.finish()
-                while not waiter.done():
-                    jobs.finish()  # a further job, if the waiter needs one
-                    await asyncio.sleep(0.01)
+                while not waiter.done():  # a further job, if the waiter needs one, finished as it comes
+                    jobs.submitted.clear()
+                    asked = asyncio.ensure_future(jobs.submitted.wait())
+                    done, _ = await asyncio.wait({waiter, asked}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+                    asked.cancel()
+                    if not done:
+                        raise SystemExit("the frame neither went on nor asked for features within 60 s")
+                    jobs.finish()
                 result, kind = waiter.result()
                 print("went on:", kind, result.frame_id, flush=True)
         finally:
