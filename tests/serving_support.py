@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 import soundfile
 from conditions import wait_until
 
@@ -79,8 +80,28 @@ def models_dir_with(root: Path, *keys: str) -> Path:
     return root
 
 
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make setup)")
+
+
+@contextlib.asynccontextmanager
+async def started_pod(settings):
+    """A real pod (``inference_pod.app.Pod``) started with ``settings`` in this event loop, stopped after."""
+    from inference_pod.app import Pod
+
+    server = await Pod(settings).start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace_s=2)
+
+
+def pcm16(wav: np.ndarray) -> bytes:
+    """Float audio in [-1, 1] as little-endian 16-bit PCM (clipped)."""
+    return (np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes()
+
+
 def speech_pcm16(seconds: float, seed: int = 7) -> bytes:
-    return (np.clip(speech_like_audio(seconds, seed), -1, 1) * 32767).astype("<i2").tobytes()
+    return pcm16(speech_like_audio(seconds, seed))
 
 
 def wav_bytes(pcm: bytes, rate: int = 16000) -> bytes:

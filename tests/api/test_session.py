@@ -26,7 +26,16 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from conditions import wait_until_async
-from serving_support import LOOPBACK, free_port, models_dir_with, speech_pcm16, trained_demo_models
+from serving_support import (
+    LOOPBACK,
+    free_port,
+    models_dir_with,
+    needs_espeak,
+    pcm16,
+    speech_pcm16,
+    started_pod,
+    trained_demo_models,
+)
 
 from inference_pod.app import Pod
 from inference_pod.client import AsyncLipSyncClient
@@ -43,7 +52,6 @@ from inference_pod.tools.lipsync_quality import (
 from lipsync.v1 import lipsync_pb2 as pb
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("one_torch_thread")]
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make setup)")
 TICK = 640  # samples per 25 fps tick
 
 
@@ -56,17 +64,12 @@ def settings_for(models_dir: Path, **overrides) -> Settings:
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings):
-    server = await Pod(settings).start()
-    client = AsyncLipSyncClient(f"{LOOPBACK}:{server.port}", timeout=None)
-    try:
-        yield server, client
-    finally:
-        await client.close()
-        await server.stop(grace_s=2)
-
-
-def pcm16(wav: np.ndarray) -> bytes:
-    return (np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes()
+    async with started_pod(settings) as server:
+        client = AsyncLipSyncClient(f"{LOOPBACK}:{server.port}", timeout=None)
+        try:
+            yield server, client
+        finally:
+            await client.close()
 
 
 @dataclass

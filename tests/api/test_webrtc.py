@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
 import sys
 import textwrap
@@ -23,9 +22,16 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from conditions import wait_until_async
-from serving_support import LOOPBACK, free_port, models_dir_with, trained_demo_models
+from serving_support import (
+    LOOPBACK,
+    free_port,
+    models_dir_with,
+    needs_espeak,
+    pcm16,
+    started_pod,
+    trained_demo_models,
+)
 
-from inference_pod.app import Pod
 from inference_pod.bench.webrtc_receiver import VIDEO_CLOCK, OfferRefused, WebRtcReceiver
 from inference_pod.client import AsyncLipSyncClient
 from inference_pod.serving.settings import Settings
@@ -38,7 +44,6 @@ from inference_pod.tools.lipsync_quality import (
 )
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("one_torch_thread")]
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make setup)")
 FPS = 25
 PTS_PER_FRAME = VIDEO_CLOCK // FPS
 
@@ -51,21 +56,8 @@ def settings_for(models_dir: Path, **overrides) -> Settings:
     return Settings(**values)
 
 
-@contextlib.asynccontextmanager
-async def running(settings: Settings):
-    server = await Pod(settings).start()
-    try:
-        yield server
-    finally:
-        await server.stop(grace_s=2)
-
-
 def base_url(server) -> str:
     return f"http://{LOOPBACK}:{server.data_plane.settings.http_port}"
-
-
-def pcm16(wav: np.ndarray) -> bytes:
-    return (np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 async def no_session_running(server) -> None:
@@ -92,7 +84,7 @@ def trained_models(tmp_path_factory) -> Path:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def trained_pod(trained_models):
-    async with running(settings_for(trained_models, preload=["demo"])) as pod:
+    async with started_pod(settings_for(trained_models, preload=["demo"])) as pod:
         yield pod
 
 
@@ -165,7 +157,7 @@ async def test_a_webrtc_session_plays_in_sync_and_stops_at_a_clear_from_the_data
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def small_pod(tmp_path_factory):
     models = models_dir_with(tmp_path_factory.mktemp("small-webrtc-pod") / "models", "demo-1")
-    async with running(settings_for(models, preload=["demo"], max_sessions=1)) as pod:
+    async with started_pod(settings_for(models, preload=["demo"], max_sessions=1)) as pod:
         yield pod
 
 
@@ -253,7 +245,7 @@ VANISHING_VIEWER = textwrap.dedent("""
 @pytest_asyncio.fixture(loop_scope="module")
 async def pod_with_one_slot(tmp_path):
     models = models_dir_with(tmp_path / "models", "demo-1")
-    async with running(settings_for(models, preload=["demo"], max_sessions=1, webrtc_consent_expiry_s=3)) as pod:
+    async with started_pod(settings_for(models, preload=["demo"], max_sessions=1, webrtc_consent_expiry_s=3)) as pod:
         yield pod
 
 

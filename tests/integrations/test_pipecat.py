@@ -10,16 +10,14 @@ the speech: silence and a closed mouth from then on. The session runs unpaced, s
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytest_asyncio
 from conditions import wait_until_async
-from serving_support import LOOPBACK, free_port, trained_demo_models
+from serving_support import LOOPBACK, free_port, needs_espeak, started_pod, trained_demo_models
 
-from inference_pod.app import Pod
 from inference_pod.serving.settings import Settings
 from inference_pod.tools.demo_character import mouth_track, speech_track
 from inference_pod.tools.lipsync_quality import (
@@ -51,7 +49,6 @@ from pipecat.workers.runner import WorkerRunner  # noqa: E402
 from inference_pod.integrations.pipecat import LipSyncVideoService  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("one_torch_thread")]
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make setup)")
 TTS_RATE = 24000  # a typical TTS service's rate: the service resamples it to the session's 16 kHz
 TICK = 640
 
@@ -99,11 +96,8 @@ def trained_models(tmp_path_factory) -> Path:
 async def trained_pod(trained_models):
     settings = Settings(host=LOOPBACK, port=0, metrics_port=0, http_port=free_port(), models_dir=trained_models,
                         max_batch=8, max_batch_delay_ms=5, encode_threads=2, shutdown_grace_s=5, preload=["demo"])
-    server = await Pod(settings).start()
-    try:
+    async with started_pod(settings) as server:
         yield server
-    finally:
-        await server.stop(grace_s=2)
 
 
 async def until(recorder: Recorder, condition, what: str, timeout_s: float = 180.0) -> None:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
+from serving_support import needs_espeak
 
 from inference_pod.core import audio
 from inference_pod.core.engine import CropBox, Engine
@@ -28,7 +27,6 @@ from inference_pod.tools.lipsync_quality import (
 from inference_pod.tools.synctalk_dataset import crop_box
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make setup)")
 
 
 def test_sync_score_finds_the_offset_of_a_delayed_signal():
